@@ -1,0 +1,68 @@
+"""sayiir-persistence: durable snapshots and exactly-once task claims for workflows.
+
+Everything public is importable from here; see ``PersistentBackend`` for the contract.
+"""
+
+from .backend import DEFAULT_AGING_INTERVAL, PersistentBackend
+from .errors import (
+    BackendUnavailableError,
+    CannotCancelError,
+    CannotPauseError,
+    ClaimLostError,
+    ConflictError,
+    InvalidInputError,
+    InvalidStateError,
+    NotFoundError,
+    PersistenceError,
+    SchemaError,
+    WorkflowTerminalError,
+)
+from .memory import InMemoryBackend
+from .model import (
+    AtDelay,
+    AtFork,
+    AtSignal,
+    AtTask,
+    AvailableTask,
+    ClaimedTask,
+    NotStarted,
+    Position,
+    SignalKind,
+    SignalRequest,
+    TaskClaim,
+    WorkflowSnapshot,
+    WorkflowStatus,
+)
+from .validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_ID_LENGTH
+
+__all__ = [
+    "DEFAULT_AGING_INTERVAL",
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_ID_LENGTH",
+    "AtDelay",
+    "AtFork",
+    "AtSignal",
+    "AtTask",
+    "AvailableTask",
+    "BackendUnavailableError",
+    "CannotCancelError",
+    "CannotPauseError",
+    "ClaimLostError",
+    "ClaimedTask",
+    "ConflictError",
+    "InMemoryBackend",
+    "InvalidInputError",
+    "InvalidStateError",
+    "NotFoundError",
+    "NotStarted",
+    "PersistenceError",
+    "PersistentBackend",
+    "Position",
+    "SchemaError",
+    "SignalKind",
+    "SignalRequest",
+    "TaskClaim",
+    "WorkflowSnapshot",
+    "WorkflowStatus",
+    "WorkflowTerminalError",
+]

@@ -1,0 +1,528 @@
+"""``PersistentBackend``: the contract every store implements.
+
+The public methods validate their arguments (one place for every backend, see
+:mod:`sayiir_persistence.validation`) and then call the matching ``_``-prefixed abstract
+hook with clean values. A custom backend subclasses this class and implements the hooks;
+``sayiir_persistence.testing.BackendContract`` then checks it behaves like the others.
+
+Every backend is synchronous and thread-safe: one object is shared by all the threads of
+a worker process.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+from .model import (
+    POSITION_TYPES,
+    AvailableTask,
+    ClaimedTask,
+    SignalKind,
+    SignalRequest,
+    TaskClaim,
+    WorkflowSnapshot,
+    WorkflowStatus,
+)
+from .validation import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    check_aware,
+    check_enum,
+    check_id,
+    check_limit,
+    check_optional_id,
+    check_optional_limit,
+    check_optional_payload,
+    check_payload,
+    check_positive_interval,
+    check_priority,
+    check_tags,
+    check_text,
+    check_ttl,
+    check_version,
+)
+from .errors import InvalidInputError
+
+DEFAULT_AGING_INTERVAL = timedelta(minutes=5)
+
+
+class PersistentBackend(ABC):
+    """Durable store of workflow snapshots, task claims, signals and events.
+
+    Args:
+        max_payload_bytes: largest accepted payload (initial input, task output, workflow
+            output, event payload), inclusive. Larger ones raise ``InvalidInputError``.
+    """
+
+    def __init__(self, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int):
+            raise InvalidInputError("max_payload_bytes must be an int")
+        if max_payload_bytes < 1:
+            raise InvalidInputError("max_payload_bytes must be positive")
+        self.max_payload_bytes = max_payload_bytes
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release resources (connections). The backend must not be used afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def save_snapshot(
+        self, snapshot: WorkflowSnapshot, *, expected_version: int | None = None
+    ) -> int:
+        """Insert or replace the snapshot of ``snapshot.instance_id``.
+
+        Returns the new version (1 on first save, +1 on each save) and sets
+        ``snapshot.version``. Task results already stored are kept: a save never removes a
+        completed task's output, and an output already stored is not rewritten (use
+        :meth:`save_task_result` to replace one).
+
+        Raises:
+            ConflictError: ``expected_version`` is given and differs from the stored version
+                (``0`` means "create only if absent"); nothing is written.
+            WorkflowTerminalError: the stored workflow is completed, failed or cancelled.
+            InvalidInputError: the snapshot is malformed (names the field).
+        """
+        self._check_snapshot(snapshot)
+        if expected_version is not None:
+            check_version(expected_version, "expected_version")
+        version = self._save_snapshot(snapshot, expected_version)
+        snapshot.version = version
+        return version
+
+    def save_snapshot_fenced(
+        self,
+        snapshot: WorkflowSnapshot,
+        task_id: str,
+        worker_id: str,
+        *,
+        token: int | None = None,
+    ) -> bool:
+        """Save only while ``worker_id`` holds a live claim on ``task_id``.
+
+        The claim (and ``token``, when given) is checked in the same atomic step as the
+        write. Returns ``False`` and writes nothing when the claim is absent, expired,
+        released or held by someone else.
+
+        Raises:
+            WorkflowTerminalError: the stored workflow is completed, failed or cancelled.
+            InvalidInputError: bad arguments.
+        """
+        self._check_snapshot(snapshot)
+        check_id(task_id, "task_id")
+        check_id(worker_id, "worker_id")
+        if token is not None:
+            check_version(token, "token")
+        version = self._save_snapshot_fenced(snapshot, task_id, worker_id, token)
+        if version is None:
+            return False
+        snapshot.version = version
+        return True
+
+    def save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
+        """Atomically merge one completed task into the stored snapshot.
+
+        Parallel branches never overwrite each other's results. The task becomes the
+        snapshot's ``last_completed_task_id`` and is no longer runnable. Returns the new
+        version.
+
+        Raises:
+            NotFoundError: the instance is absent.
+            WorkflowTerminalError: the stored workflow is completed, failed or cancelled.
+        """
+        check_id(instance_id, "instance_id")
+        check_id(task_id, "task_id")
+        check_payload(output, "output", self.max_payload_bytes)
+        return self._save_task_result(instance_id, task_id, output)
+
+    def load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
+        """The stored snapshot. Raises ``NotFoundError`` if absent."""
+        check_id(instance_id, "instance_id")
+        return self._load_snapshot(instance_id)
+
+    def load_task_result(self, instance_id: str, task_id: str) -> bytes | None:
+        """The stored output of ``task_id`` (``None`` if not completed).
+
+        Still answers after the workflow completed or failed. Raises ``NotFoundError`` if
+        the instance is absent.
+        """
+        check_id(instance_id, "instance_id")
+        check_id(task_id, "task_id")
+        return self._load_task_result(instance_id, task_id)
+
+    def delete_snapshot(self, instance_id: str) -> None:
+        """Remove the instance and everything attached to it (claims, results, signals,
+        events). Raises ``NotFoundError`` if absent."""
+        check_id(instance_id, "instance_id")
+        self._delete_snapshot(instance_id)
+
+    def list_snapshots(
+        self,
+        *,
+        status: WorkflowStatus | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Instance ids in ascending order (code point order), keyset-paged.
+
+        Args:
+            status: only instances with this status.
+            after: only ids strictly greater than this one (the last id of the previous
+                page).
+            limit: at most this many ids (``None``: all).
+        """
+        checked_status = None if status is None else check_enum(status, WorkflowStatus, "status")
+        check_optional_id(after, "after")
+        check_optional_limit(limit)
+        return self._list_snapshots(checked_status, after, limit)
+
+    # -- claims ---------------------------------------------------------------------------
+
+    def claim_task(
+        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+    ) -> TaskClaim | None:
+        """Claim one task atomically; at most one caller holds a live claim.
+
+        Returns ``None`` when a live claim exists (whoever holds it), when a cancel or
+        pause is pending, or when the task is not runnable (workflow not in progress, task
+        not among ``runnable_task_ids()`` by the store's clock). An expired claim is taken
+        over with a greater fencing token. ``ttl=None``: the claim never expires.
+
+        Raises:
+            NotFoundError: the instance is absent.
+        """
+        check_id(instance_id, "instance_id")
+        check_id(task_id, "task_id")
+        check_id(worker_id, "worker_id")
+        checked_ttl = check_ttl(ttl)
+        return self._claim_task(instance_id, task_id, worker_id, checked_ttl)
+
+    def release_task_claim(
+        self, instance_id: str, task_id: str, worker_id: str, *, token: int | None = None
+    ) -> None:
+        """Give up a claim (also one that expired but was not taken over).
+
+        Raises:
+            NotFoundError: there is no claim on this task.
+            ClaimLostError: another worker holds it (or, with ``token``, a newer claim).
+        """
+        check_id(instance_id, "instance_id")
+        check_id(task_id, "task_id")
+        check_id(worker_id, "worker_id")
+        if token is not None:
+            check_version(token, "token")
+        self._release_task_claim(instance_id, task_id, worker_id, token)
+
+    def extend_task_claim(
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        *,
+        token: int | None = None,
+    ) -> TaskClaim:
+        """The heartbeat: set ``expires_at = now + ttl`` (never added to the old expiry).
+
+        Renewing your own claim that expired but was not taken over succeeds. The returned
+        claim carries ``pending_signals``.
+
+        Raises:
+            NotFoundError: there is no claim on this task.
+            ClaimLostError: another worker holds it (or, with ``token``, a newer claim).
+        """
+        check_id(instance_id, "instance_id")
+        check_id(task_id, "task_id")
+        check_id(worker_id, "worker_id")
+        checked_ttl = check_ttl(ttl)
+        if token is not None:
+            check_version(token, "token")
+        return self._extend_task_claim(instance_id, task_id, worker_id, checked_ttl, token)
+
+    def find_available_tasks(
+        self,
+        worker_id: str,
+        limit: int,
+        *,
+        tags: Iterable[str] = (),
+        aging_interval: timedelta = DEFAULT_AGING_INTERVAL,
+    ) -> list[AvailableTask]:
+        """Runnable, unclaimed tasks of in-progress workflows with no pending signal.
+
+        A task fits the worker when its workflow's tags are a subset of ``tags``.
+        Ordered by effective priority ``priority - waited / aging_interval`` ascending
+        (``waited``: time since the snapshot was last saved), then ``updated_at``, then
+        ``instance_id`` (then ``task_id``). Does not claim.
+        """
+        check_id(worker_id, "worker_id")
+        check_limit(limit)
+        worker_tags = check_tags(tags)
+        check_positive_interval(aging_interval, "aging_interval")
+        return self._find_available_tasks(worker_id, limit, worker_tags, aging_interval)
+
+    def claim_available_tasks(
+        self,
+        worker_id: str,
+        limit: int,
+        ttl: timedelta | None,
+        *,
+        tags: Iterable[str] = (),
+        aging_interval: timedelta = DEFAULT_AGING_INTERVAL,
+    ) -> list[ClaimedTask]:
+        """Find and claim up to ``limit`` tasks in one atomic step.
+
+        Same selection and order as :meth:`find_available_tasks`. Concurrent callers never
+        receive the same task, and a caller is not blocked by rows another caller is
+        claiming (it skips them, so it may return fewer than are available).
+        """
+        check_id(worker_id, "worker_id")
+        check_limit(limit)
+        checked_ttl = check_ttl(ttl)
+        worker_tags = check_tags(tags)
+        check_positive_interval(aging_interval, "aging_interval")
+        return self._claim_available_tasks(
+            worker_id, limit, checked_ttl, worker_tags, aging_interval
+        )
+
+    # -- signals and events ---------------------------------------------------------------
+
+    def store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
+        """Record a pending cancel or pause request.
+
+        Idempotent: a cancel on a cancelled workflow, a pause on a paused one, or a request
+        of a kind already pending succeeds and changes nothing.
+
+        Raises:
+            NotFoundError: the instance is absent.
+            CannotCancelError: cancel on a completed or failed workflow.
+            CannotPauseError: pause on a completed, failed or cancelled workflow.
+            InvalidInputError: ``requested_at`` is naive, or another field is malformed.
+        """
+        check_id(instance_id, "instance_id")
+        checked_kind = check_enum(kind, SignalKind, "kind")
+        checked_request = self._check_request(request, "request")
+        self._store_signal(instance_id, checked_kind, checked_request)
+
+    def get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
+        """The pending request of that kind, if any. ``NotFoundError`` if absent."""
+        check_id(instance_id, "instance_id")
+        return self._get_signal(instance_id, check_enum(kind, SignalKind, "kind"))
+
+    def clear_signal(self, instance_id: str, kind: SignalKind) -> None:
+        """Drop a pending request (no error if none). ``NotFoundError`` if absent."""
+        check_id(instance_id, "instance_id")
+        self._clear_signal(instance_id, check_enum(kind, SignalKind, "kind"))
+
+    def check_and_cancel(self, instance_id: str) -> bool:
+        """Apply a pending cancel atomically.
+
+        On an in-progress or paused workflow with a pending cancel: status becomes
+        cancelled, the request is recorded as ``cancel_request``, the instance's claims are
+        dropped and the signal is cleared. Returns ``False`` when no cancel is pending or it
+        does not apply. ``NotFoundError`` if absent.
+        """
+        check_id(instance_id, "instance_id")
+        return self._check_and_apply(instance_id, SignalKind.CANCEL)
+
+    def check_and_pause(self, instance_id: str) -> bool:
+        """Apply a pending pause atomically (in-progress workflows only); as
+        :meth:`check_and_cancel`, recording ``pause_request``."""
+        check_id(instance_id, "instance_id")
+        return self._check_and_apply(instance_id, SignalKind.PAUSE)
+
+    def unpause(self, instance_id: str) -> WorkflowSnapshot:
+        """Put a paused workflow back in progress and return the stored snapshot.
+
+        ``pause_request`` is cleared. Raises ``CannotPauseError`` if not paused and
+        ``NotFoundError`` if absent.
+        """
+        check_id(instance_id, "instance_id")
+        return self._unpause(instance_id)
+
+    def send_event(self, instance_id: str, name: str, payload: bytes) -> None:
+        """Deliver an event.
+
+        A workflow in progress at ``AtSignal`` with this ``signal_name`` takes it at once:
+        the payload becomes the result of ``signal_id`` and the workflow moves to
+        ``AtTask(next_task_id)`` (or completes with the payload as output). Any other event
+        is buffered for :meth:`consume_event`. ``NotFoundError`` if absent.
+        """
+        check_id(instance_id, "instance_id")
+        check_id(name, "name")
+        check_payload(payload, "payload", self.max_payload_bytes)
+        self._send_event(instance_id, name, payload)
+
+    def consume_event(self, instance_id: str, name: str) -> bytes | None:
+        """Take the oldest buffered event of that name (FIFO), or ``None``.
+
+        Each event is consumed exactly once across all consumers. ``NotFoundError`` if the
+        instance is absent.
+        """
+        check_id(instance_id, "instance_id")
+        check_id(name, "name")
+        return self._consume_event(instance_id, name)
+
+    # -- validation shared by the snapshot-writing methods -----------------------------------
+
+    def _check_request(self, request: object, name: str) -> SignalRequest:
+        if not isinstance(request, SignalRequest):
+            raise InvalidInputError(
+                f"{name} must be a SignalRequest, got {type(request).__name__}"
+            )
+        check_text(request.reason, f"{name}.reason")
+        check_text(request.requested_by, f"{name}.requested_by")
+        check_aware(request.requested_at, f"{name}.requested_at")
+        return request
+
+    def _check_snapshot(self, snapshot: object) -> None:
+        if not isinstance(snapshot, WorkflowSnapshot):
+            raise InvalidInputError(
+                f"snapshot must be a WorkflowSnapshot, got {type(snapshot).__name__}"
+            )
+        limit = self.max_payload_bytes
+        check_id(snapshot.instance_id, "snapshot.instance_id")
+        check_id(snapshot.definition_hash, "snapshot.definition_hash")
+        check_enum(snapshot.status, WorkflowStatus, "snapshot.status")
+        if not isinstance(snapshot.position, POSITION_TYPES):
+            raise InvalidInputError(
+                f"snapshot.position must be a Position, got {type(snapshot.position).__name__}"
+            )
+        if not isinstance(snapshot.completed_tasks, dict):
+            raise InvalidInputError("snapshot.completed_tasks must be a dict of str to bytes")
+        for task_id, output in snapshot.completed_tasks.items():
+            check_id(task_id, "snapshot.completed_tasks key")
+            check_payload(output, f"snapshot.completed_tasks[{task_id!r}]", limit)
+        check_optional_id(snapshot.last_completed_task_id, "snapshot.last_completed_task_id")
+        check_optional_id(snapshot.input_task_id, "snapshot.input_task_id")
+        check_optional_payload(snapshot.initial_input, "snapshot.initial_input", limit)
+        check_optional_payload(snapshot.output, "snapshot.output", limit)
+        check_text(snapshot.error, "snapshot.error")
+        for field_name in ("cancel_request", "pause_request"):
+            request = getattr(snapshot, field_name)
+            if request is not None:
+                self._check_request(request, f"snapshot.{field_name}")
+        check_priority(snapshot.priority, "snapshot.priority")
+        if not isinstance(snapshot.tags, frozenset | set | tuple | list):
+            raise InvalidInputError("snapshot.tags must be a frozenset of str")
+        check_tags(snapshot.tags, "snapshot.tags")
+        check_aware(snapshot.created_at, "snapshot.created_at")
+        check_aware(snapshot.updated_at, "snapshot.updated_at")
+        check_version(snapshot.version, "snapshot.version")
+
+    # -- hooks implemented by each backend (arguments already validated) -----------------
+
+    @abstractmethod
+    def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
+        """See :meth:`save_snapshot`; return the new version."""
+
+    @abstractmethod
+    def _save_snapshot_fenced(
+        self, snapshot: WorkflowSnapshot, task_id: str, worker_id: str, token: int | None
+    ) -> int | None:
+        """See :meth:`save_snapshot_fenced`; return the new version, or ``None`` if the
+        claim did not hold (nothing written)."""
+
+    @abstractmethod
+    def _save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
+        """See :meth:`save_task_result`."""
+
+    @abstractmethod
+    def _load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
+        """See :meth:`load_snapshot`."""
+
+    @abstractmethod
+    def _load_task_result(self, instance_id: str, task_id: str) -> bytes | None:
+        """See :meth:`load_task_result`."""
+
+    @abstractmethod
+    def _delete_snapshot(self, instance_id: str) -> None:
+        """See :meth:`delete_snapshot`."""
+
+    @abstractmethod
+    def _list_snapshots(
+        self, status: WorkflowStatus | None, after: str | None, limit: int | None
+    ) -> list[str]:
+        """See :meth:`list_snapshots`."""
+
+    @abstractmethod
+    def _claim_task(
+        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+    ) -> TaskClaim | None:
+        """See :meth:`claim_task`."""
+
+    @abstractmethod
+    def _release_task_claim(
+        self, instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> None:
+        """See :meth:`release_task_claim`."""
+
+    @abstractmethod
+    def _extend_task_claim(
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        token: int | None,
+    ) -> TaskClaim:
+        """See :meth:`extend_task_claim`."""
+
+    @abstractmethod
+    def _find_available_tasks(
+        self, worker_id: str, limit: int, tags: frozenset[str], aging_interval: timedelta
+    ) -> list[AvailableTask]:
+        """See :meth:`find_available_tasks`."""
+
+    @abstractmethod
+    def _claim_available_tasks(
+        self,
+        worker_id: str,
+        limit: int,
+        ttl: timedelta | None,
+        tags: frozenset[str],
+        aging_interval: timedelta,
+    ) -> list[ClaimedTask]:
+        """See :meth:`claim_available_tasks`."""
+
+    @abstractmethod
+    def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
+        """See :meth:`store_signal`."""
+
+    @abstractmethod
+    def _get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
+        """See :meth:`get_signal`."""
+
+    @abstractmethod
+    def _clear_signal(self, instance_id: str, kind: SignalKind) -> None:
+        """See :meth:`clear_signal`."""
+
+    @abstractmethod
+    def _check_and_apply(self, instance_id: str, kind: SignalKind) -> bool:
+        """See :meth:`check_and_cancel` and :meth:`check_and_pause`."""
+
+    @abstractmethod
+    def _unpause(self, instance_id: str) -> WorkflowSnapshot:
+        """See :meth:`unpause`."""
+
+    @abstractmethod
+    def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
+        """See :meth:`send_event`."""
+
+    @abstractmethod
+    def _consume_event(self, instance_id: str, name: str) -> bytes | None:
+        """See :meth:`consume_event`."""

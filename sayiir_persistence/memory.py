@@ -1,0 +1,395 @@
+"""``InMemoryBackend``: the whole contract in process memory, for tests and prototypes.
+
+All state sits behind one ``threading.Lock``: every public call is one critical section,
+which makes each call atomic exactly as the SQL backend's transactions are. Nothing
+survives the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from . import transitions
+from .backend import PersistentBackend
+from .errors import (
+    CannotCancelError,
+    CannotPauseError,
+    ClaimLostError,
+    ConflictError,
+    NotFoundError,
+    WorkflowTerminalError,
+)
+from .model import (
+    AvailableTask,
+    ClaimedTask,
+    SignalKind,
+    SignalRequest,
+    TaskClaim,
+    WorkflowSnapshot,
+    WorkflowStatus,
+    utc_now,
+)
+from .ordering import availability_key
+from .validation import DEFAULT_MAX_PAYLOAD_BYTES, check_aware
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class _Claim:
+    worker_id: str
+    token: int
+    claimed_at: datetime
+    expires_at: datetime | None
+    # Released (or dropped) claims are kept so the next claim's token keeps increasing.
+    released: bool = False
+
+    def is_live(self, now: datetime) -> bool:
+        return not self.released and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass
+class _Instance:
+    snapshot: WorkflowSnapshot
+    claims: dict[str, _Claim] = field(default_factory=dict)
+    signals: dict[SignalKind, SignalRequest] = field(default_factory=dict)
+    events: dict[str, deque[bytes]] = field(default_factory=dict)
+
+
+def _copy(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
+    # Payloads are immutable bytes; only the results dict needs its own copy.
+    return dataclasses.replace(snapshot, completed_tasks=dict(snapshot.completed_tasks))
+
+
+class InMemoryBackend(PersistentBackend):
+    """Dicts guarded by a ``threading`` lock; thread-safe, not shared across processes.
+
+    Args:
+        clock: returns the current aware UTC time; expiry and aging are judged by it.
+            Tests pass a controllable clock (``sayiir_persistence.testing.ManualClock``)
+            and advance it instead of sleeping. Defaults to the system clock.
+        max_payload_bytes: see :class:`PersistentBackend`.
+    """
+
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    ) -> None:
+        super().__init__(max_payload_bytes=max_payload_bytes)
+        self._clock: Clock = clock or utc_now
+        self._lock = threading.Lock()
+        self._instances: dict[str, _Instance] = {}
+
+    def __repr__(self) -> str:
+        return f"InMemoryBackend(instances={len(self._instances)})"
+
+    # -- helpers (call with the lock held) --------------------------------------------------
+
+    def _now(self) -> datetime:
+        return check_aware(self._clock(), "clock()")
+
+    def _get(self, instance_id: str) -> _Instance:
+        instance = self._instances.get(instance_id)
+        if instance is None:
+            raise NotFoundError(f"workflow instance {instance_id!r} not found")
+        return instance
+
+    @staticmethod
+    def _bump(instance: _Instance, now: datetime) -> int:
+        instance.snapshot.version += 1
+        instance.snapshot.updated_at = now
+        return instance.snapshot.version
+
+    def _write_snapshot(
+        self, snapshot: WorkflowSnapshot, existing: _Instance | None, now: datetime
+    ) -> int:
+        if existing is not None and existing.snapshot.status.is_terminal:
+            raise WorkflowTerminalError(
+                f"workflow {snapshot.instance_id!r} is {existing.snapshot.status.value}"
+            )
+        stored = _copy(snapshot)
+        stored.tags = frozenset(snapshot.tags)
+        if existing is None:
+            stored.version = 1
+            self._instances[snapshot.instance_id] = _Instance(stored)
+        else:
+            # A save never removes nor rewrites a stored result (see save_snapshot).
+            stored.completed_tasks = {**snapshot.completed_tasks, **existing.snapshot.completed_tasks}
+            stored.created_at = existing.snapshot.created_at
+            stored.version = existing.snapshot.version + 1
+            existing.snapshot = stored
+        stored.updated_at = now
+        return stored.version
+
+    def _available(
+        self, now: datetime, worker_tags: frozenset[str], aging_interval: timedelta
+    ) -> Iterator[tuple[tuple[int, int, str, str], _Instance, str]]:
+        for instance in self._instances.values():
+            snapshot = instance.snapshot
+            if instance.signals or not snapshot.tags <= worker_tags:
+                continue
+            for task_id in snapshot.runnable_task_ids(now):
+                claim = instance.claims.get(task_id)
+                if claim is not None and claim.is_live(now):
+                    continue
+                key = availability_key(
+                    snapshot.priority, snapshot.updated_at, snapshot.instance_id, task_id,
+                    aging_interval,
+                )
+                yield key, instance, task_id
+
+    @staticmethod
+    def _available_task(instance: _Instance, task_id: str) -> AvailableTask:
+        snapshot = instance.snapshot
+        return AvailableTask(
+            instance_id=snapshot.instance_id,
+            task_id=task_id,
+            definition_hash=snapshot.definition_hash,
+            input=snapshot.input_for_position,
+            priority=snapshot.priority,
+            tags=snapshot.tags,
+            snapshot_version=snapshot.version,
+        )
+
+    def _take_claim(
+        self, instance: _Instance, task_id: str, worker_id: str, ttl: timedelta | None,
+        now: datetime,
+    ) -> TaskClaim:
+        previous = instance.claims.get(task_id)
+        claim = _Claim(
+            worker_id=worker_id,
+            token=1 if previous is None else previous.token + 1,
+            claimed_at=now,
+            expires_at=None if ttl is None else now + ttl,
+        )
+        instance.claims[task_id] = claim
+        return self._to_task_claim(instance, task_id, claim)
+
+    @staticmethod
+    def _to_task_claim(instance: _Instance, task_id: str, claim: _Claim) -> TaskClaim:
+        return TaskClaim(
+            instance_id=instance.snapshot.instance_id,
+            task_id=task_id,
+            worker_id=claim.worker_id,
+            claimed_at=claim.claimed_at,
+            expires_at=claim.expires_at,
+            token=claim.token,
+            pending_signals=frozenset(instance.signals),
+        )
+
+    def _held_claim(
+        self, instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> tuple[_Instance, _Claim]:
+        instance = self._instances.get(instance_id)
+        claim = None if instance is None else instance.claims.get(task_id)
+        if instance is None or claim is None or claim.released:
+            raise NotFoundError(f"no claim on task {task_id!r} of {instance_id!r}")
+        if claim.worker_id != worker_id:
+            raise ClaimLostError(
+                f"task {task_id!r} of {instance_id!r} is claimed by another worker"
+            )
+        if token is not None and token != claim.token:
+            raise ClaimLostError(
+                f"task {task_id!r} of {instance_id!r} was claimed anew "
+                f"(token {claim.token}, yours {token})"
+            )
+        return instance, claim
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
+        with self._lock:
+            existing = self._instances.get(snapshot.instance_id)
+            stored_version = 0 if existing is None else existing.snapshot.version
+            if expected_version is not None and expected_version != stored_version:
+                raise ConflictError(
+                    f"workflow {snapshot.instance_id!r} is at version {stored_version}, "
+                    f"expected {expected_version}"
+                )
+            return self._write_snapshot(snapshot, existing, self._now())
+
+    def _save_snapshot_fenced(
+        self, snapshot: WorkflowSnapshot, task_id: str, worker_id: str, token: int | None
+    ) -> int | None:
+        with self._lock:
+            now = self._now()
+            existing = self._instances.get(snapshot.instance_id)
+            claim = None if existing is None else existing.claims.get(task_id)
+            if (
+                claim is None
+                or not claim.is_live(now)
+                or claim.worker_id != worker_id
+                or (token is not None and token != claim.token)
+            ):
+                return None
+            return self._write_snapshot(snapshot, existing, now)
+
+    def _save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
+        with self._lock:
+            instance = self._get(instance_id)
+            snapshot = instance.snapshot
+            if snapshot.status.is_terminal:
+                raise WorkflowTerminalError(
+                    f"workflow {instance_id!r} is {snapshot.status.value}"
+                )
+            snapshot.completed_tasks[task_id] = output
+            snapshot.last_completed_task_id = task_id
+            return self._bump(instance, self._now())
+
+    def _load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
+        with self._lock:
+            return _copy(self._get(instance_id).snapshot)
+
+    def _load_task_result(self, instance_id: str, task_id: str) -> bytes | None:
+        with self._lock:
+            return self._get(instance_id).snapshot.completed_tasks.get(task_id)
+
+    def _delete_snapshot(self, instance_id: str) -> None:
+        with self._lock:
+            self._get(instance_id)
+            del self._instances[instance_id]
+
+    def _list_snapshots(
+        self, status: WorkflowStatus | None, after: str | None, limit: int | None
+    ) -> list[str]:
+        with self._lock:
+            ids = sorted(
+                instance_id
+                for instance_id, instance in self._instances.items()
+                if (status is None or instance.snapshot.status is status)
+                and (after is None or instance_id > after)
+            )
+        return ids if limit is None else ids[:limit]
+
+    # -- claims ------------------------------------------------------------------------------
+
+    def _claim_task(
+        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+    ) -> TaskClaim | None:
+        with self._lock:
+            instance = self._get(instance_id)
+            now = self._now()
+            if instance.signals or task_id not in instance.snapshot.runnable_task_ids(now):
+                return None
+            claim = instance.claims.get(task_id)
+            if claim is not None and claim.is_live(now):
+                return None
+            return self._take_claim(instance, task_id, worker_id, ttl, now)
+
+    def _release_task_claim(
+        self, instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> None:
+        with self._lock:
+            _, claim = self._held_claim(instance_id, task_id, worker_id, token)
+            claim.released = True
+
+    def _extend_task_claim(
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        token: int | None,
+    ) -> TaskClaim:
+        with self._lock:
+            instance, claim = self._held_claim(instance_id, task_id, worker_id, token)
+            claim.expires_at = None if ttl is None else self._now() + ttl
+            return self._to_task_claim(instance, task_id, claim)
+
+    def _find_available_tasks(
+        self, worker_id: str, limit: int, tags: frozenset[str], aging_interval: timedelta
+    ) -> list[AvailableTask]:
+        with self._lock:
+            chosen = sorted(self._available(self._now(), tags, aging_interval))[:limit]
+            return [self._available_task(instance, task_id) for _, instance, task_id in chosen]
+
+    def _claim_available_tasks(
+        self,
+        worker_id: str,
+        limit: int,
+        ttl: timedelta | None,
+        tags: frozenset[str],
+        aging_interval: timedelta,
+    ) -> list[ClaimedTask]:
+        with self._lock:
+            now = self._now()
+            chosen = sorted(self._available(now, tags, aging_interval))[:limit]
+            return [
+                ClaimedTask(
+                    claim=self._take_claim(instance, task_id, worker_id, ttl, now),
+                    task=self._available_task(instance, task_id),
+                )
+                for _, instance, task_id in chosen
+            ]
+
+    # -- signals and events ------------------------------------------------------------------
+
+    def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
+        with self._lock:
+            instance = self._get(instance_id)
+            status = instance.snapshot.status
+            if kind is SignalKind.CANCEL:
+                if status in (WorkflowStatus.COMPLETED, WorkflowStatus.FAILED):
+                    raise CannotCancelError(f"workflow {instance_id!r} is {status.value}")
+                already = status is WorkflowStatus.CANCELLED
+            else:
+                if status.is_terminal:
+                    raise CannotPauseError(f"workflow {instance_id!r} is {status.value}")
+                already = status is WorkflowStatus.PAUSED
+            if not already:
+                instance.signals.setdefault(kind, request)
+
+    def _get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
+        with self._lock:
+            return self._get(instance_id).signals.get(kind)
+
+    def _clear_signal(self, instance_id: str, kind: SignalKind) -> None:
+        with self._lock:
+            self._get(instance_id).signals.pop(kind, None)
+
+    def _check_and_apply(self, instance_id: str, kind: SignalKind) -> bool:
+        with self._lock:
+            instance = self._get(instance_id)
+            request = instance.signals.get(kind)
+            if request is None or not transitions.is_signal_applicable(
+                instance.snapshot.status, kind
+            ):
+                return False
+            transitions.apply_signal(instance.snapshot, kind, request)
+            for claim in instance.claims.values():
+                claim.released = True
+            del instance.signals[kind]
+            self._bump(instance, self._now())
+            return True
+
+    def _unpause(self, instance_id: str) -> WorkflowSnapshot:
+        with self._lock:
+            instance = self._get(instance_id)
+            if instance.snapshot.status is not WorkflowStatus.PAUSED:
+                raise CannotPauseError(
+                    f"workflow {instance_id!r} is {instance.snapshot.status.value}, not paused"
+                )
+            transitions.unpause(instance.snapshot)
+            self._bump(instance, self._now())
+            return _copy(instance.snapshot)
+
+    def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
+        with self._lock:
+            instance = self._get(instance_id)
+            if transitions.waits_for_event(instance.snapshot, name):
+                transitions.deliver_event(instance.snapshot, payload)
+                self._bump(instance, self._now())
+            else:
+                instance.events.setdefault(name, deque()).append(payload)
+
+    def _consume_event(self, instance_id: str, name: str) -> bytes | None:
+        with self._lock:
+            queue = self._get(instance_id).events.get(name)
+            return queue.popleft() if queue else None

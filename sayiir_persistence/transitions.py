@@ -1,0 +1,60 @@
+"""State changes a store applies to a snapshot itself (not the worker's mutators).
+
+Shared by every backend so they cannot drift apart: each function mutates a stored
+snapshot in place and knows nothing about locking or persistence.
+"""
+
+from __future__ import annotations
+
+from .model import AtSignal, AtTask, SignalKind, SignalRequest, WorkflowSnapshot, WorkflowStatus
+
+
+def is_signal_applicable(status: WorkflowStatus, kind: SignalKind) -> bool:
+    """Whether ``check_and_cancel`` / ``check_and_pause`` may apply to this status."""
+    if kind is SignalKind.CANCEL:
+        return status in (WorkflowStatus.IN_PROGRESS, WorkflowStatus.PAUSED)
+    return status is WorkflowStatus.IN_PROGRESS
+
+
+def apply_signal(snapshot: WorkflowSnapshot, kind: SignalKind, request: SignalRequest) -> None:
+    """Cancel or pause the workflow, recording the request that caused it."""
+    if kind is SignalKind.CANCEL:
+        snapshot.status = WorkflowStatus.CANCELLED
+        snapshot.cancel_request = request
+    else:
+        snapshot.status = WorkflowStatus.PAUSED
+        snapshot.pause_request = request
+
+
+def unpause(snapshot: WorkflowSnapshot) -> None:
+    snapshot.status = WorkflowStatus.IN_PROGRESS
+    snapshot.pause_request = None
+
+
+def waits_for_event(snapshot: WorkflowSnapshot, name: str) -> bool:
+    """True when an event ``name`` wakes this workflow instead of being buffered."""
+    position = snapshot.position
+    return (
+        snapshot.status is WorkflowStatus.IN_PROGRESS
+        and isinstance(position, AtSignal)
+        and position.signal_name == name
+    )
+
+
+def deliver_event(snapshot: WorkflowSnapshot, payload: bytes) -> str:
+    """Record ``payload`` as the result of the awaited signal and move the workflow on.
+
+    Returns the signal id whose result was recorded. Call only when
+    :func:`waits_for_event` is true.
+    """
+    position = snapshot.position
+    assert isinstance(position, AtSignal)
+    snapshot.completed_tasks[position.signal_id] = payload
+    snapshot.last_completed_task_id = position.signal_id
+    if position.next_task_id is None:
+        snapshot.status = WorkflowStatus.COMPLETED
+        snapshot.output = payload
+    else:
+        snapshot.position = AtTask(position.next_task_id)
+        snapshot.input_task_id = position.signal_id
+    return position.signal_id
