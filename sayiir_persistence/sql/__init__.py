@@ -1,0 +1,1 @@
+"""The SQLAlchemy Core backend and its schema."""

@@ -1,0 +1,916 @@
+"""``SqlBackend``: the contract on SQLAlchemy Core, for PostgreSQL, MySQL/MariaDB and SQLite.
+
+Concurrency rules every method follows (see also ``dialects.py``):
+
+- Each call is one transaction at READ COMMITTED (SQLite: ``BEGIN IMMEDIATE``).
+- A write that changes a workflow's status, position or results first locks its row in
+  ``sayiir_workflows``; writers of the same instance therefore run one after another.
+- Locks are always taken in the order workflow row -> ready-task rows -> claim rows, so
+  two calls never wait on each other in a cycle. Remaining deadlocks or serialization
+  failures reported by the database are retried a few times.
+- A claim is only ever taken by a write whose own ``WHERE`` proves the old claim is
+  released or expired (judged by the database clock), never on the strength of an
+  earlier read.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    URL,
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    and_,
+    create_engine,
+    delete,
+    exists,
+    insert,
+    not_,
+    or_,
+    select,
+    union_all,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+
+from .. import transitions
+from ..backend import PersistentBackend
+from ..errors import (
+    BackendUnavailableError,
+    CannotCancelError,
+    CannotPauseError,
+    ClaimLostError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    WorkflowTerminalError,
+)
+from ..model import (
+    AtDelay,
+    AvailableTask,
+    ClaimedTask,
+    SignalKind,
+    SignalRequest,
+    TaskClaim,
+    WorkflowSnapshot,
+    WorkflowStatus,
+    position_task_ids,
+)
+from ..ordering import availability_key
+from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_PRIORITY, MIN_PRIORITY
+from . import codec
+from .dialects import dialect_for
+from .errors import RetryableConflict, translated_errors
+from .schema import (
+    events,
+    ready_tasks,
+    signals,
+    task_claims,
+    task_results,
+    workflow_tags,
+    workflows,
+)
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
+
+
+class _RestartTransaction(Exception):
+    """Two first saves of one instance raced; run the transaction again (it now updates)."""
+
+
+class _Rollback(Exception):
+    """Roll the transaction back and return ``value`` from the call."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What a write needs to know of the locked workflow row."""
+
+    version: int
+    status: WorkflowStatus
+    tags: frozenset[str]
+    now: datetime
+
+
+class SqlBackend(PersistentBackend):
+    """The contract on any SQLAlchemy 2 engine: PostgreSQL, MySQL/MariaDB, SQLite.
+
+    Thread-safe: share one instance between all the threads of a process; each call uses
+    its own pooled connection and transaction. Several processes (and machines) may use
+    the same database at once.
+
+    Args:
+        engine_or_url: an ``Engine``, or a URL (``str`` or ``URL``) from which an engine
+            with ``pool_pre_ping`` is created (and disposed by :meth:`close`). For SQLite,
+            hooks are added to the engine (WAL, busy timeout, ``BEGIN IMMEDIATE``); use a
+            file database, not ``:memory:``.
+        max_payload_bytes: see :class:`PersistentBackend`.
+        check_schema: raise ``SchemaError`` now if the database is not at the head
+            revision of the migrations.
+        sqlite_busy_timeout: how long a SQLite write waits for the file lock before
+            ``BackendUnavailableError``.
+        max_retries: attempts of a transaction that hit a deadlock or serialization failure.
+
+    Raises:
+        SchemaError: the database is not provisioned or behind (``check_schema``).
+        BackendUnavailableError: the database cannot be reached.
+        InvalidInputError: the URL is malformed or names an unsupported database.
+    """
+
+    def __init__(
+        self,
+        engine_or_url: Engine | URL | str,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        check_schema: bool = True,
+        sqlite_busy_timeout: timedelta = timedelta(seconds=30),
+        max_retries: int = 5,
+    ) -> None:
+        super().__init__(max_payload_bytes=max_payload_bytes)
+        engine = self._engine_from(engine_or_url)
+        self._owns_engine = not isinstance(engine_or_url, Engine)
+        self._where = engine.url.render_as_string(hide_password=True)
+        try:
+            self._dialect = dialect_for(engine, sqlite_busy_timeout=sqlite_busy_timeout)
+        except ValueError as error:
+            raise InvalidInputError(str(error)) from None
+        self._engine = self._dialect.prepare_engine(engine)
+        self._max_retries = max_retries
+        if check_schema:
+            from ..migrate import check_schema as _check_schema
+
+            with translated_errors(self._where):
+                _check_schema(self._engine)
+
+    @staticmethod
+    def _engine_from(engine_or_url: Engine | URL | str) -> Engine:
+        if isinstance(engine_or_url, Engine):
+            return engine_or_url
+        if not isinstance(engine_or_url, URL | str):
+            raise InvalidInputError(
+                "engine_or_url must be an Engine, a URL or a str, "
+                f"got {type(engine_or_url).__name__}"
+            )
+        try:
+            return create_engine(engine_or_url, pool_pre_ping=True)
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as error:
+            raise InvalidInputError(f"engine_or_url is not a usable database URL: {error}") from None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine in use (with the backend's execution options)."""
+        return self._engine
+
+    def __repr__(self) -> str:
+        return f"SqlBackend({self._where!r})"
+
+    def close(self) -> None:
+        """Dispose of the connection pool if this backend created the engine."""
+        if self._owns_engine:
+            self._engine.dispose()
+
+    # -- transactions ------------------------------------------------------------------------
+
+    def _transaction(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one transaction, retrying deadlocks and first-save races."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with translated_errors(self._where), self._engine.connect() as conn:
+                    with conn.begin() as transaction:
+                        try:
+                            return work(conn)
+                        except _Rollback as rollback:
+                            transaction.rollback()
+                            return rollback.value  # type: ignore[no-any-return]
+            except (RetryableConflict, _RestartTransaction) as conflict:
+                if attempt >= self._max_retries:
+                    raise BackendUnavailableError(
+                        f"gave up after {attempt} attempts on {self._where}: {conflict}"
+                    ) from conflict
+                logger.info("retrying transaction after %s (attempt %d)", conflict, attempt)
+                time.sleep(random.uniform(0, 0.01 * attempt))
+
+    # -- shared statements -------------------------------------------------------------------
+
+    def _lock_state(self, conn: Connection, instance_id: str) -> _Stored | None:
+        row = conn.execute(
+            select(
+                workflows.c.version,
+                workflows.c.status,
+                workflows.c.tags,
+                self._dialect.now().label("now"),
+            )
+            .where(workflows.c.instance_id == instance_id)
+            .with_for_update()
+        ).first()
+        if row is None:
+            return None
+        return _Stored(row.version, WorkflowStatus(row.status), codec.decode_tags(row.tags), row.now)
+
+    def _lock_state_or_raise(self, conn: Connection, instance_id: str) -> _Stored:
+        stored = self._lock_state(conn, instance_id)
+        if stored is None:
+            raise NotFoundError(f"workflow instance {instance_id!r} not found")
+        return stored
+
+    def _lock_snapshot(self, conn: Connection, instance_id: str) -> tuple[WorkflowSnapshot, _Stored]:
+        row = conn.execute(
+            select(workflows, self._dialect.now().label("now"))
+            .where(workflows.c.instance_id == instance_id)
+            .with_for_update()
+        ).first()
+        if row is None:
+            raise NotFoundError(f"workflow instance {instance_id!r} not found")
+        snapshot = self._snapshot_from(row, self._results(conn, instance_id))
+        stored = _Stored(snapshot.version, snapshot.status, snapshot.tags, row.now)
+        return snapshot, stored
+
+    @staticmethod
+    def _results(conn: Connection, instance_id: str) -> dict[str, bytes]:
+        rows = conn.execute(
+            select(task_results.c.task_id, task_results.c.output).where(
+                task_results.c.instance_id == instance_id
+            )
+        )
+        return {row.task_id: row.output for row in rows}
+
+    @staticmethod
+    def _snapshot_from(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnapshot:
+        return WorkflowSnapshot(
+            instance_id=row.instance_id,
+            definition_hash=row.definition_hash,
+            status=WorkflowStatus(row.status),
+            position=codec.decode_position(row.position),
+            completed_tasks=results,
+            last_completed_task_id=row.last_completed_task_id,
+            initial_input=row.initial_input,
+            output=row.output,
+            error=row.error,
+            cancel_request=codec.decode_request(row.cancel_request),
+            pause_request=codec.decode_request(row.pause_request),
+            priority=row.priority,
+            tags=codec.decode_tags(row.tags),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            version=row.version,
+            input_task_id=row.input_task_id,
+        )
+
+    @staticmethod
+    def _exists(conn: Connection, instance_id: str) -> bool:
+        return (
+            conn.execute(
+                select(workflows.c.instance_id).where(workflows.c.instance_id == instance_id)
+            ).first()
+            is not None
+        )
+
+    @staticmethod
+    def _refuse_terminal(stored: _Stored | None, instance_id: str) -> None:
+        if stored is not None and stored.status.is_terminal:
+            raise WorkflowTerminalError(f"workflow {instance_id!r} is {stored.status.value}")
+
+    @staticmethod
+    def _clear_ready(conn: Connection, instance_id: str) -> None:
+        conn.execute(delete(ready_tasks).where(ready_tasks.c.instance_id == instance_id))
+
+    def _write_snapshot(
+        self,
+        conn: Connection,
+        snapshot: WorkflowSnapshot,
+        stored: _Stored | None,
+        now: datetime,
+        *,
+        ready_cleared: bool = False,
+    ) -> int:
+        """Write the locked (or absent) workflow row and everything derived from it."""
+        instance_id = snapshot.instance_id
+        tags = frozenset(snapshot.tags)
+        values = {
+            "definition_hash": snapshot.definition_hash,
+            "status": snapshot.status.value,
+            "position": codec.encode_position(snapshot.position),
+            "last_completed_task_id": snapshot.last_completed_task_id,
+            "input_task_id": snapshot.input_task_id,
+            "initial_input": snapshot.initial_input,
+            "output": snapshot.output,
+            "error": snapshot.error,
+            "cancel_request": codec.encode_request(snapshot.cancel_request),
+            "pause_request": codec.encode_request(snapshot.pause_request),
+            "priority": snapshot.priority,
+            "tags": codec.encode_tags(tags),
+            "updated_at": now,
+        }
+        if stored is None:
+            try:
+                conn.execute(
+                    insert(workflows).values(
+                        instance_id=instance_id,
+                        created_at=snapshot.created_at,
+                        version=1,
+                        **values,
+                    )
+                )
+            except sa_exc.IntegrityError as error:
+                raise _RestartTransaction(str(error.orig)) from error
+            version, stored_results = 1, set[str]()
+        else:
+            version = stored.version + 1
+            conn.execute(
+                update(workflows)
+                .where(workflows.c.instance_id == instance_id)
+                .values(version=version, **values)
+            )
+            if not ready_cleared:
+                self._clear_ready(conn, instance_id)
+            stored_results = set(
+                conn.scalars(
+                    select(task_results.c.task_id).where(task_results.c.instance_id == instance_id)
+                )
+            )
+        # A save never rewrites nor removes a stored result (see save_snapshot).
+        missing = [
+            {"instance_id": instance_id, "task_id": task_id, "output": output, "completed_at": now}
+            for task_id, output in snapshot.completed_tasks.items()
+            if task_id not in stored_results
+        ]
+        if missing:
+            conn.execute(insert(task_results), missing)
+        if stored is None or stored.tags != tags:
+            if stored is not None:
+                conn.execute(delete(workflow_tags).where(workflow_tags.c.instance_id == instance_id))
+            if tags:
+                conn.execute(
+                    insert(workflow_tags),
+                    [{"instance_id": instance_id, "tag": tag} for tag in sorted(tags)],
+                )
+        if snapshot.status is WorkflowStatus.IN_PROGRESS:
+            completed = stored_results | snapshot.completed_tasks.keys()
+            self._insert_ready(conn, snapshot, completed, now)
+        return version
+
+    @staticmethod
+    def _insert_ready(
+        conn: Connection, snapshot: WorkflowSnapshot, completed: Iterable[str], now: datetime
+    ) -> None:
+        done = set(completed)
+        position = snapshot.position
+        wake_at = position.wake_at if isinstance(position, AtDelay) else None
+        rows = [
+            {
+                "instance_id": snapshot.instance_id,
+                "task_id": task_id,
+                "priority": snapshot.priority,
+                "updated_at": now,
+                "wake_at": wake_at,
+                "has_tags": bool(snapshot.tags),
+            }
+            for task_id in position_task_ids(position, None)
+            if task_id not in done
+        ]
+        if rows:
+            conn.execute(insert(ready_tasks), rows)
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
+        def work(conn: Connection) -> int:
+            stored = self._lock_state(conn, snapshot.instance_id)
+            stored_version = 0 if stored is None else stored.version
+            if expected_version is not None and expected_version != stored_version:
+                raise ConflictError(
+                    f"workflow {snapshot.instance_id!r} is at version {stored_version}, "
+                    f"expected {expected_version}"
+                )
+            self._refuse_terminal(stored, snapshot.instance_id)
+            now = stored.now if stored else self._clock(conn)
+            return self._write_snapshot(conn, snapshot, stored, now)
+
+        return self._transaction(work)
+
+    def _clock(self, conn: Connection) -> datetime:
+        now: datetime = conn.execute(select(self._dialect.now())).scalar_one()
+        return now
+
+    def _save_snapshot_fenced(
+        self, snapshot: WorkflowSnapshot, task_id: str, worker_id: str, token: int | None
+    ) -> int | None:
+        instance_id = snapshot.instance_id
+
+        def work(conn: Connection) -> int | None:
+            stored = self._lock_state(conn, instance_id)
+            if stored is None:
+                return None
+            # Ready rows before the claim row: the global lock order (see module doc).
+            self._clear_ready(conn, instance_id)
+            claim = conn.execute(
+                select(task_claims)
+                .where(self._claim_key(instance_id, task_id))
+                .with_for_update()
+            ).first()
+            if not self._is_held(claim, worker_id, token, stored.now):
+                raise _Rollback(None)
+            self._refuse_terminal(stored, instance_id)
+            return self._write_snapshot(conn, snapshot, stored, stored.now, ready_cleared=True)
+
+        return self._transaction(work)
+
+    @staticmethod
+    def _is_held(
+        claim: Row[Any] | None, worker_id: str, token: int | None, now: datetime
+    ) -> bool:
+        return (
+            claim is not None
+            and not claim.released
+            and claim.worker_id == worker_id
+            and (token is None or claim.token == token)
+            and (claim.expires_at is None or now < claim.expires_at)
+        )
+
+    def _save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
+        def work(conn: Connection) -> int:
+            stored = self._lock_state_or_raise(conn, instance_id)
+            self._refuse_terminal(stored, instance_id)
+            version = stored.version + 1
+            conn.execute(
+                update(workflows)
+                .where(workflows.c.instance_id == instance_id)
+                .values(version=version, updated_at=stored.now, last_completed_task_id=task_id)
+            )
+            conn.execute(delete(ready_tasks).where(self._ready_key(instance_id, task_id)))
+            # The sibling branches' snapshot was saved now too (aging counts from updated_at).
+            conn.execute(
+                update(ready_tasks)
+                .where(ready_tasks.c.instance_id == instance_id)
+                .values(updated_at=stored.now)
+            )
+            self._dialect.put_result(conn, instance_id, task_id, output, stored.now)
+            return version
+
+        return self._transaction(work)
+
+    def _load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
+        def work(conn: Connection) -> WorkflowSnapshot:
+            # A shared lock on the workflow row keeps results from changing under the read.
+            row = conn.execute(
+                select(workflows)
+                .where(workflows.c.instance_id == instance_id)
+                .with_for_update(read=True)
+            ).first()
+            if row is None:
+                raise NotFoundError(f"workflow instance {instance_id!r} not found")
+            return self._snapshot_from(row, self._results(conn, instance_id))
+
+        return self._transaction(work)
+
+    def _load_task_result(self, instance_id: str, task_id: str) -> bytes | None:
+        def work(conn: Connection) -> bytes | None:
+            output: bytes | None = conn.execute(
+                select(task_results.c.output).where(
+                    task_results.c.instance_id == instance_id, task_results.c.task_id == task_id
+                )
+            ).scalar_one_or_none()
+            if output is None and not self._exists(conn, instance_id):
+                raise NotFoundError(f"workflow instance {instance_id!r} not found")
+            return output
+
+        return self._transaction(work)
+
+    def _delete_snapshot(self, instance_id: str) -> None:
+        def work(conn: Connection) -> None:
+            self._lock_state_or_raise(conn, instance_id)
+            for table in _CHILD_TABLES:
+                conn.execute(delete(table).where(table.c.instance_id == instance_id))
+            conn.execute(delete(workflows).where(workflows.c.instance_id == instance_id))
+
+        self._transaction(work)
+
+    def _list_snapshots(
+        self, status: WorkflowStatus | None, after: str | None, limit: int | None
+    ) -> list[str]:
+        query = select(workflows.c.instance_id).order_by(workflows.c.instance_id)
+        if status is not None:
+            query = query.where(workflows.c.status == status.value)
+        if after is not None:
+            query = query.where(workflows.c.instance_id > after)
+        if limit is not None:
+            query = query.limit(limit)
+        return self._transaction(lambda conn: list(conn.scalars(query)))
+
+    # -- claims ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _claim_key(instance_id: str, task_id: str) -> ColumnElement[bool]:
+        return and_(task_claims.c.instance_id == instance_id, task_claims.c.task_id == task_id)
+
+    @staticmethod
+    def _ready_key(instance_id: str, task_id: str) -> ColumnElement[bool]:
+        return and_(ready_tasks.c.instance_id == instance_id, ready_tasks.c.task_id == task_id)
+
+    @staticmethod
+    def _signal_pending() -> ColumnElement[bool]:
+        return exists().where(signals.c.instance_id == ready_tasks.c.instance_id)
+
+    def _claim_task(
+        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+    ) -> TaskClaim | None:
+        def work(conn: Connection) -> TaskClaim | None:
+            # Locking the ready row waits out a concurrent save that completes or moves
+            # the task, and the statement after the lock sees what it committed.
+            ready = conn.execute(
+                select(
+                    ready_tasks.c.wake_at,
+                    self._dialect.now().label("now"),
+                    self._signal_pending().label("signalled"),
+                )
+                .where(self._ready_key(instance_id, task_id))
+                .with_for_update()
+            ).first()
+            if ready is None:
+                if not self._exists(conn, instance_id):
+                    raise NotFoundError(f"workflow instance {instance_id!r} not found")
+                return None
+            now: datetime = ready.now
+            if ready.signalled or (ready.wake_at is not None and ready.wake_at > now):
+                return None
+            expires_at = None if ttl is None else now + ttl
+            token = self._dialect.claim(conn, instance_id, task_id, worker_id, now, expires_at)
+            if token is None:
+                return None
+            return TaskClaim(instance_id, task_id, worker_id, now, expires_at, token)
+
+        return self._transaction(work)
+
+    def _held_claim_filter(
+        self, instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> ColumnElement[bool]:
+        condition = and_(
+            self._claim_key(instance_id, task_id),
+            task_claims.c.worker_id == worker_id,
+            task_claims.c.released.is_(False),
+        )
+        return condition if token is None else and_(condition, task_claims.c.token == token)
+
+    def _raise_claim_error(
+        self, conn: Connection, instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> None:
+        claim = conn.execute(
+            select(task_claims.c.worker_id, task_claims.c.token, task_claims.c.released).where(
+                self._claim_key(instance_id, task_id)
+            )
+        ).first()
+        if claim is None or claim.released:
+            raise NotFoundError(f"no claim on task {task_id!r} of {instance_id!r}")
+        if claim.worker_id != worker_id:
+            raise ClaimLostError(f"task {task_id!r} of {instance_id!r} is claimed by another worker")
+        raise ClaimLostError(
+            f"task {task_id!r} of {instance_id!r} was claimed anew "
+            f"(token {claim.token}, yours {token})"
+        )
+
+    def _release_task_claim(
+        self, instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> None:
+        def work(conn: Connection) -> None:
+            result = conn.execute(
+                update(task_claims)
+                .where(self._held_claim_filter(instance_id, task_id, worker_id, token))
+                .values(released=True)
+            )
+            if result.rowcount != 1:
+                self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
+
+        self._transaction(work)
+
+    def _extend_task_claim(
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        token: int | None,
+    ) -> TaskClaim:
+        def work(conn: Connection) -> TaskClaim:
+            result = conn.execute(
+                update(task_claims)
+                .where(self._held_claim_filter(instance_id, task_id, worker_id, token))
+                .values(expires_at=None if ttl is None else self._dialect.now_plus(ttl))
+            )
+            if result.rowcount != 1:
+                self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
+            claim = conn.execute(
+                select(task_claims).where(self._claim_key(instance_id, task_id))
+            ).one()
+            pending = conn.scalars(
+                select(signals.c.kind).where(signals.c.instance_id == instance_id)
+            )
+            return TaskClaim(
+                instance_id,
+                task_id,
+                worker_id,
+                claim.claimed_at,
+                claim.expires_at,
+                claim.token,
+                frozenset(SignalKind(kind) for kind in pending),
+            )
+
+        return self._transaction(work)
+
+    def _available_filter(self, worker_tags: frozenset[str]) -> list[ColumnElement[bool]]:
+        now = self._dialect.now()
+        live_claim = exists().where(
+            task_claims.c.instance_id == ready_tasks.c.instance_id,
+            task_claims.c.task_id == ready_tasks.c.task_id,
+            task_claims.c.released.is_(False),
+            or_(task_claims.c.expires_at.is_(None), task_claims.c.expires_at > now),
+        )
+        foreign_tag = exists().where(workflow_tags.c.instance_id == ready_tasks.c.instance_id)
+        if worker_tags:
+            foreign_tag = foreign_tag.where(workflow_tags.c.tag.not_in(sorted(worker_tags)))
+        return [
+            or_(ready_tasks.c.wake_at.is_(None), ready_tasks.c.wake_at <= now),
+            not_(self._signal_pending()),
+            not_(live_claim),
+            or_(ready_tasks.c.has_tags.is_(False), not_(foreign_tag)),
+        ]
+
+    def _candidates(
+        self,
+        conn: Connection,
+        worker_tags: frozenset[str],
+        aging_interval: timedelta,
+        limit: int,
+    ) -> list[Row[Any]]:
+        """The first ``limit`` available tasks, best first.
+
+        Effective priority mixes priority and age, which no index can order directly.
+        But within one priority it is ``updated_at`` order, which the index serves: so
+        take the first ``limit`` of each priority (one indexed scan each) and merge.
+        """
+        filters = self._available_filter(worker_tags)
+        branches = [
+            select(
+                ready_tasks.c.instance_id,
+                ready_tasks.c.task_id,
+                ready_tasks.c.priority,
+                ready_tasks.c.updated_at,
+                self._dialect.now().label("now"),
+            )
+            .where(ready_tasks.c.priority == priority, *filters)
+            .order_by(ready_tasks.c.updated_at, ready_tasks.c.instance_id, ready_tasks.c.task_id)
+            .limit(limit)
+            .subquery()
+            for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
+        ]
+        rows = conn.execute(union_all(*(select(branch) for branch in branches))).all()
+        rows.sort(
+            key=lambda row: availability_key(
+                row.priority, row.updated_at, row.instance_id, row.task_id, aging_interval
+            )
+        )
+        return rows[:limit]
+
+    def _available_tasks(
+        self, conn: Connection, keys: Sequence[tuple[str, str]]
+    ) -> list[AvailableTask]:
+        if not keys:
+            return []
+        input_result = task_results.alias("input_result")
+        rows = conn.execute(
+            select(
+                workflows.c.instance_id,
+                workflows.c.definition_hash,
+                workflows.c.priority,
+                workflows.c.tags,
+                workflows.c.version,
+                workflows.c.initial_input,
+                workflows.c.input_task_id,
+                input_result.c.output.label("input_output"),
+            )
+            .select_from(
+                workflows.outerjoin(
+                    input_result,
+                    and_(
+                        input_result.c.instance_id == workflows.c.instance_id,
+                        input_result.c.task_id == workflows.c.input_task_id,
+                    ),
+                )
+            )
+            .where(workflows.c.instance_id.in_(sorted({instance_id for instance_id, _ in keys})))
+        )
+        by_instance = {row.instance_id: row for row in rows}
+        tasks = []
+        for instance_id, task_id in keys:
+            row = by_instance[instance_id]
+            tasks.append(
+                AvailableTask(
+                    instance_id=instance_id,
+                    task_id=task_id,
+                    definition_hash=row.definition_hash,
+                    input=row.initial_input if row.input_task_id is None else row.input_output,
+                    priority=row.priority,
+                    tags=codec.decode_tags(row.tags),
+                    snapshot_version=row.version,
+                )
+            )
+        return tasks
+
+    def _find_available_tasks(
+        self, worker_id: str, limit: int, tags: frozenset[str], aging_interval: timedelta
+    ) -> list[AvailableTask]:
+        def work(conn: Connection) -> list[AvailableTask]:
+            rows = self._candidates(conn, tags, aging_interval, limit)
+            return self._available_tasks(conn, [(row.instance_id, row.task_id) for row in rows])
+
+        return self._transaction(work)
+
+    def _claim_available_tasks(
+        self,
+        worker_id: str,
+        limit: int,
+        ttl: timedelta | None,
+        tags: frozenset[str],
+        aging_interval: timedelta,
+    ) -> list[ClaimedTask]:
+        # Where rows can be skipped, read more candidates than needed: some will be locked
+        # or claimed by concurrent callers by the time we reach them.
+        wanted = limit * 2 + 16 if self._dialect.skip_locked else limit
+
+        def work(conn: Connection) -> list[ClaimedTask]:
+            claims: list[TaskClaim] = []
+            for row in self._candidates(conn, tags, aging_interval, wanted):
+                if len(claims) == limit:
+                    break
+                if self._dialect.skip_locked and not self._try_lock_ready(
+                    conn, row.instance_id, row.task_id
+                ):
+                    continue
+                now: datetime = row.now
+                expires_at = None if ttl is None else now + ttl
+                token = self._dialect.claim(
+                    conn, row.instance_id, row.task_id, worker_id, now, expires_at
+                )
+                if token is not None:
+                    claims.append(
+                        TaskClaim(row.instance_id, row.task_id, worker_id, now, expires_at, token)
+                    )
+            tasks = self._available_tasks(conn, [(c.instance_id, c.task_id) for c in claims])
+            return [ClaimedTask(claim, task) for claim, task in zip(claims, tasks, strict=True)]
+
+        return self._transaction(work)
+
+    def _try_lock_ready(self, conn: Connection, instance_id: str, task_id: str) -> bool:
+        """Lock one ready row unless another transaction holds it (``SKIP LOCKED``)."""
+        return (
+            conn.execute(
+                select(ready_tasks.c.task_id)
+                .where(self._ready_key(instance_id, task_id))
+                .with_for_update(skip_locked=True)
+            ).first()
+            is not None
+        )
+
+    # -- signals and events ------------------------------------------------------------------
+
+    def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
+        def work(conn: Connection) -> None:
+            status = self._lock_state_or_raise(conn, instance_id).status
+            if kind is SignalKind.CANCEL:
+                if status in (WorkflowStatus.COMPLETED, WorkflowStatus.FAILED):
+                    raise CannotCancelError(f"workflow {instance_id!r} is {status.value}")
+                if status is WorkflowStatus.CANCELLED:
+                    return
+            else:
+                if status.is_terminal:
+                    raise CannotPauseError(f"workflow {instance_id!r} is {status.value}")
+                if status is WorkflowStatus.PAUSED:
+                    return
+            # Every signal write holds the workflow row lock, so check-then-insert is safe.
+            if conn.execute(select(signals.c.kind).where(self._signal_key(instance_id, kind))).first():
+                return
+            conn.execute(
+                insert(signals).values(
+                    instance_id=instance_id,
+                    kind=kind.value,
+                    reason=request.reason,
+                    requested_by=request.requested_by,
+                    requested_at=request.requested_at,
+                )
+            )
+
+        self._transaction(work)
+
+    @staticmethod
+    def _signal_key(instance_id: str, kind: SignalKind) -> ColumnElement[bool]:
+        return and_(signals.c.instance_id == instance_id, signals.c.kind == kind.value)
+
+    def _read_signal(
+        self, conn: Connection, instance_id: str, kind: SignalKind
+    ) -> SignalRequest | None:
+        row = conn.execute(
+            select(signals.c.reason, signals.c.requested_by, signals.c.requested_at).where(
+                self._signal_key(instance_id, kind)
+            )
+        ).first()
+        return None if row is None else SignalRequest(row.reason, row.requested_by, row.requested_at)
+
+    def _get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
+        def work(conn: Connection) -> SignalRequest | None:
+            request = self._read_signal(conn, instance_id, kind)
+            if request is None and not self._exists(conn, instance_id):
+                raise NotFoundError(f"workflow instance {instance_id!r} not found")
+            return request
+
+        return self._transaction(work)
+
+    def _clear_signal(self, instance_id: str, kind: SignalKind) -> None:
+        def work(conn: Connection) -> None:
+            self._lock_state_or_raise(conn, instance_id)
+            conn.execute(delete(signals).where(self._signal_key(instance_id, kind)))
+
+        self._transaction(work)
+
+    def _check_and_apply(self, instance_id: str, kind: SignalKind) -> bool:
+        def work(conn: Connection) -> bool:
+            snapshot, stored = self._lock_snapshot(conn, instance_id)
+            request = self._read_signal(conn, instance_id, kind)
+            if request is None or not transitions.is_signal_applicable(snapshot.status, kind):
+                return False
+            transitions.apply_signal(snapshot, kind, request)
+            self._write_snapshot(conn, snapshot, stored, stored.now)
+            conn.execute(
+                update(task_claims)
+                .where(task_claims.c.instance_id == instance_id)
+                .values(released=True)
+            )
+            conn.execute(delete(signals).where(self._signal_key(instance_id, kind)))
+            return True
+
+        return self._transaction(work)
+
+    def _unpause(self, instance_id: str) -> WorkflowSnapshot:
+        def work(conn: Connection) -> WorkflowSnapshot:
+            snapshot, stored = self._lock_snapshot(conn, instance_id)
+            if snapshot.status is not WorkflowStatus.PAUSED:
+                raise CannotPauseError(
+                    f"workflow {instance_id!r} is {snapshot.status.value}, not paused"
+                )
+            transitions.unpause(snapshot)
+            snapshot.version = self._write_snapshot(conn, snapshot, stored, stored.now)
+            snapshot.updated_at = stored.now
+            return snapshot
+
+        return self._transaction(work)
+
+    def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
+        def work(conn: Connection) -> None:
+            snapshot, stored = self._lock_snapshot(conn, instance_id)
+            if transitions.waits_for_event(snapshot, name):
+                transitions.deliver_event(snapshot, payload)
+                self._write_snapshot(conn, snapshot, stored, stored.now)
+            else:
+                conn.execute(
+                    insert(events).values(
+                        instance_id=instance_id, name=name, payload=payload, created_at=stored.now
+                    )
+                )
+
+        self._transaction(work)
+
+    def _consume_event(self, instance_id: str, name: str) -> bytes | None:
+        def work(conn: Connection) -> bytes | None:
+            # SKIP LOCKED: concurrent consumers take the next event instead of waiting.
+            row = conn.execute(
+                select(events.c.id, events.c.payload)
+                .where(events.c.instance_id == instance_id, events.c.name == name)
+                .order_by(events.c.id)
+                .limit(1)
+                .with_for_update(skip_locked=self._dialect.skip_locked)
+            ).first()
+            if row is None:
+                if not self._exists(conn, instance_id):
+                    raise NotFoundError(f"workflow instance {instance_id!r} not found")
+                return None
+            conn.execute(delete(events).where(events.c.id == row.id))
+            payload: bytes = row.payload
+            return payload
+
+        return self._transaction(work)

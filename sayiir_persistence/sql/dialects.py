@@ -1,0 +1,277 @@
+"""Everything that differs between PostgreSQL, MySQL/MariaDB and SQLite, in one place.
+
+``SqlBackend`` asks :func:`dialect_for` for a strategy once, at start-up, and never tests
+the dialect name itself. A strategy knows:
+
+- the database clock as a SQL expression (expiry is judged by the server, not the worker);
+- how to claim a task in one guarded write (the guard ``released OR expires_at <= now``
+  lives in the statement itself, so a row that another worker claimed an instant ago is
+  never taken over);
+- whether rows can be locked with ``SKIP LOCKED`` (SQLite serialises writers instead);
+- how to prepare an engine (isolation level, SQLite pragmas and ``BEGIN IMMEDIATE``).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Interval,
+    and_,
+    bindparam,
+    event,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+from .schema import task_claims, task_results
+from .types import MYSQL_DIALECTS, UtcDateTime
+
+logger = logging.getLogger(__name__)
+
+
+def _claim_values(
+    instance_id: str, task_id: str, worker_id: str, now: datetime, expires_at: datetime | None
+) -> dict[str, Any]:
+    return {
+        "instance_id": instance_id,
+        "task_id": task_id,
+        "worker_id": worker_id,
+        "token": 1,
+        "claimed_at": now,
+        "expires_at": expires_at,
+        "released": False,
+    }
+
+
+def _claim_is_free(now: datetime) -> ColumnElement[bool]:
+    """The takeover guard: the stored claim was released or has expired."""
+    return or_(
+        task_claims.c.released.is_(True),
+        and_(task_claims.c.expires_at.is_not(None), task_claims.c.expires_at <= now),
+    )
+
+
+class SqlDialect:
+    """Base strategy: the parts shared by the databases with ``INSERT ... ON CONFLICT``."""
+
+    name = "generic"
+    skip_locked = True
+
+    def prepare_engine(self, engine: Engine) -> Engine:
+        """Return the engine to use (options applied); may register event hooks."""
+        # Each statement sees what committed before it started; guards and row locks do
+        # the rest. Both PostgreSQL and InnoDB then behave alike.
+        return engine.execution_options(isolation_level="READ COMMITTED")
+
+    def now(self) -> ColumnElement[datetime]:
+        raise NotImplementedError
+
+    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
+        raise NotImplementedError
+
+    def _insert(self) -> Any:
+        raise NotImplementedError
+
+    def claim(
+        self,
+        conn: Connection,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> int | None:
+        """Claim if no live claim exists; return the new fencing token or ``None``."""
+        statement = self._insert()(task_claims).values(
+            _claim_values(instance_id, task_id, worker_id, now, expires_at)
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
+            set_={
+                "worker_id": statement.excluded.worker_id,
+                "token": task_claims.c.token + 1,
+                "claimed_at": statement.excluded.claimed_at,
+                "expires_at": statement.excluded.expires_at,
+                "released": False,
+            },
+            where=_claim_is_free(now),
+        ).returning(task_claims.c.token)
+        return conn.execute(statement).scalar_one_or_none()
+
+    def put_result(
+        self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
+    ) -> None:
+        """Insert or replace one task result."""
+        statement = self._insert()(task_results).values(
+            instance_id=instance_id, task_id=task_id, output=output, completed_at=now
+        )
+        conn.execute(
+            statement.on_conflict_do_update(
+                index_elements=[task_results.c.instance_id, task_results.c.task_id],
+                set_={"output": statement.excluded.output, "completed_at": now},
+            )
+        )
+
+
+class PostgresDialect(SqlDialect):
+    name = "postgresql"
+
+    def now(self) -> ColumnElement[datetime]:
+        # statement_timestamp(): current at each statement, constant within it (now() is
+        # frozen at transaction start).
+        return type_coerce(func.statement_timestamp(), UtcDateTime())
+
+    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
+        return type_coerce(
+            func.statement_timestamp() + bindparam(None, ttl, type_=Interval()), UtcDateTime()
+        )
+
+    def _insert(self) -> Any:
+        return postgresql.insert
+
+
+class SqliteDialect(SqlDialect):
+    """SQLite: one writer at a time, so every transaction begins ``IMMEDIATE``.
+
+    Taking the write lock up front makes a read-then-write transaction atomic across the
+    processes sharing the file, and avoids the deadlock-prone lock upgrade of a deferred
+    transaction. WAL lets readers of other connections proceed meanwhile.
+    """
+
+    name = "sqlite"
+    skip_locked = False
+    # Timestamps are stored as 'YYYY-MM-DD HH:MM:SS.ffffff' text: the clock expression
+    # renders the same shape (millisecond precision, padded) so text comparison is order.
+    _FORMAT = "%Y-%m-%d %H:%M:%f"
+
+    def __init__(self, busy_timeout: timedelta) -> None:
+        self.busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
+
+    def prepare_engine(self, engine: Engine) -> Engine:
+        busy_timeout_ms = self.busy_timeout_ms
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy's begin event, not the driver, decide when transactions start.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        # Pooled connections opened before the hooks existed would miss the pragmas.
+        engine.dispose()
+        return engine
+
+    def now(self) -> ColumnElement[datetime]:
+        return type_coerce(func.strftime(self._FORMAT, "now").concat("000"), UtcDateTime())
+
+    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
+        modifier = f"+{ttl.total_seconds():.6f} seconds"
+        return type_coerce(
+            func.strftime(self._FORMAT, "now", modifier).concat("000"), UtcDateTime()
+        )
+
+    def _insert(self) -> Any:
+        return sqlite.insert
+
+
+class MySqlDialect(SqlDialect):
+    """MySQL 8 / MariaDB 10.6+: no ``ON CONFLICT ... WHERE`` and no ``UPDATE ... RETURNING``.
+
+    A claim is a guarded ``UPDATE`` (takeover of a released or expired claim) and, when no
+    row exists yet, an ``INSERT IGNORE`` (the primary key lets one concurrent inserter
+    win). ``ON DUPLICATE KEY UPDATE`` is avoided for claims: its assignments run left to
+    right, so a guard cannot see the row as it was before the first assignment.
+    """
+
+    name = "mysql"
+
+    def now(self) -> ColumnElement[datetime]:
+        return type_coerce(func.utc_timestamp(6), UtcDateTime())
+
+    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
+        microseconds = ttl // timedelta(microseconds=1)
+        return type_coerce(
+            func.timestampadd(literal_column("MICROSECOND"), microseconds, func.utc_timestamp(6)),
+            UtcDateTime(),
+        )
+
+    def claim(
+        self,
+        conn: Connection,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> int | None:
+        key = and_(
+            task_claims.c.instance_id == instance_id, task_claims.c.task_id == task_id
+        )
+        takeover = conn.execute(
+            update(task_claims)
+            .where(key, _claim_is_free(now))
+            .values(
+                worker_id=worker_id,
+                token=task_claims.c.token + 1,
+                claimed_at=now,
+                expires_at=expires_at,
+                released=False,
+            )
+        )
+        if takeover.rowcount == 0:
+            inserted = conn.execute(
+                insert(task_claims)
+                .prefix_with("IGNORE")
+                .values(_claim_values(instance_id, task_id, worker_id, now, expires_at))
+            )
+            if inserted.rowcount == 0:
+                return None
+        # Our own row, locked by the write above: read-your-writes gives the token.
+        return conn.execute(select(task_claims.c.token).where(key)).scalar_one()
+
+    def put_result(
+        self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
+    ) -> None:
+        statement = mysql.insert(task_results).values(
+            instance_id=instance_id, task_id=task_id, output=output, completed_at=now
+        )
+        conn.execute(
+            statement.on_duplicate_key_update(
+                output=statement.inserted.output, completed_at=statement.inserted.completed_at
+            )
+        )
+
+
+def dialect_for(engine: Engine, *, sqlite_busy_timeout: timedelta) -> SqlDialect:
+    """The strategy for ``engine``'s database; ``ValueError`` if it is not supported."""
+    name = engine.dialect.name
+    if name == "postgresql":
+        return PostgresDialect()
+    if name in MYSQL_DIALECTS:
+        return MySqlDialect()
+    if name == "sqlite":
+        return SqliteDialect(sqlite_busy_timeout)
+    raise ValueError(
+        f"unsupported database dialect {name!r}: use PostgreSQL, MySQL/MariaDB or SQLite"
+    )
+
+

@@ -1,0 +1,147 @@
+"""The tables, on one ``MetaData`` shared by ``SqlBackend`` and the Alembic migrations.
+
+Layout (one row per ...):
+
+- ``sayiir_workflows``: workflow instance: status, position (JSON), payloads, version.
+- ``sayiir_task_results``: completed task (its output). Kept apart from the workflow row
+  so parallel branches append results without rewriting one big value.
+- ``sayiir_ready_tasks``: task that is runnable by position in an in-progress workflow
+  and not completed. Maintained by every write that changes status, position or results,
+  so finding work is one indexed scan instead of decoding every snapshot.
+- ``sayiir_task_claims``: claim on a task. Released claims stay (``released``) so the
+  fencing token of the next claim keeps increasing.
+- ``sayiir_signals``: pending cancel or pause request.
+- ``sayiir_events``: buffered event, FIFO by ``id``.
+- ``sayiir_workflow_tags``: tag of a workflow, for the worker tag filter.
+
+No foreign keys: every write path locks the workflow row first and deletes children
+explicitly, and foreign keys would add MySQL shared locks on the parent row to every
+child insert (a source of deadlocks).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+)
+
+from .types import Identifier, LongText, Payload, UtcDateTime
+
+# Deterministic constraint names, so migrations can refer to them on every database.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# Table options applied on MySQL/MariaDB (ignored elsewhere).
+_MYSQL = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
+
+workflows = Table(
+    "sayiir_workflows",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("definition_hash", Identifier(), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("position", LongText(), nullable=False),
+    Column("last_completed_task_id", Identifier()),
+    Column("input_task_id", Identifier()),
+    Column("initial_input", Payload()),
+    Column("output", Payload()),
+    Column("error", LongText()),
+    Column("cancel_request", LongText()),
+    Column("pause_request", LongText()),
+    Column("priority", SmallInteger(), nullable=False),
+    Column("tags", LongText(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("version", Integer(), nullable=False),
+    Index(None, "status", "instance_id"),
+    **_MYSQL,
+)
+
+task_results = Table(
+    "sayiir_task_results",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("task_id", Identifier(), primary_key=True),
+    Column("output", Payload(), nullable=False),
+    Column("completed_at", UtcDateTime(), nullable=False),
+    **_MYSQL,
+)
+
+ready_tasks = Table(
+    "sayiir_ready_tasks",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("task_id", Identifier(), primary_key=True),
+    Column("priority", SmallInteger(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    # Set for a delay's next task: runnable once the store's clock reaches it.
+    Column("wake_at", UtcDateTime()),
+    Column("has_tags", Boolean(create_constraint=False), nullable=False),
+    # The order of find/claim_available_tasks within one priority: served by this index.
+    Index(None, "priority", "updated_at", "instance_id", "task_id"),
+    **_MYSQL,
+)
+
+task_claims = Table(
+    "sayiir_task_claims",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("task_id", Identifier(), primary_key=True),
+    Column("worker_id", Identifier(), nullable=False),
+    Column("token", BigInteger(), nullable=False),
+    Column("claimed_at", UtcDateTime(), nullable=False),
+    Column("expires_at", UtcDateTime()),
+    Column("released", Boolean(create_constraint=False), nullable=False),
+    **_MYSQL,
+)
+
+signals = Table(
+    "sayiir_signals",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("reason", LongText()),
+    Column("requested_by", LongText()),
+    Column("requested_at", UtcDateTime(), nullable=False),
+    **_MYSQL,
+)
+
+events = Table(
+    "sayiir_events",
+    metadata,
+    # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+    Column(
+        "id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    Column("instance_id", Identifier(), nullable=False),
+    Column("name", Identifier(), nullable=False),
+    Column("payload", Payload(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Index(None, "instance_id", "name", "id"),
+    **_MYSQL,
+)
+
+workflow_tags = Table(
+    "sayiir_workflow_tags",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("tag", Identifier(), primary_key=True),
+    **_MYSQL,
+)
