@@ -31,6 +31,7 @@ from sqlalchemy import (
     Row,
     and_,
     create_engine,
+    make_url,
     delete,
     exists,
     insert,
@@ -108,6 +109,20 @@ class _Stored:
     now: datetime
 
 
+def _parse_url(value: object) -> URL:
+    if isinstance(value, URL):
+        return value
+    if not isinstance(value, str):
+        raise InvalidInputError(
+            f"engine_or_url must be an Engine, a URL or a str, got {type(value).__name__}"
+        )
+    try:
+        return make_url(value)
+    except sa_exc.ArgumentError:
+        # The message of ArgumentError repeats the URL, password included: keep it out.
+        raise InvalidInputError("engine_or_url is not a valid database URL") from None
+
+
 class SqlBackend(PersistentBackend):
     """The contract on any SQLAlchemy 2 engine: PostgreSQL, MySQL/MariaDB, SQLite.
 
@@ -121,8 +136,8 @@ class SqlBackend(PersistentBackend):
             hooks are added to the engine (WAL, busy timeout, ``BEGIN IMMEDIATE``); use a
             file database, not ``:memory:``.
         max_payload_bytes: see :class:`PersistentBackend`.
-        check_schema: raise ``SchemaError`` now if the database is not at the head
-            revision of the migrations.
+        check_schema: connect now and raise ``SchemaError`` if the database is not at the
+            head revision of the migrations (``False``: connect lazily, on first use).
         sqlite_busy_timeout: how long a SQLite write waits for the file lock before
             ``BackendUnavailableError``.
         max_retries: attempts of a transaction that hit a deadlock or serialization failure.
@@ -143,34 +158,37 @@ class SqlBackend(PersistentBackend):
         max_retries: int = 5,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
-        engine = self._engine_from(engine_or_url)
         self._owns_engine = not isinstance(engine_or_url, Engine)
-        self._where = engine.url.render_as_string(hide_password=True)
+        url = engine_or_url.url if isinstance(engine_or_url, Engine) else _parse_url(engine_or_url)
+        self._where = url.render_as_string(hide_password=True)
         try:
-            self._dialect = dialect_for(engine, sqlite_busy_timeout=sqlite_busy_timeout)
+            self._dialect = dialect_for(
+                url.get_backend_name(), sqlite_busy_timeout=sqlite_busy_timeout
+            )
         except ValueError as error:
             raise InvalidInputError(str(error)) from None
-        self._engine = self._dialect.prepare_engine(engine)
         self._max_retries = max_retries
-        if check_schema:
-            from ..migrate import check_schema as _check_schema
+        with translated_errors(self._where):
+            if isinstance(engine_or_url, Engine):
+                engine = engine_or_url
+            else:
+                try:
+                    engine = create_engine(
+                        url,
+                        **self._dialect.engine_options(url.get_driver_name(), max_payload_bytes),
+                    )
+                except (sa_exc.NoSuchModuleError, ImportError) as error:
+                    raise InvalidInputError(
+                        f"no driver for {self._where}: {error} (install the matching extra, "
+                        "e.g. sayiir-persistence[postgres] or [mysql])"
+                    ) from None
+            self._engine = self._dialect.prepare_engine(engine)
+            if check_schema:
+                from ..migrate import check_schema as _check_schema
 
-            with translated_errors(self._where):
                 _check_schema(self._engine)
-
-    @staticmethod
-    def _engine_from(engine_or_url: Engine | URL | str) -> Engine:
-        if isinstance(engine_or_url, Engine):
-            return engine_or_url
-        if not isinstance(engine_or_url, URL | str):
-            raise InvalidInputError(
-                "engine_or_url must be an Engine, a URL or a str, "
-                f"got {type(engine_or_url).__name__}"
-            )
-        try:
-            return create_engine(engine_or_url, pool_pre_ping=True)
-        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as error:
-            raise InvalidInputError(f"engine_or_url is not a usable database URL: {error}") from None
+                with self._engine.connect() as conn:
+                    self._dialect.check_server(conn, max_payload_bytes)
 
     @property
     def engine(self) -> Engine:
@@ -422,11 +440,11 @@ class SqlBackend(PersistentBackend):
             # Ready rows before the claim row: the global lock order (see module doc).
             self._clear_ready(conn, instance_id)
             claim = conn.execute(
-                select(task_claims)
+                select(task_claims, self._dialect.now().label("now"))
                 .where(self._claim_key(instance_id, task_id))
                 .with_for_update()
             ).first()
-            if not self._is_held(claim, worker_id, token, stored.now):
+            if claim is None or not self._is_held(claim, worker_id, token, claim.now):
                 raise _Rollback(None)
             self._refuse_terminal(stored, instance_id)
             return self._write_snapshot(conn, snapshot, stored, stored.now, ready_cleared=True)
@@ -434,12 +452,9 @@ class SqlBackend(PersistentBackend):
         return self._transaction(work)
 
     @staticmethod
-    def _is_held(
-        claim: Row[Any] | None, worker_id: str, token: int | None, now: datetime
-    ) -> bool:
+    def _is_held(claim: Row[Any], worker_id: str, token: int | None, now: datetime) -> bool:
         return (
-            claim is not None
-            and not claim.released
+            not claim.released
             and claim.worker_id == worker_id
             and (token is None or claim.token == token)
             and (claim.expires_at is None or now < claim.expires_at)

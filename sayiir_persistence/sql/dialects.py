@@ -69,11 +69,24 @@ class SqlDialect:
     name = "generic"
     skip_locked = True
 
+    # Each statement sees what committed before it started; guards and row locks do the
+    # rest. PostgreSQL and InnoDB then behave alike (InnoDB defaults to REPEATABLE READ).
+    isolation_level: str | None = "READ COMMITTED"
+
+    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
+        """``create_engine`` options for an engine the backend creates from a URL."""
+        return {"pool_pre_ping": True, "isolation_level": self.isolation_level}
+
+    def check_server(self, conn: Connection, max_payload_bytes: int) -> None:
+        """Warn about server settings that would refuse payloads the backend accepts."""
+
     def prepare_engine(self, engine: Engine) -> Engine:
         """Return the engine to use (options applied); may register event hooks."""
-        # Each statement sees what committed before it started; guards and row locks do
-        # the rest. Both PostgreSQL and InnoDB then behave alike.
-        return engine.execution_options(isolation_level="READ COMMITTED")
+        if getattr(engine.dialect, "isolation_level", None) == self.isolation_level:
+            return engine
+        # Set per connection checkout (a round trip on MySQL): engines created from a URL,
+        # or with create_engine(isolation_level="READ COMMITTED"), avoid that cost.
+        return engine.execution_options(isolation_level=self.isolation_level)
 
     def now(self) -> ColumnElement[datetime]:
         raise NotImplementedError
@@ -156,8 +169,13 @@ class SqliteDialect(SqlDialect):
     # renders the same shape (millisecond precision, padded) so text comparison is order.
     _FORMAT = "%Y-%m-%d %H:%M:%f"
 
+    isolation_level = None
+
     def __init__(self, busy_timeout: timedelta) -> None:
         self.busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
+
+    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
+        return {"pool_pre_ping": True}
 
     def prepare_engine(self, engine: Engine) -> Engine:
         busy_timeout_ms = self.busy_timeout_ms
@@ -203,6 +221,32 @@ class MySqlDialect(SqlDialect):
     """
 
     name = "mysql"
+
+    @staticmethod
+    def packet_bytes(max_payload_bytes: int) -> int:
+        # A payload travels escaped inside the statement text: up to twice its size.
+        return 2 * max_payload_bytes + 1024 * 1024
+
+    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
+        options = super().engine_options(driver, max_payload_bytes)
+        if driver == "pymysql":
+            # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
+            options["connect_args"] = {"max_allowed_packet": self.packet_bytes(max_payload_bytes)}
+        return options
+
+    def check_server(self, conn: Connection, max_payload_bytes: int) -> None:
+        allowed = conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
+        needed = self.packet_bytes(max_payload_bytes)
+        if int(allowed) < needed:
+            logger.warning(
+                "MySQL max_allowed_packet is %s bytes: payloads near max_payload_bytes=%s "
+                "need %s; raise it (SET GLOBAL max_allowed_packet=%s) or lower "
+                "max_payload_bytes",
+                allowed,
+                max_payload_bytes,
+                needed,
+                needed,
+            )
 
     def now(self) -> ColumnElement[datetime]:
         return type_coerce(func.utc_timestamp(6), UtcDateTime())
@@ -261,9 +305,8 @@ class MySqlDialect(SqlDialect):
         )
 
 
-def dialect_for(engine: Engine, *, sqlite_busy_timeout: timedelta) -> SqlDialect:
-    """The strategy for ``engine``'s database; ``ValueError`` if it is not supported."""
-    name = engine.dialect.name
+def dialect_for(name: str, *, sqlite_busy_timeout: timedelta) -> SqlDialect:
+    """The strategy for a SQLAlchemy dialect name; ``ValueError`` if it is not supported."""
     if name == "postgresql":
         return PostgresDialect()
     if name in MYSQL_DIALECTS:

@@ -1,0 +1,145 @@
+"""SQL-specific behaviour on every database: large payloads, Unicode ids, errors, secrets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import UTC, timedelta
+
+import pytest
+from sqlalchemy import create_engine, delete
+
+from sayiir_persistence import (
+    BackendUnavailableError,
+    InvalidInputError,
+    SchemaError,
+    WorkflowSnapshot,
+)
+from sayiir_persistence.migrate import migrate
+from sayiir_persistence.sql.backend import SqlBackend
+from sayiir_persistence.sql.schema import metadata
+from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES
+
+UNICODE_IDS = ["ünïcødé-✓", "日本語のワークフロー", "emoji-😀-🚀", "😀" * 255, "quote'\";%_\\"]
+
+
+@pytest.fixture
+def backend(sql_url: str) -> Iterator[SqlBackend]:
+    migrate(sql_url)
+    backend = SqlBackend(sql_url)
+    with backend.engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(delete(table))
+    yield backend
+    backend.close()
+
+
+def test_payload_of_5_mb_round_trips_everywhere(backend: SqlBackend) -> None:
+    payload = bytes(range(256)) * (5 * 1024 * 1024 // 256)
+    snapshot = WorkflowSnapshot.new("big", "h", initial_input=payload, first_task="t")
+    backend.save_snapshot(snapshot)
+    [task] = backend.find_available_tasks("w", 1)
+    assert task.input == payload
+    backend.save_task_result("big", "t", payload[::-1])
+    backend.send_event("big", "e", payload)
+
+    assert backend.load_snapshot("big").initial_input == payload
+    assert backend.load_task_result("big", "t") == payload[::-1]
+    assert backend.consume_event("big", "e") == payload
+
+
+def test_payload_at_the_default_maximum_is_stored_whole(backend: SqlBackend) -> None:
+    # Zero bytes are the worst case for MySQL's escaping (each becomes two bytes).
+    payload = b"\x00" * DEFAULT_MAX_PAYLOAD_BYTES
+    backend.save_snapshot(WorkflowSnapshot.new("max", "h", first_task="t"))
+    backend.save_task_result("max", "t", payload)
+    assert backend.load_task_result("max", "t") == payload
+    with pytest.raises(InvalidInputError, match="output"):
+        backend.save_task_result("max", "t", payload + b"\x00")
+
+
+@pytest.mark.parametrize("instance_id", UNICODE_IDS)
+def test_unicode_ids_round_trip(backend: SqlBackend, instance_id: str) -> None:
+    snapshot = WorkflowSnapshot.new(instance_id, "h", first_task=instance_id, tags=[instance_id])
+    backend.save_snapshot(snapshot)
+    claim = backend.claim_task(instance_id, instance_id, instance_id, timedelta(minutes=1))
+    assert claim is not None and claim.worker_id == instance_id
+    loaded = backend.load_snapshot(instance_id)
+    assert loaded.instance_id == instance_id
+    assert loaded.tags == {instance_id}
+    assert backend.list_snapshots() == [instance_id]
+
+
+def test_ids_differing_in_case_or_trailing_space_are_distinct(backend: SqlBackend) -> None:
+    # MySQL's default collations would make these equal; ids must compare byte for byte.
+    ids = ["a", "A", "a ", "á"]
+    for number, instance_id in enumerate(ids):
+        backend.save_snapshot(WorkflowSnapshot.new(instance_id, f"h{number}"))
+    assert backend.list_snapshots() == sorted(ids)
+    assert [backend.load_snapshot(i).definition_hash for i in ids] == ["h0", "h1", "h2", "h3"]
+
+
+def test_list_snapshots_is_in_code_point_order(backend: SqlBackend) -> None:
+    ids = ["b", "B", "ä", "z", "Z", "é", "😀", "日", "a-1", "a_1", "a1"]
+    for instance_id in ids:
+        backend.save_snapshot(WorkflowSnapshot.new(instance_id, "h"))
+    assert backend.list_snapshots() == sorted(ids)
+    first = backend.list_snapshots(limit=4)
+    assert first + backend.list_snapshots(after=first[-1]) == sorted(ids)
+
+
+def test_timestamps_come_back_aware_utc(backend: SqlBackend) -> None:
+    backend.save_snapshot(WorkflowSnapshot.new("t", "h", first_task="x"))
+    loaded = backend.load_snapshot("t")
+    claim = backend.claim_task("t", "x", "w", timedelta(seconds=30))
+    assert claim is not None and claim.expires_at is not None
+    for moment in (loaded.created_at, loaded.updated_at, claim.claimed_at, claim.expires_at):
+        assert moment.tzinfo is not None and moment.utcoffset() == timedelta(0)
+    assert claim.expires_at - claim.claimed_at == timedelta(seconds=30)
+    assert loaded.updated_at.tzinfo == UTC
+
+
+@pytest.mark.sqlite
+def test_unprovisioned_database_raises_schema_error_naming_the_fix(sqlite_url: str) -> None:
+    with pytest.raises(SchemaError, match="migrate"):
+        SqlBackend(sqlite_url)
+
+
+@pytest.mark.sqlite
+def test_schema_error_on_call_when_tables_are_dropped(sqlite_url: str) -> None:
+    migrate(sqlite_url)
+    backend = SqlBackend(sqlite_url)
+    metadata.drop_all(create_engine(sqlite_url))
+    with pytest.raises(SchemaError):
+        backend.load_snapshot("anything")
+
+
+def test_unreachable_server_is_backend_unavailable_with_cause_and_masked_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = "postgresql+psycopg2://user:s3cret-pw@127.0.0.1:1/nowhere"
+    with caplog.at_level(logging.DEBUG), pytest.raises(BackendUnavailableError) as raised:
+        SqlBackend(url)
+    assert raised.value.__cause__ is not None
+    assert "s3cret-pw" not in str(raised.value)
+    assert "***" in str(raised.value)
+    assert "s3cret-pw" not in caplog.text
+
+
+def test_repr_masks_the_password() -> None:
+    backend = SqlBackend("postgresql+psycopg2://user:s3cret-pw@127.0.0.1:1/x", check_schema=False)
+    assert "s3cret-pw" not in repr(backend)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("not a url", "not a valid database URL"),
+        ("mssql+pymssql://u:s3cret-pw@h/db", "unsupported database"),
+        (42, "engine_or_url must be"),
+    ],
+)
+def test_bad_urls_are_invalid_input(value: object, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message) as raised:
+        SqlBackend(value)  # type: ignore[arg-type]
+    assert "s3cret-pw" not in str(raised.value)
