@@ -18,6 +18,7 @@ from .errors import (
     WorkflowTerminalError,
 )
 from .memory import InMemoryBackend
+from .migrate import migrate
 from .model import (
     AtDelay,
     AtFork,
@@ -33,6 +34,7 @@ from .model import (
     WorkflowSnapshot,
     WorkflowStatus,
 )
+from .sql.backend import SqlBackend
 from .validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_ID_LENGTH
 
 __all__ = [
@@ -61,8 +63,10 @@ __all__ = [
     "SchemaError",
     "SignalKind",
     "SignalRequest",
+    "SqlBackend",
     "TaskClaim",
     "WorkflowSnapshot",
     "WorkflowStatus",
     "WorkflowTerminalError",
+    "migrate",
 ]

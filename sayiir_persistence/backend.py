@@ -17,6 +17,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Self
 
+from .errors import InvalidInputError
 from .model import (
     POSITION_TYPES,
     AvailableTask,
@@ -44,7 +45,6 @@ from .validation import (
     check_ttl,
     check_version,
 )
-from .errors import InvalidInputError
 
 DEFAULT_AGING_INTERVAL = timedelta(minutes=5)
 
@@ -66,7 +66,7 @@ class PersistentBackend(ABC):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
         """Release resources (connections). The backend must not be used afterwards."""
 
     def __enter__(self) -> Self:
@@ -381,9 +381,7 @@ class PersistentBackend(ABC):
 
     def _check_request(self, request: object, name: str) -> SignalRequest:
         if not isinstance(request, SignalRequest):
-            raise InvalidInputError(
-                f"{name} must be a SignalRequest, got {type(request).__name__}"
-            )
+            raise InvalidInputError(f"{name} must be a SignalRequest, got {type(request).__name__}")
         check_text(request.reason, f"{name}.reason")
         check_text(request.requested_by, f"{name}.requested_by")
         check_aware(request.requested_at, f"{name}.requested_at")

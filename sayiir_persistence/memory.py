@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from . import transitions
 from .backend import PersistentBackend
@@ -66,6 +66,24 @@ def _copy(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
     return dataclasses.replace(snapshot, completed_tasks=dict(snapshot.completed_tasks))
 
 
+def _request_in_utc(request: SignalRequest | None) -> SignalRequest | None:
+    if request is None:
+        return None
+    return dataclasses.replace(request, requested_at=request.requested_at.astimezone(UTC))
+
+
+def _stored_copy(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
+    """The copy kept by the store: timestamps in UTC and tags frozen, as SQL returns them."""
+    return dataclasses.replace(
+        snapshot,
+        completed_tasks=dict(snapshot.completed_tasks),
+        tags=frozenset(snapshot.tags),
+        created_at=snapshot.created_at.astimezone(UTC),
+        cancel_request=_request_in_utc(snapshot.cancel_request),
+        pause_request=_request_in_utc(snapshot.pause_request),
+    )
+
+
 class InMemoryBackend(PersistentBackend):
     """Dicts guarded by a ``threading`` lock; thread-safe, not shared across processes.
 
@@ -114,14 +132,16 @@ class InMemoryBackend(PersistentBackend):
             raise WorkflowTerminalError(
                 f"workflow {snapshot.instance_id!r} is {existing.snapshot.status.value}"
             )
-        stored = _copy(snapshot)
-        stored.tags = frozenset(snapshot.tags)
+        stored = _stored_copy(snapshot)
         if existing is None:
             stored.version = 1
             self._instances[snapshot.instance_id] = _Instance(stored)
         else:
             # A save never removes nor rewrites a stored result (see save_snapshot).
-            stored.completed_tasks = {**snapshot.completed_tasks, **existing.snapshot.completed_tasks}
+            stored.completed_tasks = {
+                **snapshot.completed_tasks,
+                **existing.snapshot.completed_tasks,
+            }
             stored.created_at = existing.snapshot.created_at
             stored.version = existing.snapshot.version + 1
             existing.snapshot = stored
@@ -140,7 +160,10 @@ class InMemoryBackend(PersistentBackend):
                 if claim is not None and claim.is_live(now):
                     continue
                 key = availability_key(
-                    snapshot.priority, snapshot.updated_at, snapshot.instance_id, task_id,
+                    snapshot.priority,
+                    snapshot.updated_at,
+                    snapshot.instance_id,
+                    task_id,
                     aging_interval,
                 )
                 yield key, instance, task_id
@@ -159,7 +182,11 @@ class InMemoryBackend(PersistentBackend):
         )
 
     def _take_claim(
-        self, instance: _Instance, task_id: str, worker_id: str, ttl: timedelta | None,
+        self,
+        instance: _Instance,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
         now: datetime,
     ) -> TaskClaim:
         previous = instance.claims.get(task_id)
@@ -236,9 +263,7 @@ class InMemoryBackend(PersistentBackend):
             instance = self._get(instance_id)
             snapshot = instance.snapshot
             if snapshot.status.is_terminal:
-                raise WorkflowTerminalError(
-                    f"workflow {instance_id!r} is {snapshot.status.value}"
-                )
+                raise WorkflowTerminalError(f"workflow {instance_id!r} is {snapshot.status.value}")
             snapshot.completed_tasks[task_id] = output
             snapshot.last_completed_task_id = task_id
             return self._bump(instance, self._now())
@@ -344,7 +369,7 @@ class InMemoryBackend(PersistentBackend):
                     raise CannotPauseError(f"workflow {instance_id!r} is {status.value}")
                 already = status is WorkflowStatus.PAUSED
             if not already:
-                instance.signals.setdefault(kind, request)
+                instance.signals.setdefault(kind, _request_in_utc(request) or request)
 
     def _get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
         with self._lock:

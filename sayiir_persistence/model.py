@@ -127,9 +127,7 @@ class AtSignal:
     def __post_init__(self) -> None:
         check_id(self.signal_id, "AtSignal.signal_id")
         check_id(self.signal_name, "AtSignal.signal_name")
-        object.__setattr__(
-            self, "wake_at", check_optional_aware(self.wake_at, "AtSignal.wake_at")
-        )
+        object.__setattr__(self, "wake_at", check_optional_aware(self.wake_at, "AtSignal.wake_at"))
         check_optional_id(self.next_task_id, "AtSignal.next_task_id")
 
 

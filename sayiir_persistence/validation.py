@@ -98,9 +98,7 @@ def check_ttl(value: object, name: str = "ttl") -> timedelta | None:
     if value is None:
         return None
     if not isinstance(value, timedelta):
-        raise InvalidInputError(
-            f"{name} must be a timedelta or None, got {type(value).__name__}"
-        )
+        raise InvalidInputError(f"{name} must be a timedelta or None, got {type(value).__name__}")
     if value <= timedelta(0):
         raise InvalidInputError(f"{name} must be positive, got {value}")
     if value > MAX_TTL:
@@ -151,9 +149,7 @@ def check_tags(value: object, name: str = "tags") -> frozenset[str]:
         # A bare string is an iterable of characters: almost always a mistake.
         raise InvalidInputError(f"{name} must be a collection of str, not a single str")
     if not isinstance(value, Iterable):
-        raise InvalidInputError(
-            f"{name} must be a collection of str, got {type(value).__name__}"
-        )
+        raise InvalidInputError(f"{name} must be a collection of str, got {type(value).__name__}")
     return frozenset(check_id(tag, f"{name} item") for tag in value)
 
 

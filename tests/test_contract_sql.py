@@ -34,8 +34,9 @@ class _SqlContract(BackendContract):
     short_ttl = timedelta(milliseconds=500)
 
     @pytest.fixture(scope="class")
-    def shared_backend(self, request: pytest.FixtureRequest) -> Iterator[SqlBackend]:
-        url: str = request.getfixturevalue(self.url_fixture)
+    @classmethod
+    def shared_backend(cls, request: pytest.FixtureRequest) -> Iterator[SqlBackend]:
+        url: str = request.getfixturevalue(cls.url_fixture)
         migrate(url)
         backend = SqlBackend(url)
         yield backend

@@ -31,10 +31,10 @@ from sqlalchemy import (
     Row,
     and_,
     create_engine,
-    make_url,
     delete,
     exists,
     insert,
+    make_url,
     not_,
     or_,
     select,
@@ -141,6 +141,9 @@ class SqlBackend(PersistentBackend):
         sqlite_busy_timeout: how long a SQLite write waits for the file lock before
             ``BackendUnavailableError``.
         max_retries: attempts of a transaction that hit a deadlock or serialization failure.
+        **engine_options: passed to ``create_engine`` when a URL is given, over the
+            defaults (``pool_pre_ping=True, pool_size=10, max_overflow=30``; keep the pool
+            at least as large as the number of threads sharing the backend).
 
     Raises:
         SchemaError: the database is not provisioned or behind (``check_schema``).
@@ -156,6 +159,7 @@ class SqlBackend(PersistentBackend):
         check_schema: bool = True,
         sqlite_busy_timeout: timedelta = timedelta(seconds=30),
         max_retries: int = 5,
+        **engine_options: Any,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
         self._owns_engine = not isinstance(engine_or_url, Engine)
@@ -173,10 +177,8 @@ class SqlBackend(PersistentBackend):
                 engine = engine_or_url
             else:
                 try:
-                    engine = create_engine(
-                        url,
-                        **self._dialect.engine_options(url.get_driver_name(), max_payload_bytes),
-                    )
+                    options = self._dialect.engine_options(url.get_driver_name(), max_payload_bytes)
+                    engine = create_engine(url, **{**options, **engine_options})
                 except (sa_exc.NoSuchModuleError, ImportError) as error:
                     raise InvalidInputError(
                         f"no driver for {self._where}: {error} (install the matching extra, "
@@ -211,13 +213,16 @@ class SqlBackend(PersistentBackend):
         while True:
             attempt += 1
             try:
-                with translated_errors(self._where), self._engine.connect() as conn:
-                    with conn.begin() as transaction:
-                        try:
-                            return work(conn)
-                        except _Rollback as rollback:
-                            transaction.rollback()
-                            return rollback.value  # type: ignore[no-any-return]
+                with (
+                    translated_errors(self._where),
+                    self._engine.connect() as conn,
+                    conn.begin() as transaction,
+                ):
+                    try:
+                        return work(conn)
+                    except _Rollback as rollback:
+                        transaction.rollback()
+                        return rollback.value  # type: ignore[no-any-return]
             except (RetryableConflict, _RestartTransaction) as conflict:
                 if attempt >= self._max_retries:
                     raise BackendUnavailableError(
@@ -241,7 +246,9 @@ class SqlBackend(PersistentBackend):
         ).first()
         if row is None:
             return None
-        return _Stored(row.version, WorkflowStatus(row.status), codec.decode_tags(row.tags), row.now)
+        return _Stored(
+            row.version, WorkflowStatus(row.status), codec.decode_tags(row.tags), row.now
+        )
 
     def _lock_state_or_raise(self, conn: Connection, instance_id: str) -> _Stored:
         stored = self._lock_state(conn, instance_id)
@@ -249,7 +256,9 @@ class SqlBackend(PersistentBackend):
             raise NotFoundError(f"workflow instance {instance_id!r} not found")
         return stored
 
-    def _lock_snapshot(self, conn: Connection, instance_id: str) -> tuple[WorkflowSnapshot, _Stored]:
+    def _lock_snapshot(
+        self, conn: Connection, instance_id: str
+    ) -> tuple[WorkflowSnapshot, _Stored]:
         row = conn.execute(
             select(workflows, self._dialect.now().label("now"))
             .where(workflows.c.instance_id == instance_id)
@@ -374,7 +383,9 @@ class SqlBackend(PersistentBackend):
             conn.execute(insert(task_results), missing)
         if stored is None or stored.tags != tags:
             if stored is not None:
-                conn.execute(delete(workflow_tags).where(workflow_tags.c.instance_id == instance_id))
+                conn.execute(
+                    delete(workflow_tags).where(workflow_tags.c.instance_id == instance_id)
+                )
             if tags:
                 conn.execute(
                     insert(workflow_tags),
@@ -595,7 +606,9 @@ class SqlBackend(PersistentBackend):
         if claim is None or claim.released:
             raise NotFoundError(f"no claim on task {task_id!r} of {instance_id!r}")
         if claim.worker_id != worker_id:
-            raise ClaimLostError(f"task {task_id!r} of {instance_id!r} is claimed by another worker")
+            raise ClaimLostError(
+                f"task {task_id!r} of {instance_id!r} is claimed by another worker"
+            )
         raise ClaimLostError(
             f"task {task_id!r} of {instance_id!r} was claimed anew "
             f"(token {claim.token}, yours {token})"
@@ -695,7 +708,7 @@ class SqlBackend(PersistentBackend):
             .subquery()
             for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
         ]
-        rows = conn.execute(union_all(*(select(branch) for branch in branches))).all()
+        rows = list(conn.execute(union_all(*(select(branch) for branch in branches))))
         rows.sort(
             key=lambda row: availability_key(
                 row.priority, row.updated_at, row.instance_id, row.task_id, aging_interval
@@ -819,7 +832,9 @@ class SqlBackend(PersistentBackend):
                 if status is WorkflowStatus.PAUSED:
                     return
             # Every signal write holds the workflow row lock, so check-then-insert is safe.
-            if conn.execute(select(signals.c.kind).where(self._signal_key(instance_id, kind))).first():
+            if conn.execute(
+                select(signals.c.kind).where(self._signal_key(instance_id, kind))
+            ).first():
                 return
             conn.execute(
                 insert(signals).values(
@@ -845,7 +860,9 @@ class SqlBackend(PersistentBackend):
                 self._signal_key(instance_id, kind)
             )
         ).first()
-        return None if row is None else SignalRequest(row.reason, row.requested_by, row.requested_at)
+        return (
+            None if row is None else SignalRequest(row.reason, row.requested_by, row.requested_at)
+        )
 
     def _get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
         def work(conn: Connection) -> SignalRequest | None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ..model import AtDelay, AtFork, AtSignal, AtTask, NotStarted, Position, SignalRequest
 
 
 def _time(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 def _parse_time(value: str | None) -> datetime | None:

@@ -63,6 +63,13 @@ def _claim_is_free(now: datetime) -> ColumnElement[bool]:
     )
 
 
+# One backend serves every thread of a worker process, one connection per call in flight.
+# A pool smaller than the thread count makes threads queue for connections, and the
+# pool's queue is not fair: a busy thread can starve for the whole pool timeout. Ten
+# kept open, up to forty under load.
+_POOL_OPTIONS: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 30}
+
+
 class SqlDialect:
     """Base strategy: the parts shared by the databases with ``INSERT ... ON CONFLICT``."""
 
@@ -75,7 +82,7 @@ class SqlDialect:
 
     def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
         """``create_engine`` options for an engine the backend creates from a URL."""
-        return {"pool_pre_ping": True, "isolation_level": self.isolation_level}
+        return {**_POOL_OPTIONS, "isolation_level": self.isolation_level}
 
     def check_server(self, conn: Connection, max_payload_bytes: int) -> None:
         """Warn about server settings that would refuse payloads the backend accepts."""
@@ -121,7 +128,8 @@ class SqlDialect:
             },
             where=_claim_is_free(now),
         ).returning(task_claims.c.token)
-        return conn.execute(statement).scalar_one_or_none()
+        token: int | None = conn.execute(statement).scalar_one_or_none()
+        return token
 
     def put_result(
         self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
@@ -175,7 +183,7 @@ class SqliteDialect(SqlDialect):
         self.busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
 
     def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
-        return {"pool_pre_ping": True}
+        return dict(_POOL_OPTIONS)
 
     def prepare_engine(self, engine: Engine) -> Engine:
         busy_timeout_ms = self.busy_timeout_ms
@@ -267,9 +275,7 @@ class MySqlDialect(SqlDialect):
         now: datetime,
         expires_at: datetime | None,
     ) -> int | None:
-        key = and_(
-            task_claims.c.instance_id == instance_id, task_claims.c.task_id == task_id
-        )
+        key = and_(task_claims.c.instance_id == instance_id, task_claims.c.task_id == task_id)
         takeover = conn.execute(
             update(task_claims)
             .where(key, _claim_is_free(now))
@@ -290,7 +296,8 @@ class MySqlDialect(SqlDialect):
             if inserted.rowcount == 0:
                 return None
         # Our own row, locked by the write above: read-your-writes gives the token.
-        return conn.execute(select(task_claims.c.token).where(key)).scalar_one()
+        token: int = conn.execute(select(task_claims.c.token).where(key)).scalar_one()
+        return token
 
     def put_result(
         self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
@@ -316,5 +323,3 @@ def dialect_for(name: str, *, sqlite_busy_timeout: timedelta) -> SqlDialect:
     raise ValueError(
         f"unsupported database dialect {name!r}: use PostgreSQL, MySQL/MariaDB or SQLite"
     )
-
-

@@ -69,9 +69,9 @@ def translate(error: sa_exc.SQLAlchemyError, where: str) -> Exception:
         )
     if "database is locked" in text or "database is busy" in text:
         return BackendUnavailableError(f"the SQLite database at {where} stayed locked: {text}")
-    if (
-        isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
-    ) or isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+    if (isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated) or isinstance(
+        error, sa_exc.DisconnectionError | sa_exc.TimeoutError
+    ):
         return BackendUnavailableError(f"lost the connection to {where}: {_message(original)}")
     if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or my in _MY_UNAVAILABLE:
         return BackendUnavailableError(f"database at {where} is unavailable: {_message(original)}")

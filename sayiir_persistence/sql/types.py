@@ -77,11 +77,11 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-def Payload() -> TypeEngine[bytes]:  # noqa: N802 - reads like a type in table definitions
+def Payload() -> TypeEngine[bytes]:
     """Binary payload column holding multi-megabyte values on every database."""
     return LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 
-def LongText() -> TypeEngine[str]:  # noqa: N802
+def LongText() -> TypeEngine[str]:
     """Unbounded text column (MySQL ``LONGTEXT``)."""
     return Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")

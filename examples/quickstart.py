@@ -1,0 +1,75 @@
+"""Quick start: save a workflow, claim its task, complete it, survive a crash.
+
+Run it on the in-memory backend, or on a database:
+
+    python examples/quickstart.py
+    python examples/quickstart.py sqlite:///quickstart.db   # migrated automatically
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+
+from sayiir_persistence import (
+    AtTask,
+    InMemoryBackend,
+    PersistentBackend,
+    SqlBackend,
+    WorkflowSnapshot,
+    WorkflowStatus,
+    migrate,
+)
+
+
+def open_backend(url: str | None) -> PersistentBackend:
+    if url is None:
+        return InMemoryBackend()
+    migrate(url)  # idempotent: creates or upgrades the sayiir_* tables
+    return SqlBackend(url)
+
+
+def main(url: str | None = None) -> None:
+    backend = open_backend(url)
+
+    # 1. A new order workflow: its first task is "validate".
+    snapshot = WorkflowSnapshot.new(
+        "order-42",
+        "order-pipeline-v1",
+        initial_input=b'{"sku": "A1", "qty": 2}',
+        first_task="validate",
+    )
+    backend.save_snapshot(snapshot, expected_version=0)  # create only if absent
+
+    # 2. A worker claims the task for 30 seconds (it would heartbeat with extend_task_claim).
+    [claimed] = backend.claim_available_tasks("worker-1", limit=1, ttl=timedelta(seconds=30))
+    assert claimed.task.input == b'{"sku": "A1", "qty": 2}'
+
+    # 3. It runs the task and moves the workflow on: saved only while it still holds the claim.
+    state = backend.load_snapshot("order-42")
+    state.mark_task_completed("validate", b'{"valid": true}')
+    state.move_to(AtTask("ship"))
+    assert backend.save_snapshot_fenced(state, "validate", "worker-1", token=claimed.claim.token)
+    backend.release_task_claim("order-42", "validate", "worker-1", token=claimed.claim.token)
+
+    # 4. The worker crashes here. Another process loads the snapshot and resumes exactly
+    #    where it stopped: "validate" is done, "ship" is next, with validate's output as input.
+    [next_task] = backend.find_available_tasks("worker-2", limit=10)
+    assert (next_task.task_id, next_task.input) == ("ship", b'{"valid": true}')
+    claim = backend.claim_task("order-42", "ship", "worker-2", ttl=timedelta(seconds=30))
+    assert claim is not None
+
+    resumed = backend.load_snapshot("order-42")
+    resumed.mark_task_completed("ship", b'{"tracking": "XY123"}')
+    resumed.mark_completed(b'{"status": "shipped"}')
+    backend.save_snapshot_fenced(resumed, "ship", "worker-2", token=claim.token)
+    backend.release_task_claim("order-42", "ship", "worker-2")
+
+    final = backend.load_snapshot("order-42")
+    assert final.status is WorkflowStatus.COMPLETED
+    print(f"order-42 {final.status.value} at version {final.version}: {final.output!r}")
+    backend.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -1,0 +1,2217 @@
+"""Conformance suite for ``PersistentBackend`` implementations, and clocks to drive it.
+
+Every behaviour of the public contract (SPEC.md) is a test of :class:`BackendContract`, a pytest
+test class without the ``Test`` prefix: subclass it in your test suite, provide a ``backend``
+fixture that yields a fresh, **empty** backend for each test, and pytest runs the whole contract
+against it::
+
+    from collections.abc import Iterator
+
+    import pytest
+    from sayiir_persistence import InMemoryBackend
+    from sayiir_persistence.testing import BackendContract, ManualClock
+
+
+    class TestInMemoryContract(BackendContract):
+        @pytest.fixture
+        def clock(self) -> ManualClock:
+            return ManualClock()  # the backend judges expiry by it: tests advance it
+
+        @pytest.fixture
+        def backend(self, clock: ManualClock) -> Iterator[InMemoryBackend]:
+            with InMemoryBackend(clock=clock) as backend:
+                yield backend
+
+A backend whose clock cannot be injected (an SQL database judges expiry by its server's clock)
+keeps the default ``clock`` fixture, a :class:`RealClock`: the expiry tests then really sleep
+(``short_ttl`` plus a margin; lower ``short_ttl`` to go faster, raise it on a slow database),
+and the few tests that need exact control of time skip themselves.
+
+This module imports pytest: import it from tests only (pytest is not a runtime dependency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import pytest
+
+from .backend import DEFAULT_AGING_INTERVAL, PersistentBackend
+from .errors import (
+    BackendUnavailableError,
+    CannotCancelError,
+    CannotPauseError,
+    ClaimLostError,
+    ConflictError,
+    InvalidInputError,
+    InvalidStateError,
+    NotFoundError,
+    PersistenceError,
+    SchemaError,
+    WorkflowTerminalError,
+)
+from .model import (
+    AtDelay,
+    AtFork,
+    AtSignal,
+    AtTask,
+    AvailableTask,
+    NotStarted,
+    Position,
+    SignalKind,
+    SignalRequest,
+    TaskClaim,
+    WorkflowSnapshot,
+    WorkflowStatus,
+)
+
+__all__ = ["BackendContract", "ContractClock", "ManualClock", "RealClock"]
+
+T = TypeVar("T")
+
+
+# ============================================================================================
+# Clocks
+
+
+class ContractClock(Protocol):
+    """What :class:`BackendContract` needs from the ``clock`` fixture.
+
+    ``now()`` must agree with the clock the backend judges expiry and aging by; ``advance``
+    moves that clock forward (or waits). ``exact`` says whether ``now()`` is exactly the
+    backend's time, so that tests may compare timestamps for equality.
+    """
+
+    exact: bool
+
+    def now(self) -> datetime: ...
+
+    def advance(self, delta: timedelta) -> None: ...
+
+
+class ManualClock:
+    """A controllable, thread-safe clock: time moves only when :meth:`advance` is called.
+
+    Pass it to a backend with an injectable clock (it is callable, returning :meth:`now`):
+    ``InMemoryBackend(clock=ManualClock())``.
+
+    Args:
+        start: the initial time (aware; converted to UTC). Defaults to the current time.
+    """
+
+    exact = True
+
+    def __init__(self, start: datetime | None = None) -> None:
+        if start is None:
+            start = datetime.now(UTC)
+        elif start.tzinfo is None or start.utcoffset() is None:
+            raise ValueError("ManualClock start must be a timezone-aware datetime")
+        self._now = start.astimezone(UTC)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ManualClock({self.now().isoformat()})"
+
+    def __call__(self) -> datetime:
+        return self.now()
+
+    def now(self) -> datetime:
+        """The current (manual) time, aware UTC."""
+        with self._lock:
+            return self._now
+
+    def advance(self, delta: timedelta) -> None:
+        """Move the clock forward by ``delta`` (which must not be negative)."""
+        if delta < timedelta(0):
+            raise ValueError(f"a clock does not go back (advance by {delta})")
+        with self._lock:
+            self._now += delta
+
+
+class RealClock:
+    """The system clock: :meth:`advance` sleeps.
+
+    For backends whose time cannot be injected, such as SQL backends judging expiry by the
+    database server's clock; timestamps are then compared with a tolerance
+    (``BackendContract.clock_tolerance``), never for equality.
+    """
+
+    exact = False
+
+    def __repr__(self) -> str:
+        return "RealClock()"
+
+    def __call__(self) -> datetime:
+        return self.now()
+
+    def now(self) -> datetime:
+        """``datetime.now(UTC)``."""
+        return datetime.now(UTC)
+
+    def advance(self, delta: timedelta) -> None:
+        """Let ``delta`` of real time pass."""
+        time.sleep(max(delta.total_seconds(), 0.0))
+
+
+# ============================================================================================
+# Helpers shared by the tests
+
+HASH = "def-hash"
+WORKER = "worker-1"
+OTHER = "worker-2"
+LONG_TTL = timedelta(hours=1)
+"""A claim that stays live for the whole test, on any clock."""
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+"""A fixed instant for the tests of the data model (no store, no clock)."""
+NAIVE = datetime(2030, 1, 1)
+BAD_INT: Any = 42
+BAD_STR: Any = "not bytes"
+BAD_KIND: Any = "bogus"
+
+
+def _snapshot(
+    instance_id: str,
+    *,
+    first_task: str | None = "t1",
+    initial_input: bytes | None = None,
+    priority: int = 3,
+    tags: Iterable[str] = (),
+) -> WorkflowSnapshot:
+    return WorkflowSnapshot.new(
+        instance_id,
+        HASH,
+        initial_input=initial_input,
+        first_task=first_task,
+        priority=priority,
+        tags=tuple(tags),
+    )
+
+
+def _new_saved(
+    backend: PersistentBackend,
+    instance_id: str,
+    *,
+    first_task: str | None = "t1",
+    initial_input: bytes | None = None,
+    priority: int = 3,
+    tags: Iterable[str] = (),
+) -> WorkflowSnapshot:
+    """Save a new in-progress workflow at ``AtTask(first_task)`` (or not started)."""
+    snapshot = _snapshot(
+        instance_id,
+        first_task=first_task,
+        initial_input=initial_input,
+        priority=priority,
+        tags=tags,
+    )
+    backend.save_snapshot(snapshot)
+    return snapshot
+
+
+def _saved_at(
+    backend: PersistentBackend,
+    instance_id: str,
+    position: Position,
+    *,
+    completed: dict[str, bytes] | None = None,
+    initial_input: bytes | None = None,
+    priority: int = 3,
+    tags: Iterable[str] = (),
+) -> WorkflowSnapshot:
+    """Save an in-progress workflow that completed ``completed`` (in order), then moved to
+    ``position``."""
+    snapshot = _snapshot(
+        instance_id, first_task=None, initial_input=initial_input, priority=priority, tags=tags
+    )
+    for task_id, output in (completed or {}).items():
+        snapshot.mark_task_completed(task_id, output)
+    snapshot.move_to(position)
+    backend.save_snapshot(snapshot)
+    return snapshot
+
+
+def _request(reason: str = "test") -> SignalRequest:
+    return SignalRequest(reason=reason, requested_by="tester")
+
+
+def _apply_signal(backend: PersistentBackend, instance_id: str, kind: SignalKind) -> None:
+    backend.store_signal(instance_id, kind, _request(f"{kind.value} it"))
+    apply = backend.check_and_cancel if kind is SignalKind.CANCEL else backend.check_and_pause
+    assert apply(instance_id)
+
+
+def _saved_with_status(
+    backend: PersistentBackend, instance_id: str, status: WorkflowStatus
+) -> None:
+    """Store a workflow at ``AtTask("t1")`` in ``status``, reached by the public paths."""
+    snapshot = _new_saved(backend, instance_id)
+    if status is WorkflowStatus.COMPLETED:
+        snapshot.mark_completed(b"done")
+        backend.save_snapshot(snapshot)
+    elif status is WorkflowStatus.FAILED:
+        snapshot.mark_failed("boom")
+        backend.save_snapshot(snapshot)
+    elif status is WorkflowStatus.CANCELLED:
+        _apply_signal(backend, instance_id, SignalKind.CANCEL)
+    elif status is WorkflowStatus.PAUSED:
+        _apply_signal(backend, instance_id, SignalKind.PAUSE)
+    assert backend.load_snapshot(instance_id).status is status
+
+
+def _assert_utc(value: datetime | None) -> None:
+    assert isinstance(value, datetime)
+    assert value.tzinfo is not None
+    assert value.utcoffset() == timedelta(0), f"{value!r} is not UTC"
+
+
+def _assert_same_state(loaded: WorkflowSnapshot, expected: WorkflowSnapshot) -> None:
+    """Every field equal, except those the store sets (``version``, ``updated_at``)."""
+    for field in dataclasses.fields(WorkflowSnapshot):
+        if field.name not in ("version", "updated_at"):
+            assert getattr(loaded, field.name) == getattr(expected, field.name), field.name
+
+
+def _pairs(tasks: Iterable[AvailableTask]) -> list[tuple[str, str]]:
+    return [(task.instance_id, task.task_id) for task in tasks]
+
+
+def _offered(
+    backend: PersistentBackend,
+    via: str,
+    *,
+    tags: Iterable[str] = (),
+    limit: int = 1000,
+    aging_interval: timedelta = DEFAULT_AGING_INTERVAL,
+) -> list[AvailableTask]:
+    """Tasks handed to a worker by ``find_available_tasks`` or ``claim_available_tasks``."""
+    if via == "find":
+        return backend.find_available_tasks(WORKER, limit, tags=tags, aging_interval=aging_interval)
+    claimed = backend.claim_available_tasks(
+        WORKER, limit, LONG_TTL, tags=tags, aging_interval=aging_interval
+    )
+    return [item.task for item in claimed]
+
+
+def _in_threads(count: int, work: Callable[[int], T]) -> list[T]:
+    """Run ``work(0..count-1)`` on ``count`` threads released together; their results."""
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> T:
+        barrier.wait(timeout=60)
+        return work(index)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        futures = [pool.submit(run, index) for index in range(count)]
+        return [future.result() for future in futures]
+
+
+#: Methods by which a worker is offered tasks; the selection tests run with both.
+OFFER_METHODS = pytest.mark.parametrize("via", ["find", "claim"])
+TERMINAL = [WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED]
+NOT_IN_PROGRESS = [*TERMINAL, WorkflowStatus.PAUSED]
+FINISHED = [WorkflowStatus.COMPLETED, WorkflowStatus.FAILED]
+
+# Ids that differ only where lax collations (case-insensitive, PAD SPACE, Unicode-normalizing,
+# UTF-16 ordered) would confuse or misorder them. Code point order is plain ``sorted``.
+AWKWARD_IDS = ["a", "A", "a ", "B", "é", "e\u0301", "z", "\uff21", "日本", "😀", "a%", "a_"]
+
+# A 255-character id with quotes, SQL wildcards and separators, emoji and accents.
+LONGEST_ID = ("😀'\"%_;\\é-" * 30)[:255]
+
+
+# -- argument validation cases -----------------------------------------------------------------
+# Each call is made with one bad argument; "existing" is a stored workflow at AtTask("t1") and
+# "ghost" an absent one (validation comes before lookup, so never NotFoundError).
+
+_InvalidCall = Callable[[PersistentBackend], object]
+
+
+def _bad_snapshot(**changes: Any) -> WorkflowSnapshot:
+    return dataclasses.replace(_snapshot("existing"), **changes)
+
+
+def _oversized(backend: PersistentBackend) -> bytes:
+    return bytes(backend.max_payload_bytes + 1)
+
+
+INVALID_CALLS: list[Any] = [
+    # ids: empty, too long, not a str, NUL, lone surrogate
+    pytest.param(lambda b: b.load_snapshot(""), "instance_id", id="id-empty"),
+    pytest.param(lambda b: b.load_snapshot("x" * 256), "instance_id", id="id-256-chars"),
+    pytest.param(lambda b: b.load_snapshot(BAD_INT), "instance_id", id="id-not-str"),
+    pytest.param(lambda b: b.load_snapshot("a\x00b"), "instance_id", id="id-nul"),
+    pytest.param(lambda b: b.load_snapshot("a\ud800"), "instance_id", id="id-lone-surrogate"),
+    pytest.param(lambda b: b.delete_snapshot("ghost\x00"), "instance_id", id="delete-id-nul"),
+    pytest.param(
+        lambda b: b.save_snapshot(_bad_snapshot(instance_id="")), "instance_id", id="save-id"
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot(_bad_snapshot(definition_hash="")),
+        "definition_hash",
+        id="save-definition-hash",
+    ),
+    pytest.param(
+        lambda b: b.claim_task("ghost", "", WORKER, LONG_TTL), "task_id", id="claim-task-id"
+    ),
+    pytest.param(
+        lambda b: b.claim_task("ghost", "t1", "w" * 256, LONG_TTL),
+        "worker_id",
+        id="claim-worker-id",
+    ),
+    pytest.param(
+        lambda b: b.release_task_claim("ghost", "t1", ""), "worker_id", id="release-worker-id"
+    ),
+    pytest.param(
+        lambda b: b.save_task_result("ghost", "", b"x"), "task_id", id="task-result-task-id"
+    ),
+    pytest.param(
+        lambda b: b.load_task_result("ghost", BAD_INT), "task_id", id="load-result-task-id"
+    ),
+    pytest.param(lambda b: b.send_event("ghost", "", b"x"), "name", id="send-event-name"),
+    pytest.param(lambda b: b.consume_event("ghost", "n\x00"), "name", id="consume-event-name"),
+    pytest.param(
+        lambda b: b.store_signal("x" * 256, SignalKind.CANCEL, _request()),
+        "instance_id",
+        id="store-signal-id",
+    ),
+    pytest.param(lambda b: b.list_snapshots(after=""), "after", id="list-after"),
+    pytest.param(lambda b: b.find_available_tasks("", 1), "worker_id", id="find-worker-id"),
+    pytest.param(lambda b: b.find_available_tasks(WORKER, 1, tags=[""]), "tags", id="tag-empty"),
+    pytest.param(
+        lambda b: b.find_available_tasks(WORKER, 1, tags="gpu"), "tags", id="tags-bare-str"
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot_fenced(_snapshot("existing"), "", WORKER),
+        "task_id",
+        id="fenced-task-id",
+    ),
+    # payloads: not bytes, above max_payload_bytes
+    pytest.param(
+        lambda b: b.save_task_result("existing", "t1", BAD_STR), "output", id="output-str"
+    ),
+    pytest.param(
+        lambda b: b.save_task_result("existing", "t1", _oversized(b)),
+        "output",
+        id="output-too-big",
+    ),
+    pytest.param(lambda b: b.send_event("existing", "e", BAD_STR), "payload", id="event-str"),
+    pytest.param(
+        lambda b: b.send_event("existing", "e", _oversized(b)), "payload", id="event-too-big"
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot(_bad_snapshot(initial_input=_oversized(b))),
+        "initial_input",
+        id="snapshot-input-too-big",
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot(_bad_snapshot(completed_tasks={"t0": BAD_STR})),
+        "completed_tasks",
+        id="snapshot-result-str",
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot(_bad_snapshot(output=BAD_STR)), "output", id="snapshot-output"
+    ),
+    # ttl: zero, negative, not a timedelta
+    pytest.param(lambda b: b.claim_task("ghost", "t1", WORKER, timedelta(0)), "ttl", id="ttl-zero"),
+    pytest.param(
+        lambda b: b.claim_task("ghost", "t1", WORKER, timedelta(seconds=-1)),
+        "ttl",
+        id="ttl-negative",
+    ),
+    pytest.param(lambda b: b.claim_task("ghost", "t1", WORKER, BAD_INT), "ttl", id="ttl-int"),
+    pytest.param(
+        lambda b: b.extend_task_claim("ghost", "t1", WORKER, timedelta(0)),
+        "ttl",
+        id="extend-ttl-zero",
+    ),
+    pytest.param(
+        lambda b: b.claim_available_tasks(WORKER, 1, timedelta(seconds=-1)),
+        "ttl",
+        id="claim-available-ttl",
+    ),
+    # limits: zero, bool
+    pytest.param(lambda b: b.find_available_tasks(WORKER, 0), "limit", id="find-limit-0"),
+    pytest.param(lambda b: b.find_available_tasks(WORKER, True), "limit", id="find-limit-bool"),
+    pytest.param(
+        lambda b: b.claim_available_tasks(WORKER, 0, LONG_TTL), "limit", id="claim-limit-0"
+    ),
+    pytest.param(lambda b: b.list_snapshots(limit=0), "limit", id="list-limit-0"),
+    pytest.param(lambda b: b.list_snapshots(limit=True), "limit", id="list-limit-bool"),
+    # priority
+    pytest.param(lambda b: b.save_snapshot(_bad_snapshot(priority=0)), "priority", id="prio-0"),
+    pytest.param(lambda b: b.save_snapshot(_bad_snapshot(priority=6)), "priority", id="prio-6"),
+    # naive datetimes
+    pytest.param(
+        lambda b: b.store_signal("existing", SignalKind.CANCEL, SignalRequest(requested_at=NAIVE)),
+        "requested_at",
+        id="signal-naive",
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot(_bad_snapshot(pause_request=SignalRequest(requested_at=NAIVE))),
+        "requested_at",
+        id="snapshot-request-naive",
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot(_bad_snapshot(created_at=NAIVE)),
+        "created_at",
+        id="snapshot-created-naive",
+    ),
+    # other arguments
+    pytest.param(
+        lambda b: b.find_available_tasks(WORKER, 1, aging_interval=timedelta(0)),
+        "aging_interval",
+        id="aging-interval-zero",
+    ),
+    pytest.param(
+        lambda b: b.save_snapshot(_snapshot("existing"), expected_version=-1),
+        "expected_version",
+        id="expected-version-negative",
+    ),
+    pytest.param(
+        lambda b: b.release_task_claim("ghost", "t1", WORKER, token=-1), "token", id="token"
+    ),
+    pytest.param(lambda b: b.store_signal("ghost", BAD_KIND, _request()), "kind", id="kind"),
+    pytest.param(lambda b: b.list_snapshots(status=BAD_KIND), "status", id="status"),
+]
+
+INVALID_MODEL_VALUES: list[Any] = [
+    pytest.param(lambda: WorkflowSnapshot.new("", HASH), "instance_id", id="new-id-empty"),
+    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, priority=0), "priority", id="prio-0"),
+    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, priority=6), "priority", id="prio-6"),
+    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, initial_input=BAD_STR), "initial_input"),
+    pytest.param(lambda: AtTask(""), "task_id", id="at-task-empty"),
+    pytest.param(lambda: AtFork("f", ("a", "b" * 256)), "branch_task_ids", id="fork-branch"),
+    pytest.param(lambda: AtDelay("d", NAIVE, "t2"), "wake_at", id="delay-naive"),
+    pytest.param(lambda: AtSignal("s", "go", NAIVE, "t2"), "wake_at", id="signal-naive"),
+]
+
+
+# -- fenced save scenarios: set up a claim state on ("wf", "t1"), return (worker, token) -------
+
+_FenceScenario = Callable[
+    ["BackendContract", PersistentBackend, ContractClock], tuple[str, int | None]
+]
+
+
+def _fence_expired_and_taken_over(
+    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+) -> tuple[str, int | None]:
+    assert backend.claim_task("wf", "t1", WORKER, contract.short_ttl) is not None
+    contract.wait_past_short_ttl(clock)
+    assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
+    return WORKER, None
+
+
+def _fence_own_claim_expired(
+    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+) -> tuple[str, int | None]:
+    assert backend.claim_task("wf", "t1", WORKER, contract.short_ttl) is not None
+    contract.wait_past_short_ttl(clock)
+    return WORKER, None
+
+
+def _fence_wrong_token(
+    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+) -> tuple[str, int | None]:
+    claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+    assert claim is not None
+    return WORKER, claim.token + 1
+
+
+def _fence_stale_token_same_worker(
+    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+) -> tuple[str, int | None]:
+    first = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+    assert first is not None
+    backend.release_task_claim("wf", "t1", WORKER)
+    assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+    return WORKER, first.token
+
+
+def _fence_other_worker(
+    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+) -> tuple[str, int | None]:
+    assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
+    return WORKER, None
+
+
+def _fence_released(
+    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+) -> tuple[str, int | None]:
+    assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+    backend.release_task_claim("wf", "t1", WORKER)
+    return WORKER, None
+
+
+def _fence_never_claimed(
+    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+) -> tuple[str, int | None]:
+    return WORKER, None
+
+
+FENCE_FAILURES: list[Any] = [
+    pytest.param(_fence_expired_and_taken_over, id="expired-and-taken-over"),
+    pytest.param(_fence_own_claim_expired, id="own-claim-expired"),
+    pytest.param(_fence_wrong_token, id="wrong-token"),
+    pytest.param(_fence_stale_token_same_worker, id="stale-token-same-worker"),
+    pytest.param(_fence_other_worker, id="other-worker"),
+    pytest.param(_fence_released, id="released"),
+    pytest.param(_fence_never_claimed, id="never-claimed"),
+]
+
+
+# -- claim_task on a task that is not runnable: store "wf" and return the task id to claim ----
+
+_UnrunnableSetup = Callable[[PersistentBackend, ContractClock], str]
+
+
+def _unrunnable_other_task(backend: PersistentBackend, clock: ContractClock) -> str:
+    _new_saved(backend, "wf", first_task="t1")
+    return "t2"
+
+
+def _unrunnable_completed_task(backend: PersistentBackend, clock: ContractClock) -> str:
+    _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+    backend.save_task_result("wf", "a", b"A")
+    return "a"
+
+
+def _unrunnable_not_started(backend: PersistentBackend, clock: ContractClock) -> str:
+    _new_saved(backend, "wf", first_task=None)
+    return "t1"
+
+
+def _unrunnable_at_signal(backend: PersistentBackend, clock: ContractClock) -> str:
+    # Even once its wake_at has passed: only a matching event moves it on.
+    _saved_at(backend, "wf", AtSignal("s", "go", clock.now() - timedelta(minutes=1), "t1"))
+    return "t1"
+
+
+def _unrunnable_delay_before_wake(backend: PersistentBackend, clock: ContractClock) -> str:
+    _saved_at(backend, "wf", AtDelay("d", clock.now() + LONG_TTL, "t1"))
+    return "t1"
+
+
+def _unrunnable_delay_without_next_task(backend: PersistentBackend, clock: ContractClock) -> str:
+    _saved_at(backend, "wf", AtDelay("d", clock.now() - timedelta(minutes=1), None))
+    return "d"
+
+
+UNRUNNABLE: list[Any] = [
+    pytest.param(_unrunnable_other_task, id="other-task"),
+    pytest.param(_unrunnable_completed_task, id="completed-task"),
+    pytest.param(_unrunnable_not_started, id="not-started"),
+    pytest.param(_unrunnable_at_signal, id="at-signal"),
+    pytest.param(_unrunnable_delay_before_wake, id="delay-before-wake"),
+    pytest.param(_unrunnable_delay_without_next_task, id="delay-without-next-task"),
+]
+
+
+# ============================================================================================
+# The contract
+
+
+class BackendContract:
+    """The conformance suite: subclass it and provide a ``backend`` fixture.
+
+    Fixtures a subclass overrides:
+
+    - ``backend`` (required): yields a fresh, **empty** backend for each test (the tests rely
+      on an empty store) and closes it afterwards.
+    - ``clock``: a :class:`ContractClock` telling the time the backend judges expiry and
+      aging by. The default, :class:`RealClock`, suits a backend that reads its own clock
+      (the database server's); a backend with an injectable clock should return a
+      :class:`ManualClock` and build the backend with it, which makes the expiry tests
+      instant and enables the tests that need exact timestamps.
+
+    Class attributes a subclass may tune:
+
+    - ``short_ttl``: the claim ttl of the expiry tests, which advance the clock by
+      ``short_ttl * 1.5``. Keep it well above the latency of one backend call.
+    - ``concurrency_scale``: multiplies the thread counts and sizes of the concurrency tests.
+    - ``clock_tolerance``: how far a store timestamp may be from ``clock.now()`` with an
+      inexact clock (a database server's clock may disagree with the test machine's).
+
+    Example, for a backend judging time by its database server::
+
+        class TestMyBackend(BackendContract):
+            short_ttl = timedelta(seconds=1)
+
+            @pytest.fixture
+            def backend(self, clock: ContractClock) -> Iterator[MyBackend]:
+                backend = MyBackend(make_empty_database())
+                yield backend
+                backend.close()
+    """
+
+    short_ttl: ClassVar[timedelta] = timedelta(milliseconds=400)
+    concurrency_scale: ClassVar[float] = 1.0
+    clock_tolerance: ClassVar[timedelta] = timedelta(seconds=5)
+
+    @pytest.fixture
+    def clock(self) -> ContractClock:
+        """The clock of the backend under test; override with a ``ManualClock`` if you can."""
+        return RealClock()
+
+    @pytest.fixture
+    def backend(self, clock: ContractClock) -> Iterator[PersistentBackend]:
+        """Override: yield a fresh, empty backend (built with ``clock`` if it takes one)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must override the `backend` fixture of BackendContract"
+        )
+
+    # -- helpers for the tests --------------------------------------------------------------
+
+    def wait_past_short_ttl(self, clock: ContractClock) -> None:
+        """Advance ``clock`` until a claim taken now with ``short_ttl`` has expired."""
+        clock.advance(self.short_ttl * 1.5)
+
+    def scaled(self, size: int) -> int:
+        """``size`` multiplied by ``concurrency_scale`` (at least 2)."""
+        return max(2, round(size * self.concurrency_scale))
+
+    def assert_now(self, clock: ContractClock, value: datetime | None) -> None:
+        """``value`` is aware UTC and is the store's current time."""
+        _assert_utc(value)
+        assert value is not None
+        if clock.exact:
+            assert value == clock.now()
+        else:
+            assert abs(value - clock.now()) <= self.clock_tolerance
+
+    @staticmethod
+    def require_exact(clock: ContractClock) -> None:
+        if not clock.exact:
+            pytest.skip("needs a controllable clock")
+
+    # ========================================================================================
+    # Data model (no store involved)
+
+    def test_snapshot_new_defaults_in_progress_at_first_task(self) -> None:
+        snapshot = WorkflowSnapshot.new("wf", HASH, first_task="t1")
+        assert snapshot.status is WorkflowStatus.IN_PROGRESS
+        assert snapshot.position == AtTask("t1")
+        assert snapshot.priority == 3
+        assert snapshot.version == 0
+        assert snapshot.tags == frozenset()
+        assert snapshot.completed_tasks == {}
+        assert snapshot.last_completed_task_id is None
+        assert snapshot.initial_input is None
+        assert (snapshot.output, snapshot.error) == (None, None)
+        assert (snapshot.cancel_request, snapshot.pause_request) == (None, None)
+        _assert_utc(snapshot.created_at)
+        _assert_utc(snapshot.updated_at)
+
+    def test_snapshot_new_without_first_task_is_not_started(self) -> None:
+        assert WorkflowSnapshot.new("wf", HASH).position == NotStarted()
+
+    def test_snapshot_new_keeps_input_priority_and_tags(self) -> None:
+        snapshot = WorkflowSnapshot.new(
+            "wf", HASH, initial_input=b"in", first_task="t1", priority=1, tags=["gpu", "eu"]
+        )
+        assert snapshot.initial_input == b"in"
+        assert snapshot.priority == 1
+        assert snapshot.tags == frozenset({"gpu", "eu"})
+        assert isinstance(snapshot.tags, frozenset)
+
+    @pytest.mark.parametrize("status", NOT_IN_PROGRESS)
+    @pytest.mark.parametrize(
+        "mutate",
+        [
+            pytest.param(lambda s: s.mark_task_completed("t1", b"x"), id="mark_task_completed"),
+            pytest.param(lambda s: s.move_to(AtTask("t2")), id="move_to"),
+            pytest.param(lambda s: s.mark_completed(b"x"), id="mark_completed"),
+            pytest.param(lambda s: s.mark_failed("boom"), id="mark_failed"),
+        ],
+    )
+    def test_snapshot_mutators_raise_invalid_state_unless_in_progress(
+        self, status: WorkflowStatus, mutate: Callable[[WorkflowSnapshot], None]
+    ) -> None:
+        snapshot = _snapshot("wf")
+        snapshot.status = status
+        before = dataclasses.replace(snapshot, completed_tasks=dict(snapshot.completed_tasks))
+        with pytest.raises(InvalidStateError):
+            mutate(snapshot)
+        assert snapshot == before
+
+    def test_snapshot_mutators_record_results_and_outcomes(self) -> None:
+        snapshot = _snapshot("wf")
+        snapshot.mark_task_completed("t1", b"one")
+        assert snapshot.completed_tasks == {"t1": b"one"}
+        assert snapshot.last_completed_task_id == "t1"
+        snapshot.mark_completed(b"result")
+        assert (snapshot.status, snapshot.output) == (WorkflowStatus.COMPLETED, b"result")
+
+        failed = _snapshot("wf2")
+        failed.mark_failed("boom")
+        assert (failed.status, failed.error) == (WorkflowStatus.FAILED, "boom")
+
+    def test_move_to_makes_last_completed_output_the_position_input(self) -> None:
+        snapshot = _snapshot("wf", initial_input=b"initial")
+        assert snapshot.input_for_position == b"initial"
+        snapshot.mark_task_completed("t1", b"one")
+        snapshot.move_to(AtTask("t2"))
+        assert snapshot.position == AtTask("t2")
+        assert snapshot.input_for_position == b"one"
+        # A branch finishing does not change the input of its siblings until the next move.
+        snapshot.mark_task_completed("t2", b"two")
+        snapshot.move_to(AtFork("f", ("a", "b")))
+        snapshot.mark_task_completed("a", b"A")
+        assert snapshot.input_for_position == b"two"
+
+    @pytest.mark.parametrize(
+        ("position", "expected"),
+        [
+            pytest.param(NotStarted(), (), id="not-started"),
+            pytest.param(AtTask("t1"), ("t1",), id="at-task"),
+            pytest.param(AtFork("f", ("a", "b", "c")), ("a", "b", "c"), id="at-fork"),
+            pytest.param(
+                AtDelay("d", T0 + timedelta(microseconds=1), "t2"), (), id="delay-before-wake"
+            ),
+            pytest.param(AtDelay("d", T0, "t2"), ("t2",), id="delay-exactly-at-wake"),
+            pytest.param(AtDelay("d", T0 - timedelta(hours=1), "t2"), ("t2",), id="delay-woken"),
+            pytest.param(AtDelay("d", T0 - timedelta(hours=1)), (), id="delay-without-next"),
+            pytest.param(AtSignal("s", "go", None, "t2"), (), id="signal"),
+            pytest.param(AtSignal("s", "go", T0 - timedelta(hours=1), "t2"), (), id="signal-woken"),
+        ],
+    )
+    def test_runnable_task_ids_by_position(
+        self, position: Position, expected: tuple[str, ...]
+    ) -> None:
+        snapshot = _snapshot("wf", first_task=None)
+        snapshot.move_to(position)
+        assert snapshot.runnable_task_ids(now=T0) == expected
+
+    def test_runnable_task_ids_never_include_completed_tasks(self) -> None:
+        snapshot = _snapshot("wf", first_task=None)
+        snapshot.move_to(AtFork("f", ("a", "b")))
+        snapshot.mark_task_completed("a", b"A")
+        assert snapshot.runnable_task_ids(now=T0) == ("b",)
+        at_task = _snapshot("wf2")
+        at_task.mark_task_completed("t1", b"one")
+        assert at_task.runnable_task_ids(now=T0) == ()
+
+    @pytest.mark.parametrize("status", NOT_IN_PROGRESS)
+    def test_runnable_task_ids_empty_unless_in_progress(self, status: WorkflowStatus) -> None:
+        snapshot = _snapshot("wf")
+        snapshot.status = status
+        assert snapshot.runnable_task_ids(now=T0) == ()
+
+    def test_task_claim_is_expired_from_exactly_expires_at(self) -> None:
+        claim = TaskClaim("wf", "t1", WORKER, T0, T0 + timedelta(seconds=30), 1)
+        assert not claim.is_expired(T0 + timedelta(seconds=30, microseconds=-1))
+        assert claim.is_expired(T0 + timedelta(seconds=30))
+        assert claim.is_expired(T0 + timedelta(seconds=31))
+
+    def test_task_claim_without_expiry_never_expires(self) -> None:
+        claim = TaskClaim("wf", "t1", WORKER, T0, None, 1)
+        assert not claim.is_expired(datetime.max.replace(tzinfo=UTC))
+        assert not claim.is_expired()
+
+    # ========================================================================================
+    # Errors
+
+    def test_error_hierarchy(self) -> None:
+        for error in (
+            NotFoundError,
+            ClaimLostError,
+            ConflictError,
+            WorkflowTerminalError,
+            InvalidStateError,
+            CannotCancelError,
+            CannotPauseError,
+            InvalidInputError,
+            SchemaError,
+            BackendUnavailableError,
+        ):
+            assert issubclass(error, PersistenceError), error
+        assert issubclass(NotFoundError, LookupError)
+        assert issubclass(InvalidInputError, ValueError)
+        assert issubclass(WorkflowTerminalError, ConflictError)
+
+    # ========================================================================================
+    # Snapshots: save_snapshot
+
+    def test_backend_fixture_starts_empty(self, backend: PersistentBackend) -> None:
+        assert backend.list_snapshots() == []
+        assert backend.find_available_tasks(WORKER, 10) == []
+
+    def test_save_snapshot_first_save_returns_version_1(self, backend: PersistentBackend) -> None:
+        snapshot = _snapshot("wf")
+        assert backend.save_snapshot(snapshot) == 1
+        assert snapshot.version == 1
+        assert backend.load_snapshot("wf").version == 1
+
+    def test_save_snapshot_each_save_increments_version(self, backend: PersistentBackend) -> None:
+        snapshot = _snapshot("wf")
+        assert [backend.save_snapshot(snapshot) for _ in range(3)] == [1, 2, 3]
+        assert snapshot.version == 3
+        assert backend.load_snapshot("wf").version == 3
+
+    @pytest.mark.parametrize(
+        "position",
+        [
+            pytest.param(NotStarted(), id="not-started"),
+            pytest.param(AtTask("t2"), id="at-task"),
+            pytest.param(AtFork("fork", ("b1", "b2", "b3")), id="at-fork"),
+            pytest.param(AtDelay("delay", T0 + timedelta(microseconds=123), "t3"), id="at-delay"),
+            pytest.param(AtDelay("delay", T0), id="at-delay-without-next"),
+            pytest.param(AtSignal("sig", "approval", T0, "t3"), id="at-signal"),
+            pytest.param(AtSignal("sig", "approval"), id="at-signal-without-wake-or-next"),
+        ],
+    )
+    def test_save_snapshot_round_trips_every_field(
+        self, backend: PersistentBackend, position: Position
+    ) -> None:
+        snapshot = _snapshot(
+            "wf", first_task=None, initial_input=b"\x00in\xff", priority=2, tags=("gpu", "eu")
+        )
+        snapshot.mark_task_completed("t0", b"")  # an empty output is not "no output"
+        snapshot.mark_task_completed("t1", bytes(range(256)))
+        snapshot.move_to(position)
+        snapshot.cancel_request = SignalRequest("stop ü", "alice", T0 + timedelta(microseconds=7))
+        snapshot.pause_request = SignalRequest(None, None, T0)
+        version = backend.save_snapshot(snapshot)
+
+        loaded = backend.load_snapshot("wf")
+        _assert_same_state(loaded, snapshot)
+        assert loaded.version == version
+        assert type(loaded.position) is type(position)
+        assert isinstance(loaded.status, WorkflowStatus)
+        assert isinstance(loaded.tags, frozenset)
+        assert all(type(output) is bytes for output in loaded.completed_tasks.values())
+        _assert_utc(loaded.created_at)
+        _assert_utc(loaded.updated_at)
+        assert loaded.cancel_request is not None
+        _assert_utc(loaded.cancel_request.requested_at)
+        if isinstance(loaded.position, AtDelay | AtSignal) and loaded.position.wake_at:
+            _assert_utc(loaded.position.wake_at)
+
+    @pytest.mark.parametrize("status", FINISHED)
+    def test_save_snapshot_round_trips_outcome(
+        self, backend: PersistentBackend, status: WorkflowStatus
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        if status is WorkflowStatus.COMPLETED:
+            snapshot.mark_completed(b"result\x00")
+        else:
+            snapshot.mark_failed("boom: ünïcode\nsecond line")
+        backend.save_snapshot(snapshot)
+        _assert_same_state(backend.load_snapshot("wf"), snapshot)
+
+    def test_save_snapshot_returns_timestamps_in_utc(self, backend: PersistentBackend) -> None:
+        plus_two = timezone(timedelta(hours=2))
+        snapshot = _snapshot("wf")
+        snapshot.created_at = datetime(2030, 1, 1, 14, 0, tzinfo=plus_two)
+        snapshot.cancel_request = SignalRequest(
+            "r", None, datetime(2030, 1, 1, 7, 0, tzinfo=timezone(timedelta(hours=-5)))
+        )
+        backend.save_snapshot(snapshot)
+        loaded = backend.load_snapshot("wf")
+        assert loaded.created_at == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+        _assert_utc(loaded.created_at)
+        assert loaded.cancel_request is not None
+        assert loaded.cancel_request.requested_at == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+        _assert_utc(loaded.cancel_request.requested_at)
+
+    def test_save_snapshot_stamps_updated_at_with_store_clock(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        first = backend.load_snapshot("wf").updated_at
+        self.assert_now(clock, first)
+        clock.advance(timedelta(milliseconds=20))
+        backend.save_snapshot(snapshot)
+        second = backend.load_snapshot("wf").updated_at
+        self.assert_now(clock, second)
+        assert second > first
+
+    def test_save_and_load_do_not_share_mutable_state(self, backend: PersistentBackend) -> None:
+        snapshot = _new_saved(backend, "wf")
+        snapshot.completed_tasks["t1"] = b"not saved"
+        snapshot.move_to(AtTask("t2"))
+        loaded = backend.load_snapshot("wf")
+        assert loaded.completed_tasks == {}
+        assert loaded.position == AtTask("t1")
+        loaded.completed_tasks["t9"] = b"nor this"
+        assert backend.load_snapshot("wf").completed_tasks == {}
+
+    def test_save_snapshot_expected_version_match_saves(self, backend: PersistentBackend) -> None:
+        snapshot = _new_saved(backend, "wf")
+        snapshot.move_to(AtTask("t2"))
+        assert backend.save_snapshot(snapshot, expected_version=1) == 2
+        assert backend.load_snapshot("wf").position == AtTask("t2")
+
+    @pytest.mark.parametrize("expected_version", [0, 2, 5])
+    def test_save_snapshot_expected_version_mismatch_conflicts_and_writes_nothing(
+        self, backend: PersistentBackend, expected_version: int
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        before = backend.load_snapshot("wf")
+        snapshot.mark_task_completed("t1", b"one")
+        snapshot.move_to(AtTask("t2"))
+        with pytest.raises(ConflictError):
+            backend.save_snapshot(snapshot, expected_version=expected_version)
+        assert backend.load_snapshot("wf") == before
+
+    def test_save_snapshot_expected_version_0_creates_only_if_absent(
+        self, backend: PersistentBackend
+    ) -> None:
+        assert backend.save_snapshot(_snapshot("wf", first_task="t1"), expected_version=0) == 1
+        with pytest.raises(ConflictError):
+            backend.save_snapshot(_snapshot("wf", first_task="other"), expected_version=0)
+        assert backend.load_snapshot("wf").position == AtTask("t1")
+
+    def test_save_snapshot_expected_version_on_absent_instance_conflicts(
+        self, backend: PersistentBackend
+    ) -> None:
+        with pytest.raises(ConflictError):
+            backend.save_snapshot(_snapshot("wf"), expected_version=1)
+        assert backend.list_snapshots() == []
+
+    @pytest.mark.parametrize("status", TERMINAL)
+    @pytest.mark.parametrize("with_expected_version", [False, True])
+    def test_save_snapshot_over_terminal_workflow_raises_workflow_terminal_error(
+        self, backend: PersistentBackend, status: WorkflowStatus, with_expected_version: bool
+    ) -> None:
+        _saved_with_status(backend, "wf", status)
+        before = backend.load_snapshot("wf")
+        expected = before.version if with_expected_version else None
+        with pytest.raises(WorkflowTerminalError) as raised:
+            backend.save_snapshot(_snapshot("wf", first_task="t2"), expected_version=expected)
+        assert isinstance(raised.value, ConflictError)
+        assert backend.load_snapshot("wf") == before
+
+    def test_save_snapshot_over_paused_workflow_is_allowed(
+        self, backend: PersistentBackend
+    ) -> None:
+        _saved_with_status(backend, "wf", WorkflowStatus.PAUSED)
+        paused = backend.load_snapshot("wf")
+        stored_version = paused.version
+        assert backend.save_snapshot(paused) == stored_version + 1
+        assert backend.load_snapshot("wf").status is WorkflowStatus.PAUSED
+
+    # -- save_task_result -----------------------------------------------------------------
+
+    def test_save_task_result_merges_parallel_branches(self, backend: PersistentBackend) -> None:
+        _saved_at(backend, "wf", AtFork("f", ("a", "b")), completed={"t0": b"zero"})
+        assert backend.save_task_result("wf", "a", b"A") == 2
+        assert backend.save_task_result("wf", "b", b"B") == 3
+        loaded = backend.load_snapshot("wf")
+        assert loaded.completed_tasks == {"t0": b"zero", "a": b"A", "b": b"B"}
+        assert loaded.last_completed_task_id == "b"
+        assert loaded.version == 3
+        assert loaded.runnable_task_ids() == ()
+
+    def test_save_task_result_task_no_longer_runnable(self, backend: PersistentBackend) -> None:
+        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        backend.save_task_result("wf", "a", b"A")
+        assert backend.load_snapshot("wf").runnable_task_ids() == ("b",)
+        assert backend.claim_task("wf", "a", WORKER, LONG_TTL) is None
+        assert _pairs(backend.find_available_tasks(WORKER, 10)) == [("wf", "b")]
+
+    def test_save_task_result_absent_instance_not_found(self, backend: PersistentBackend) -> None:
+        with pytest.raises(NotFoundError):
+            backend.save_task_result("ghost", "t1", b"x")
+        assert backend.list_snapshots() == []
+
+    @pytest.mark.parametrize("status", TERMINAL)
+    def test_save_task_result_on_terminal_workflow_raises(
+        self, backend: PersistentBackend, status: WorkflowStatus
+    ) -> None:
+        _saved_with_status(backend, "wf", status)
+        with pytest.raises(WorkflowTerminalError):
+            backend.save_task_result("wf", "t1", b"late")
+        assert backend.load_task_result("wf", "t1") is None
+
+    def test_save_snapshot_keeps_results_stored_by_save_task_result(
+        self, backend: PersistentBackend
+    ) -> None:
+        stale = _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        backend.save_task_result("wf", "a", b"A")
+        stale.mark_task_completed("b", b"B")  # a worker that never saw "a"
+        backend.save_snapshot(stale)
+        assert backend.load_snapshot("wf").completed_tasks == {"a": b"A", "b": b"B"}
+        assert backend.load_task_result("wf", "a") == b"A"
+
+    def test_save_snapshot_does_not_rewrite_a_stored_result(
+        self, backend: PersistentBackend
+    ) -> None:
+        stale = _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        backend.save_task_result("wf", "a", b"first")
+        stale.mark_task_completed("a", b"second")
+        backend.save_snapshot(stale)
+        assert backend.load_task_result("wf", "a") == b"first"
+
+    # -- load, delete, list -----------------------------------------------------------------
+
+    def test_load_snapshot_absent_instance_not_found(self, backend: PersistentBackend) -> None:
+        with pytest.raises(NotFoundError):
+            backend.load_snapshot("ghost")
+
+    @pytest.mark.parametrize("status", FINISHED)
+    def test_load_task_result_still_answers_after_workflow_finished(
+        self, backend: PersistentBackend, status: WorkflowStatus
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        backend.save_task_result("wf", "t1", b"one")
+        snapshot = backend.load_snapshot("wf")
+        if status is WorkflowStatus.COMPLETED:
+            snapshot.mark_completed(b"done")
+        else:
+            snapshot.mark_failed("boom")
+        backend.save_snapshot(snapshot)
+        assert backend.load_task_result("wf", "t1") == b"one"
+
+    def test_load_task_result_unknown_task_is_none(self, backend: PersistentBackend) -> None:
+        _new_saved(backend, "wf")
+        assert backend.load_task_result("wf", "t1") is None
+
+    def test_load_task_result_absent_instance_not_found(self, backend: PersistentBackend) -> None:
+        with pytest.raises(NotFoundError):
+            backend.load_task_result("ghost", "t1")
+
+    def test_delete_snapshot_removes_instance(self, backend: PersistentBackend) -> None:
+        _new_saved(backend, "wf")
+        _new_saved(backend, "keep")
+        backend.delete_snapshot("wf")
+        assert backend.list_snapshots() == ["keep"]
+        with pytest.raises(NotFoundError):
+            backend.load_snapshot("wf")
+        with pytest.raises(NotFoundError):
+            backend.load_task_result("wf", "t1")
+        assert backend.load_snapshot("keep").version == 1
+
+    def test_delete_snapshot_removes_claims_results_signals_events(
+        self, backend: PersistentBackend
+    ) -> None:
+        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        assert backend.claim_task("wf", "b", WORKER, LONG_TTL) is not None
+        backend.save_task_result("wf", "a", b"A")
+        backend.store_signal("wf", SignalKind.PAUSE, _request())
+        backend.send_event("wf", "ev", b"buffered")
+        backend.delete_snapshot("wf")
+
+        # The same id created again starts from nothing.
+        assert backend.save_snapshot(_snapshot("wf", first_task="b"), expected_version=0) == 1
+        assert backend.load_task_result("wf", "a") is None
+        assert backend.load_snapshot("wf").completed_tasks == {}
+        assert backend.get_signal("wf", SignalKind.PAUSE) is None
+        assert backend.consume_event("wf", "ev") is None
+        with pytest.raises(NotFoundError):
+            backend.release_task_claim("wf", "b", WORKER)
+        assert backend.claim_task("wf", "b", OTHER, LONG_TTL) is not None
+
+    def test_delete_snapshot_absent_instance_not_found(self, backend: PersistentBackend) -> None:
+        with pytest.raises(NotFoundError):
+            backend.delete_snapshot("ghost")
+
+    def test_list_snapshots_ascending_code_point_order(self, backend: PersistentBackend) -> None:
+        for instance_id in reversed(AWKWARD_IDS):
+            _new_saved(backend, instance_id)
+        assert backend.list_snapshots() == sorted(AWKWARD_IDS)
+
+    def test_list_snapshots_status_filter(self, backend: PersistentBackend) -> None:
+        for status in WorkflowStatus:
+            _saved_with_status(backend, f"wf-{status.value}", status)
+        _new_saved(backend, "wf-zz-second-in-progress")
+        assert backend.list_snapshots(status=WorkflowStatus.IN_PROGRESS) == [
+            "wf-in_progress",
+            "wf-zz-second-in-progress",
+        ]
+        for status in NOT_IN_PROGRESS:
+            assert backend.list_snapshots(status=status) == [f"wf-{status.value}"]
+        assert len(backend.list_snapshots()) == len(WorkflowStatus) + 1
+
+    def test_list_snapshots_keyset_paging_with_after_and_limit(
+        self, backend: PersistentBackend
+    ) -> None:
+        for instance_id in AWKWARD_IDS:
+            _new_saved(backend, instance_id)
+        pages: list[list[str]] = []
+        after: str | None = None
+        while page := backend.list_snapshots(after=after, limit=5):
+            assert len(page) <= 5
+            pages.append(page)
+            after = page[-1]
+        assert [len(page) for page in pages] == [5, 5, 2]
+        assert [item for page in pages for item in page] == sorted(AWKWARD_IDS)
+        # ``after`` need not be a stored id: ids strictly greater than it.
+        assert backend.list_snapshots(after="a!") == [i for i in sorted(AWKWARD_IDS) if i > "a!"]
+        assert backend.list_snapshots(limit=3) == sorted(AWKWARD_IDS)[:3]
+
+    def test_list_snapshots_paging_combines_with_status(self, backend: PersistentBackend) -> None:
+        for index in range(6):
+            status = WorkflowStatus.PAUSED if index % 2 else WorkflowStatus.IN_PROGRESS
+            _saved_with_status(backend, f"wf-{index}", status)
+        assert backend.list_snapshots(status=WorkflowStatus.PAUSED, after="wf-1", limit=1) == [
+            "wf-3"
+        ]
+
+    # ========================================================================================
+    # Claims: claim_task
+
+    def test_claim_task_returns_claim_with_worker_token_and_expiry(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert claim is not None
+        assert (claim.instance_id, claim.task_id, claim.worker_id) == ("wf", "t1", WORKER)
+        assert claim.token >= 1
+        assert claim.pending_signals == frozenset()
+        self.assert_now(clock, claim.claimed_at)
+        _assert_utc(claim.expires_at)
+        assert claim.expires_at == claim.claimed_at + LONG_TTL
+
+    def test_claim_task_second_claimer_gets_none_while_live(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None  # even the holder
+
+    def test_claim_task_fork_branches_are_claimed_independently(
+        self, backend: PersistentBackend
+    ) -> None:
+        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        a = backend.claim_task("wf", "a", WORKER, LONG_TTL)
+        b = backend.claim_task("wf", "b", OTHER, LONG_TTL)
+        assert a is not None and b is not None
+        assert (a.task_id, b.task_id) == ("a", "b")
+
+    def test_claim_task_expired_claim_is_taken_over_with_greater_token(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        first = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
+        assert first is not None
+        self.wait_past_short_ttl(clock)
+        second = backend.claim_task("wf", "t1", OTHER, LONG_TTL)
+        assert second is not None
+        assert second.worker_id == OTHER
+        assert second.token > first.token
+
+    def test_claim_task_expires_exactly_at_expires_at(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        self.require_exact(clock)
+        _new_saved(backend, "wf")
+        ttl = timedelta(seconds=30)
+        assert backend.claim_task("wf", "t1", WORKER, ttl) is not None
+        clock.advance(ttl - timedelta(microseconds=1))
+        assert backend.claim_task("wf", "t1", OTHER, ttl) is None
+        clock.advance(timedelta(microseconds=1))
+        assert backend.claim_task("wf", "t1", OTHER, ttl) is not None
+
+    def test_claim_task_release_then_reclaim_gives_greater_token(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        first = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert first is not None
+        backend.release_task_claim("wf", "t1", WORKER)
+        again = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert again is not None
+        assert again.token > first.token
+        backend.release_task_claim("wf", "t1", WORKER, token=again.token)
+        third = backend.claim_task("wf", "t1", OTHER, LONG_TTL)
+        assert third is not None
+        assert third.token > again.token
+
+    def test_claim_task_without_ttl_never_expires(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, None)
+        assert claim is not None
+        assert claim.expires_at is None
+        self.wait_past_short_ttl(clock)
+        if clock.exact:
+            clock.advance(timedelta(days=365 * 200))
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None
+
+    @pytest.mark.parametrize("setup", UNRUNNABLE)
+    def test_claim_task_none_when_task_not_runnable(
+        self, backend: PersistentBackend, clock: ContractClock, setup: _UnrunnableSetup
+    ) -> None:
+        task_id = setup(backend, clock)
+        assert backend.claim_task("wf", task_id, WORKER, LONG_TTL) is None
+
+    @pytest.mark.parametrize("status", NOT_IN_PROGRESS)
+    def test_claim_task_none_unless_workflow_in_progress(
+        self, backend: PersistentBackend, status: WorkflowStatus
+    ) -> None:
+        _saved_with_status(backend, "wf", status)
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None
+
+    @pytest.mark.parametrize("kind", list(SignalKind))
+    def test_claim_task_none_when_signal_pending(
+        self, backend: PersistentBackend, kind: SignalKind
+    ) -> None:
+        _new_saved(backend, "wf")
+        backend.store_signal("wf", kind, _request())
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None
+
+    def test_claim_task_delay_past_wake_at_counts_as_next_task(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        delay = AtDelay("d", clock.now() - timedelta(minutes=1), "t2")
+        _saved_at(backend, "wf", delay)
+        claim = backend.claim_task("wf", "t2", WORKER, LONG_TTL)
+        assert claim is not None
+        assert claim.task_id == "t2"
+        assert backend.load_snapshot("wf").position == delay  # not rewritten by the store
+
+    def test_claim_task_delay_claimable_exactly_at_wake_at(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        self.require_exact(clock)
+        _saved_at(backend, "wf", AtDelay("d", clock.now() + timedelta(seconds=10), "t2"))
+        clock.advance(timedelta(seconds=10) - timedelta(microseconds=1))
+        assert backend.claim_task("wf", "t2", WORKER, LONG_TTL) is None
+        clock.advance(timedelta(microseconds=1))
+        assert backend.claim_task("wf", "t2", WORKER, LONG_TTL) is not None
+
+    def test_claim_task_absent_instance_not_found(self, backend: PersistentBackend) -> None:
+        with pytest.raises(NotFoundError):
+            backend.claim_task("ghost", "t1", WORKER, LONG_TTL)
+
+    # -- release_task_claim -----------------------------------------------------------------
+
+    @pytest.mark.parametrize("state", ["never-claimed", "already-released", "absent-instance"])
+    def test_release_task_claim_without_claim_not_found(
+        self, backend: PersistentBackend, state: str
+    ) -> None:
+        if state != "absent-instance":
+            _new_saved(backend, "wf")
+        if state == "already-released":
+            assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+            backend.release_task_claim("wf", "t1", WORKER)
+        with pytest.raises(NotFoundError):
+            backend.release_task_claim("wf", "t1", WORKER)
+
+    def test_release_task_claim_held_by_other_worker_claim_lost(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
+        with pytest.raises(ClaimLostError):
+            backend.release_task_claim("wf", "t1", WORKER)
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None  # still held
+
+    def test_release_task_claim_stale_token_after_takeover_by_same_worker_claim_lost(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        first = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
+        assert first is not None
+        self.wait_past_short_ttl(clock)
+        second = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert second is not None
+        with pytest.raises(ClaimLostError):
+            backend.release_task_claim("wf", "t1", WORKER, token=first.token)
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None  # still held
+        backend.release_task_claim("wf", "t1", WORKER, token=second.token)
+
+    def test_release_task_claim_own_expired_claim_succeeds(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
+        assert claim is not None
+        self.wait_past_short_ttl(clock)
+        backend.release_task_claim("wf", "t1", WORKER, token=claim.token)
+        with pytest.raises(NotFoundError):
+            backend.release_task_claim("wf", "t1", WORKER)
+
+    # -- extend_task_claim ------------------------------------------------------------------
+
+    def test_extend_task_claim_is_absolute_renewal(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        ttl = timedelta(minutes=10)
+        claim = backend.claim_task("wf", "t1", WORKER, ttl)
+        assert claim is not None and claim.expires_at is not None
+        clock.advance(timedelta(milliseconds=50))
+        extended = backend.extend_task_claim("wf", "t1", WORKER, ttl, token=claim.token)
+        assert extended.expires_at is not None
+        _assert_utc(extended.expires_at)
+        assert (extended.worker_id, extended.token) == (WORKER, claim.token)
+        if clock.exact:
+            assert extended.expires_at == clock.now() + ttl
+        else:
+            assert abs(extended.expires_at - (clock.now() + ttl)) <= self.clock_tolerance
+        # Never old expiry + ttl.
+        assert extended.expires_at - claim.expires_at < ttl / 2
+
+    def test_extend_task_claim_can_shorten_and_make_permanent(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+        backend.extend_task_claim("wf", "t1", WORKER, self.short_ttl)
+        self.wait_past_short_ttl(clock)
+        taken = backend.claim_task("wf", "t1", OTHER, None)  # shortened, so expired
+        assert taken is not None
+        permanent = backend.extend_task_claim("wf", "t1", OTHER, None)
+        assert permanent.expires_at is None
+        self.wait_past_short_ttl(clock)
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None
+
+    def test_extend_task_claim_own_expired_claim_not_taken_over_succeeds(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
+        assert claim is not None
+        self.wait_past_short_ttl(clock)
+        extended = backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL, token=claim.token)
+        assert extended.token == claim.token
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None  # live again
+
+    def test_extend_task_claim_after_takeover_claim_lost(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
+        assert claim is not None
+        self.wait_past_short_ttl(clock)
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
+        with pytest.raises(ClaimLostError):
+            backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
+        with pytest.raises(ClaimLostError):
+            backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL, token=claim.token)
+
+    def test_extend_task_claim_stale_token_after_takeover_by_same_worker_claim_lost(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        first = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
+        assert first is not None
+        self.wait_past_short_ttl(clock)
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+        with pytest.raises(ClaimLostError):
+            backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL, token=first.token)
+
+    @pytest.mark.parametrize("state", ["never-claimed", "released", "absent-instance"])
+    def test_extend_task_claim_without_claim_not_found(
+        self, backend: PersistentBackend, state: str
+    ) -> None:
+        if state != "absent-instance":
+            _new_saved(backend, "wf")
+        if state == "released":
+            assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+            backend.release_task_claim("wf", "t1", WORKER)
+        with pytest.raises(NotFoundError):
+            backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
+
+    def test_extend_task_claim_held_by_other_worker_claim_lost(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
+        with pytest.raises(ClaimLostError):
+            backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
+
+    @pytest.mark.parametrize("kind", list(SignalKind))
+    def test_extend_task_claim_returns_pending_signals(
+        self, backend: PersistentBackend, kind: SignalKind
+    ) -> None:
+        _new_saved(backend, "wf")
+        assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
+        assert backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL).pending_signals == set()
+        backend.store_signal("wf", kind, _request())
+        extended = backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
+        assert extended.pending_signals == frozenset({kind})
+
+    # -- save_snapshot_fenced ----------------------------------------------------------------
+
+    @pytest.mark.parametrize("with_token", [False, True])
+    def test_save_snapshot_fenced_succeeds_with_live_claim(
+        self, backend: PersistentBackend, with_token: bool
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert claim is not None
+        snapshot.mark_task_completed("t1", b"one")
+        snapshot.move_to(AtTask("t2"))
+        token = claim.token if with_token else None
+        assert backend.save_snapshot_fenced(snapshot, "t1", WORKER, token=token) is True
+        assert snapshot.version == 2
+        loaded = backend.load_snapshot("wf")
+        assert (loaded.version, loaded.position) == (2, AtTask("t2"))
+        assert loaded.completed_tasks == {"t1": b"one"}
+
+    @pytest.mark.parametrize("scenario", FENCE_FAILURES)
+    def test_save_snapshot_fenced_without_live_claim_returns_false_and_writes_nothing(
+        self, backend: PersistentBackend, clock: ContractClock, scenario: _FenceScenario
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        worker_id, token = scenario(self, backend, clock)
+        before = backend.load_snapshot("wf")
+        snapshot.mark_task_completed("t1", b"one")
+        snapshot.move_to(AtTask("t2"))
+        assert backend.save_snapshot_fenced(snapshot, "t1", worker_id, token=token) is False
+        assert backend.load_snapshot("wf") == before
+
+    def test_save_snapshot_fenced_after_renewing_own_expired_claim_succeeds(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
+        assert claim is not None
+        self.wait_past_short_ttl(clock)
+        assert backend.save_snapshot_fenced(snapshot, "t1", WORKER) is False
+        backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
+        assert backend.save_snapshot_fenced(snapshot, "t1", WORKER, token=claim.token) is True
+
+    def test_save_snapshot_fenced_on_terminal_workflow_raises(
+        self, backend: PersistentBackend
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert claim is not None
+        finished = backend.load_snapshot("wf")
+        finished.mark_completed(b"done")
+        backend.save_snapshot(finished)
+        snapshot.move_to(AtTask("t2"))
+        with pytest.raises(WorkflowTerminalError):
+            backend.save_snapshot_fenced(snapshot, "t1", WORKER, token=claim.token)
+        assert backend.load_snapshot("wf").status is WorkflowStatus.COMPLETED
+
+    # ========================================================================================
+    # Available tasks: selection (find_available_tasks and claim_available_tasks alike)
+
+    @OFFER_METHODS
+    def test_available_tasks_carry_workflow_details(
+        self, backend: PersistentBackend, via: str
+    ) -> None:
+        snapshot = _new_saved(backend, "wf", initial_input=b"in", priority=2, tags=["gpu"])
+        backend.save_snapshot(snapshot)
+        [task] = _offered(backend, via, tags=["gpu", "eu"])
+        assert task == AvailableTask(
+            instance_id="wf",
+            task_id="t1",
+            definition_hash=HASH,
+            input=b"in",
+            priority=2,
+            tags=frozenset({"gpu"}),
+            snapshot_version=2,
+        )
+
+    @OFFER_METHODS
+    def test_available_tasks_only_runnable_unclaimed_in_progress_without_signal(
+        self, backend: PersistentBackend, clock: ContractClock, via: str
+    ) -> None:
+        past, future = clock.now() - timedelta(minutes=1), clock.now() + LONG_TTL
+        for status in NOT_IN_PROGRESS:
+            _saved_with_status(backend, f"x-{status.value}", status)
+        for kind in SignalKind:
+            _new_saved(backend, f"x-{kind.value}-pending")
+            backend.store_signal(f"x-{kind.value}-pending", kind, _request())
+        _new_saved(backend, "x-not-started", first_task=None)
+        _saved_at(backend, "x-at-signal", AtSignal("s", "go", past, "t1"))
+        _saved_at(backend, "x-delay-pending", AtDelay("d", future, "t1"))
+        _saved_at(backend, "x-delay-without-next", AtDelay("d", past))
+        _new_saved(backend, "x-claimed")
+        assert backend.claim_task("x-claimed", "t1", OTHER, LONG_TTL) is not None
+        _new_saved(backend, "x-task-done")
+        backend.save_task_result("x-task-done", "t1", b"one")
+        _saved_at(backend, "y-fork", AtFork("f", ("a", "b")))
+        backend.save_task_result("y-fork", "a", b"A")
+        _new_saved(backend, "z-runnable")
+        offered = _pairs(_offered(backend, via))
+        assert sorted(offered) == [("y-fork", "b"), ("z-runnable", "t1")]
+
+    @OFFER_METHODS
+    def test_available_tasks_fork_gives_all_branches_the_same_input(
+        self, backend: PersistentBackend, via: str
+    ) -> None:
+        _saved_at(backend, "wf", AtFork("f", ("a", "b", "c")), completed={"t1": b"one"})
+        backend.save_task_result("wf", "c", b"C")  # a finished sibling changes no input
+        tasks = _offered(backend, via)
+        assert sorted(_pairs(tasks)) == [("wf", "a"), ("wf", "b")]
+        assert [task.input for task in tasks] == [b"one", b"one"]
+
+    @OFFER_METHODS
+    def test_available_tasks_input_is_initial_input_then_previous_output(
+        self, backend: PersistentBackend, via: str
+    ) -> None:
+        _new_saved(backend, "first", initial_input=b"initial")
+        _saved_at(backend, "moved", AtTask("t1"), initial_input=b"initial")
+        _saved_at(backend, "second", AtTask("t2"), completed={"t1": b"one"}, initial_input=b"in")
+        _new_saved(backend, "no-input")
+        inputs = {task.instance_id: task.input for task in _offered(backend, via)}
+        assert inputs == {
+            "first": b"initial",
+            "moved": b"initial",
+            "second": b"one",
+            "no-input": None,
+        }
+
+    @OFFER_METHODS
+    def test_available_tasks_delay_past_wake_at_offers_next_task(
+        self, backend: PersistentBackend, clock: ContractClock, via: str
+    ) -> None:
+        delay = AtDelay("d", clock.now() - timedelta(minutes=1), "t2")
+        _saved_at(backend, "wf", delay, completed={"t1": b"one"})
+        [task] = _offered(backend, via)
+        assert (task.task_id, task.input) == ("t2", b"one")
+        assert backend.load_snapshot("wf").position == delay
+
+    def test_find_available_tasks_delay_available_exactly_at_wake_at(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        self.require_exact(clock)
+        _saved_at(backend, "wf", AtDelay("d", clock.now() + timedelta(seconds=10), "t2"))
+        clock.advance(timedelta(seconds=10) - timedelta(microseconds=1))
+        assert backend.find_available_tasks(WORKER, 10) == []
+        clock.advance(timedelta(microseconds=1))
+        assert _pairs(backend.find_available_tasks(WORKER, 10)) == [("wf", "t2")]
+
+    @OFFER_METHODS
+    @pytest.mark.parametrize(
+        ("worker_tags", "expected"),
+        [
+            pytest.param((), ["untagged"], id="untagged-worker"),
+            pytest.param(("gpu",), ["gpu", "untagged"], id="gpu-worker"),
+            pytest.param(("eu", "gpu", "x"), ["gpu", "gpu-eu", "untagged"], id="superset"),
+            pytest.param(("eu",), ["untagged"], id="other-tag"),
+        ],
+    )
+    def test_available_tasks_tags_must_be_subset_of_worker_tags(
+        self,
+        backend: PersistentBackend,
+        via: str,
+        worker_tags: tuple[str, ...],
+        expected: list[str],
+    ) -> None:
+        _new_saved(backend, "untagged")
+        _new_saved(backend, "gpu", tags=["gpu"])
+        _new_saved(backend, "gpu-eu", tags=["gpu", "eu"])
+        offered = sorted(task.instance_id for task in _offered(backend, via, tags=worker_tags))
+        assert offered == expected
+
+    @OFFER_METHODS
+    def test_available_tasks_ordered_by_priority(
+        self, backend: PersistentBackend, via: str
+    ) -> None:
+        for instance_id, priority in [("p5", 5), ("p1", 1), ("p3", 3), ("p2", 2), ("p4", 4)]:
+            _new_saved(backend, instance_id, priority=priority)
+        assert [t.instance_id for t in _offered(backend, via)] == ["p1", "p2", "p3", "p4", "p5"]
+
+    @OFFER_METHODS
+    def test_available_tasks_same_priority_older_update_first(
+        self, backend: PersistentBackend, clock: ContractClock, via: str
+    ) -> None:
+        for instance_id in ("c", "b", "a"):
+            _new_saved(backend, instance_id)
+            clock.advance(timedelta(milliseconds=10))
+        assert [task.instance_id for task in _offered(backend, via)] == ["c", "b", "a"]
+
+    @OFFER_METHODS
+    def test_available_tasks_exact_ties_by_instance_id_then_task_id(
+        self, backend: PersistentBackend, clock: ContractClock, via: str
+    ) -> None:
+        self.require_exact(clock)
+        _new_saved(backend, "b")
+        _saved_at(backend, "c", AtFork("f", ("z", "x", "y")))
+        _new_saved(backend, "a")
+        assert _pairs(_offered(backend, via)) == [
+            ("a", "t1"),
+            ("b", "t1"),
+            ("c", "x"),
+            ("c", "y"),
+            ("c", "z"),
+        ]
+
+    @OFFER_METHODS
+    def test_available_tasks_aging_lets_an_old_task_overtake(
+        self, backend: PersistentBackend, clock: ContractClock, via: str
+    ) -> None:
+        aging_interval = self.short_ttl / 8
+        _new_saved(backend, "old", priority=5)
+        clock.advance(self.short_ttl)  # 8 intervals: 5 - 8 < 1 - 0
+        _new_saved(backend, "fresh", priority=1)
+        # With the default (long) aging interval the waited time hardly matters...
+        assert [t.instance_id for t in backend.find_available_tasks(WORKER, 10)] == [
+            "fresh",
+            "old",
+        ]
+        # ...with a short one the old task has aged past the fresh one.
+        offered = _offered(backend, via, aging_interval=aging_interval)
+        assert [task.instance_id for task in offered] == ["old", "fresh"]
+
+    @OFFER_METHODS
+    @pytest.mark.parametrize(
+        ("waited_past_two_intervals", "expected"),
+        [
+            pytest.param(timedelta(microseconds=-1), ["fresh", "old"], id="just-before"),
+            pytest.param(timedelta(0), ["old", "fresh"], id="tie-older-update-first"),
+            pytest.param(timedelta(microseconds=1), ["old", "fresh"], id="just-after"),
+        ],
+    )
+    def test_available_tasks_aging_exact_arithmetic(
+        self,
+        backend: PersistentBackend,
+        clock: ContractClock,
+        via: str,
+        waited_past_two_intervals: timedelta,
+        expected: list[str],
+    ) -> None:
+        self.require_exact(clock)
+        aging_interval = timedelta(minutes=1)
+        _new_saved(backend, "old", priority=3)
+        clock.advance(2 * aging_interval + waited_past_two_intervals)
+        _new_saved(backend, "fresh", priority=1)
+        clock.advance(timedelta(hours=7))  # the order does not depend on when one asks
+        offered = _offered(backend, via, aging_interval=aging_interval)
+        assert [task.instance_id for task in offered] == expected
+
+    @OFFER_METHODS
+    def test_available_tasks_respect_limit(self, backend: PersistentBackend, via: str) -> None:
+        for index in range(5):
+            _new_saved(backend, f"wf-{index}", priority=5 - index)
+        offered = _offered(backend, via, limit=2)
+        assert [task.instance_id for task in offered] == ["wf-4", "wf-3"]
+
+    # -- find_available_tasks --------------------------------------------------------------
+
+    def test_find_available_tasks_does_not_claim(self, backend: PersistentBackend) -> None:
+        _new_saved(backend, "wf")
+        first = backend.find_available_tasks(WORKER, 10)
+        assert backend.find_available_tasks(OTHER, 10) == first
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
+
+    # -- claim_available_tasks -------------------------------------------------------------
+
+    def test_claim_available_tasks_claims_in_find_order(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        for index in range(12):
+            _new_saved(backend, f"wf-{index:02d}", priority=1 + index % 5)
+            clock.advance(timedelta(milliseconds=2))
+        found = backend.find_available_tasks(WORKER, 8)
+        claimed = backend.claim_available_tasks(WORKER, 8, LONG_TTL)
+        assert [item.task for item in claimed] == found
+
+    def test_claim_available_tasks_returns_claim_with_task(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf", initial_input=b"in")
+        [found] = backend.find_available_tasks(WORKER, 10)
+        [item] = backend.claim_available_tasks(WORKER, 10, LONG_TTL)
+        assert item.task == found
+        claim = item.claim
+        assert (claim.instance_id, claim.task_id, claim.worker_id) == ("wf", "t1", WORKER)
+        assert claim.token >= 1
+        self.assert_now(clock, claim.claimed_at)
+        assert claim.expires_at == claim.claimed_at + LONG_TTL
+        # The returned claim is real: its holder can use it, nobody else can take it.
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None
+        backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL, token=claim.token)
+
+    def test_claim_available_tasks_without_ttl_never_expires(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        [item] = backend.claim_available_tasks(WORKER, 1, None)
+        assert item.claim.expires_at is None
+        self.wait_past_short_ttl(clock)
+        assert backend.find_available_tasks(OTHER, 10) == []
+
+    def test_claim_available_tasks_claimed_tasks_no_longer_available(
+        self, backend: PersistentBackend
+    ) -> None:
+        for index in range(5):
+            _new_saved(backend, f"wf-{index}")
+        first = backend.claim_available_tasks(WORKER, 3, LONG_TTL)
+        claimed = {(item.task.instance_id, item.task.task_id) for item in first}
+        remaining = set(_pairs(backend.find_available_tasks(OTHER, 10)))
+        assert len(claimed) == 3
+        assert claimed.isdisjoint(remaining)
+        assert len(remaining) == 2
+        second = backend.claim_available_tasks(OTHER, 10, LONG_TTL)
+        assert {(item.task.instance_id, item.task.task_id) for item in second} == remaining
+        assert backend.claim_available_tasks(OTHER, 10, LONG_TTL) == []
+
+    def test_claim_available_tasks_expired_claims_available_again(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        [first] = backend.claim_available_tasks(WORKER, 1, self.short_ttl)
+        assert backend.find_available_tasks(OTHER, 1) == []
+        self.wait_past_short_ttl(clock)
+        assert _pairs(backend.find_available_tasks(OTHER, 1)) == [("wf", "t1")]
+        [again] = backend.claim_available_tasks(OTHER, 1, LONG_TTL)
+        assert again.claim.worker_id == OTHER
+        assert again.claim.token > first.claim.token
+
+    # ========================================================================================
+    # Signals: store_signal, get_signal, clear_signal
+
+    @pytest.mark.parametrize("kind", list(SignalKind))
+    def test_store_signal_get_and_clear(self, backend: PersistentBackend, kind: SignalKind) -> None:
+        _new_saved(backend, "wf")
+        request = SignalRequest("maintenance", "ops", T0)
+        other = SignalKind.PAUSE if kind is SignalKind.CANCEL else SignalKind.CANCEL
+        assert backend.get_signal("wf", kind) is None
+        backend.store_signal("wf", kind, request)
+        stored = backend.get_signal("wf", kind)
+        assert stored == request
+        assert stored is not None
+        _assert_utc(stored.requested_at)
+        assert backend.get_signal("wf", other) is None
+        backend.clear_signal("wf", kind)
+        assert backend.get_signal("wf", kind) is None
+        backend.clear_signal("wf", kind)  # nothing pending: no error
+
+    def test_store_signal_already_pending_keeps_first_request(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        backend.store_signal("wf", SignalKind.CANCEL, _request("first"))
+        backend.store_signal("wf", SignalKind.CANCEL, _request("second"))
+        stored = backend.get_signal("wf", SignalKind.CANCEL)
+        assert stored is not None
+        assert stored.reason == "first"
+
+    def test_store_signal_returns_requested_at_in_utc(self, backend: PersistentBackend) -> None:
+        _new_saved(backend, "wf")
+        local = datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+        backend.store_signal("wf", SignalKind.PAUSE, SignalRequest(None, None, local))
+        stored = backend.get_signal("wf", SignalKind.PAUSE)
+        assert stored is not None
+        assert stored.requested_at == local
+        _assert_utc(stored.requested_at)
+
+    def test_store_signal_naive_requested_at_invalid_input(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        with pytest.raises(InvalidInputError, match="requested_at"):
+            backend.store_signal("wf", SignalKind.CANCEL, SignalRequest(requested_at=NAIVE))
+        assert backend.get_signal("wf", SignalKind.CANCEL) is None
+
+    @pytest.mark.parametrize("status", FINISHED)
+    def test_store_cancel_on_finished_workflow_raises_cannot_cancel(
+        self, backend: PersistentBackend, status: WorkflowStatus
+    ) -> None:
+        _saved_with_status(backend, "wf", status)
+        with pytest.raises(CannotCancelError):
+            backend.store_signal("wf", SignalKind.CANCEL, _request())
+        assert backend.get_signal("wf", SignalKind.CANCEL) is None
+
+    @pytest.mark.parametrize("status", TERMINAL)
+    def test_store_pause_on_terminal_workflow_raises_cannot_pause(
+        self, backend: PersistentBackend, status: WorkflowStatus
+    ) -> None:
+        _saved_with_status(backend, "wf", status)
+        with pytest.raises(CannotPauseError):
+            backend.store_signal("wf", SignalKind.PAUSE, _request())
+        assert backend.get_signal("wf", SignalKind.PAUSE) is None
+
+    @pytest.mark.parametrize(
+        ("status", "kind"),
+        [
+            pytest.param(WorkflowStatus.CANCELLED, SignalKind.CANCEL, id="cancel-on-cancelled"),
+            pytest.param(WorkflowStatus.PAUSED, SignalKind.PAUSE, id="pause-on-paused"),
+        ],
+    )
+    def test_store_signal_on_workflow_already_in_that_state_is_idempotent(
+        self, backend: PersistentBackend, status: WorkflowStatus, kind: SignalKind
+    ) -> None:
+        _saved_with_status(backend, "wf", status)
+        before = backend.load_snapshot("wf")
+        backend.store_signal("wf", kind, _request("again"))
+        assert backend.load_snapshot("wf") == before
+        assert backend.get_signal("wf", kind) is None
+
+    # -- check_and_cancel, check_and_pause, unpause --------------------------------------------
+
+    @pytest.mark.parametrize("kind", list(SignalKind))
+    def test_check_and_apply_in_progress_applies_signal_and_drops_claims(
+        self, backend: PersistentBackend, kind: SignalKind
+    ) -> None:
+        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        assert backend.claim_task("wf", "a", WORKER, LONG_TTL) is not None
+        assert backend.claim_task("wf", "b", OTHER, None) is not None
+        request = SignalRequest(f"{kind.value} please", "ops", T0)
+        backend.store_signal("wf", kind, request)
+        apply = backend.check_and_cancel if kind is SignalKind.CANCEL else backend.check_and_pause
+        assert apply("wf") is True
+
+        loaded = backend.load_snapshot("wf")
+        if kind is SignalKind.CANCEL:
+            assert (loaded.status, loaded.cancel_request) == (WorkflowStatus.CANCELLED, request)
+        else:
+            assert (loaded.status, loaded.pause_request) == (WorkflowStatus.PAUSED, request)
+        assert backend.get_signal("wf", kind) is None
+        for task_id, holder in (("a", WORKER), ("b", OTHER)):
+            with pytest.raises(NotFoundError):
+                backend.release_task_claim("wf", task_id, holder)
+        assert apply("wf") is False  # applied once
+
+    def test_check_and_cancel_applies_to_paused_workflow(self, backend: PersistentBackend) -> None:
+        _saved_with_status(backend, "wf", WorkflowStatus.PAUSED)
+        request = _request("stop it")
+        backend.store_signal("wf", SignalKind.CANCEL, request)
+        assert backend.check_and_cancel("wf") is True
+        loaded = backend.load_snapshot("wf")
+        assert (loaded.status, loaded.cancel_request) == (WorkflowStatus.CANCELLED, request)
+        assert backend.get_signal("wf", SignalKind.CANCEL) is None
+
+    @pytest.mark.parametrize("kind", list(SignalKind))
+    def test_check_and_apply_without_pending_signal_is_false(
+        self, backend: PersistentBackend, kind: SignalKind
+    ) -> None:
+        _new_saved(backend, "wf")
+        other = SignalKind.PAUSE if kind is SignalKind.CANCEL else SignalKind.CANCEL
+        backend.store_signal("wf", other, _request())  # the other kind does not count
+        before = backend.load_snapshot("wf")
+        apply = backend.check_and_cancel if kind is SignalKind.CANCEL else backend.check_and_pause
+        assert apply("wf") is False
+        assert backend.load_snapshot("wf") == before
+
+    def test_check_and_pause_on_paused_workflow_is_false(self, backend: PersistentBackend) -> None:
+        _saved_with_status(backend, "wf", WorkflowStatus.PAUSED)
+        backend.store_signal("wf", SignalKind.PAUSE, _request("again"))
+        before = backend.load_snapshot("wf")
+        assert backend.check_and_pause("wf") is False
+        assert backend.load_snapshot("wf") == before
+
+    def test_check_and_pause_on_cancelled_workflow_is_false(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        backend.store_signal("wf", SignalKind.PAUSE, _request())
+        backend.store_signal("wf", SignalKind.CANCEL, _request())
+        assert backend.check_and_cancel("wf") is True
+        assert backend.check_and_pause("wf") is False
+        assert backend.load_snapshot("wf").status is WorkflowStatus.CANCELLED
+
+    @pytest.mark.parametrize("kind", list(SignalKind))
+    def test_check_and_apply_on_workflow_finished_since_signal_is_false(
+        self, backend: PersistentBackend, kind: SignalKind
+    ) -> None:
+        snapshot = _new_saved(backend, "wf")
+        backend.store_signal("wf", kind, _request())
+        snapshot.mark_completed(b"done")  # the worker finished before seeing the signal
+        backend.save_snapshot(snapshot)
+        apply = backend.check_and_cancel if kind is SignalKind.CANCEL else backend.check_and_pause
+        assert apply("wf") is False
+        loaded = backend.load_snapshot("wf")
+        assert (loaded.status, loaded.output) == (WorkflowStatus.COMPLETED, b"done")
+
+    def test_unpause_resumes_workflow_and_tasks_are_claimable_again(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        held = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert held is not None
+        _apply_signal(backend, "wf", SignalKind.PAUSE)
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None
+        assert backend.find_available_tasks(OTHER, 10) == []
+
+        resumed = backend.unpause("wf")
+        assert resumed.status is WorkflowStatus.IN_PROGRESS
+        assert resumed.pause_request is None
+        assert backend.load_snapshot("wf") == resumed
+        assert _pairs(backend.find_available_tasks(OTHER, 10)) == [("wf", "t1")]
+        claim = backend.claim_task("wf", "t1", OTHER, LONG_TTL)
+        assert claim is not None
+        assert claim.token > held.token  # the dropped claim's holder is fenced off
+
+    @pytest.mark.parametrize(
+        "status", [WorkflowStatus.IN_PROGRESS, WorkflowStatus.COMPLETED, WorkflowStatus.CANCELLED]
+    )
+    def test_unpause_not_paused_raises_cannot_pause(
+        self, backend: PersistentBackend, status: WorkflowStatus
+    ) -> None:
+        _saved_with_status(backend, "wf", status)
+        before = backend.load_snapshot("wf")
+        with pytest.raises(CannotPauseError):
+            backend.unpause("wf")
+        assert backend.load_snapshot("wf") == before
+
+    @pytest.mark.parametrize(
+        "call",
+        [
+            pytest.param(
+                lambda b: b.store_signal("ghost", SignalKind.CANCEL, _request()), id="store_signal"
+            ),
+            pytest.param(lambda b: b.get_signal("ghost", SignalKind.CANCEL), id="get_signal"),
+            pytest.param(lambda b: b.clear_signal("ghost", SignalKind.PAUSE), id="clear_signal"),
+            pytest.param(lambda b: b.check_and_cancel("ghost"), id="check_and_cancel"),
+            pytest.param(lambda b: b.check_and_pause("ghost"), id="check_and_pause"),
+            pytest.param(lambda b: b.unpause("ghost"), id="unpause"),
+            pytest.param(lambda b: b.send_event("ghost", "ev", b"x"), id="send_event"),
+            pytest.param(lambda b: b.consume_event("ghost", "ev"), id="consume_event"),
+        ],
+    )
+    def test_signal_and_event_calls_on_absent_instance_not_found(
+        self, backend: PersistentBackend, call: _InvalidCall
+    ) -> None:
+        _new_saved(backend, "other")
+        with pytest.raises(NotFoundError):
+            call(backend)
+        assert backend.list_snapshots() == ["other"]
+
+    # ========================================================================================
+    # Events: send_event, consume_event
+
+    def test_send_event_wakes_matching_signal_and_moves_to_next_task(
+        self, backend: PersistentBackend
+    ) -> None:
+        _saved_at(
+            backend, "wf", AtSignal("approval", "approved", None, "t2"), completed={"t1": b"one"}
+        )
+        backend.send_event("wf", "approved", b"yes")
+        loaded = backend.load_snapshot("wf")
+        assert loaded.status is WorkflowStatus.IN_PROGRESS
+        assert loaded.position == AtTask("t2")
+        assert loaded.version == 2
+        assert backend.load_task_result("wf", "approval") == b"yes"
+        assert backend.consume_event("wf", "approved") is None  # taken, not buffered
+        [task] = backend.find_available_tasks(WORKER, 10)
+        assert (task.task_id, task.input) == ("t2", b"yes")
+
+    def test_send_event_completes_workflow_when_no_next_task(
+        self, backend: PersistentBackend
+    ) -> None:
+        _saved_at(backend, "wf", AtSignal("approval", "approved"))
+        backend.send_event("wf", "approved", b"final")
+        loaded = backend.load_snapshot("wf")
+        assert (loaded.status, loaded.output) == (WorkflowStatus.COMPLETED, b"final")
+        assert backend.load_task_result("wf", "approval") == b"final"
+
+    @pytest.mark.parametrize(
+        "position",
+        [
+            pytest.param(AtSignal("approval", "approved", None, "t2"), id="at-other-signal"),
+            pytest.param(AtTask("t1"), id="at-task"),
+        ],
+    )
+    def test_send_event_not_awaited_is_buffered(
+        self, backend: PersistentBackend, position: Position
+    ) -> None:
+        _saved_at(backend, "wf", position)
+        before = backend.load_snapshot("wf")
+        backend.send_event("wf", "other-event", b"payload")
+        assert backend.load_snapshot("wf") == before
+        assert backend.consume_event("wf", "other-event") == b"payload"
+
+    def test_send_event_to_paused_workflow_at_signal_is_buffered(
+        self, backend: PersistentBackend
+    ) -> None:
+        _saved_at(backend, "wf", AtSignal("approval", "approved", None, "t2"))
+        _apply_signal(backend, "wf", SignalKind.PAUSE)
+        backend.send_event("wf", "approved", b"yes")
+        assert backend.load_snapshot("wf").position == AtSignal("approval", "approved", None, "t2")
+        assert backend.consume_event("wf", "approved") == b"yes"
+
+    def test_consume_event_fifo_per_name(self, backend: PersistentBackend) -> None:
+        _new_saved(backend, "wf")
+        _new_saved(backend, "wf-2")
+        for payload in (b"1", b"2", b"3"):
+            backend.send_event("wf", "ev", payload)
+        backend.send_event("wf", "other", b"x")
+        backend.send_event("wf-2", "ev", b"elsewhere")
+        assert [backend.consume_event("wf", "ev") for _ in range(4)] == [b"1", b"2", b"3", None]
+        assert backend.consume_event("wf", "other") == b"x"
+        assert backend.consume_event("wf-2", "ev") == b"elsewhere"
+
+    def test_consume_event_empty_is_none(self, backend: PersistentBackend) -> None:
+        _new_saved(backend, "wf")
+        assert backend.consume_event("wf", "ev") is None
+
+    # ========================================================================================
+    # Input validation
+
+    @pytest.mark.parametrize(("call", "argument"), INVALID_CALLS)
+    def test_invalid_argument_raises_invalid_input_naming_it_and_stores_nothing(
+        self, backend: PersistentBackend, call: _InvalidCall, argument: str
+    ) -> None:
+        _new_saved(backend, "existing")
+        before = backend.load_snapshot("existing")
+        with pytest.raises(InvalidInputError, match=argument):
+            call(backend)
+        assert backend.list_snapshots() == ["existing"]
+        assert backend.load_snapshot("existing") == before
+        for kind in SignalKind:
+            assert backend.get_signal("existing", kind) is None
+        assert backend.consume_event("existing", "e") is None
+        assert backend.claim_task("existing", "t1", "probe", LONG_TTL) is not None
+        with pytest.raises(NotFoundError):
+            backend.load_snapshot("ghost")
+
+    @pytest.mark.parametrize(("make", "argument"), INVALID_MODEL_VALUES)
+    def test_invalid_model_value_raises_invalid_input_naming_it(
+        self, make: Callable[[], object], argument: str
+    ) -> None:
+        with pytest.raises(InvalidInputError, match=argument):
+            make()
+
+    def test_longest_id_with_special_characters_round_trips(
+        self, backend: PersistentBackend
+    ) -> None:
+        assert len(LONGEST_ID) == 255
+        name = LONGEST_ID
+        snapshot = WorkflowSnapshot.new(name, name, first_task=name, tags=[name])
+        backend.save_snapshot(snapshot)
+        assert backend.list_snapshots() == [name]
+        assert backend.load_snapshot(name).position == AtTask(name)
+        [task] = backend.find_available_tasks(name, 1, tags=[name])
+        assert (task.instance_id, task.task_id, task.definition_hash) == (name, name, name)
+        claim = backend.claim_task(name, name, name, LONG_TTL)
+        assert claim is not None
+        assert (claim.instance_id, claim.task_id, claim.worker_id) == (name, name, name)
+        backend.release_task_claim(name, name, name, token=claim.token)
+        backend.save_task_result(name, name, b"out")
+        assert backend.load_task_result(name, name) == b"out"
+        backend.send_event(name, name, b"ev")
+        assert backend.consume_event(name, name) == b"ev"
+        backend.delete_snapshot(name)
+        assert backend.list_snapshots() == []
+
+    def test_ids_differing_only_in_case_space_or_normalization_are_distinct(
+        self, backend: PersistentBackend
+    ) -> None:
+        for index, instance_id in enumerate(AWKWARD_IDS):
+            _new_saved(backend, instance_id, first_task=f"t{index}")
+        for index, instance_id in enumerate(AWKWARD_IDS):
+            assert backend.load_snapshot(instance_id).position == AtTask(f"t{index}")
+        backend.delete_snapshot("a")
+        assert backend.load_snapshot("A").position == AtTask(f"t{AWKWARD_IDS.index('A')}")
+        assert len(backend.list_snapshots()) == len(AWKWARD_IDS) - 1
+
+    def test_payloads_round_trip_byte_for_byte(self, backend: PersistentBackend) -> None:
+        largest = bytes(range(256)) * (backend.max_payload_bytes // 256) + b"\x00" * (
+            backend.max_payload_bytes % 256
+        )
+        assert len(largest) == backend.max_payload_bytes
+        _saved_at(backend, "wf", AtFork("f", ("empty", "binary", "largest")), initial_input=b"")
+        for task_id, payload in (
+            ("empty", b""),
+            ("binary", bytes(range(256))),
+            ("largest", largest),
+        ):
+            backend.save_task_result("wf", task_id, payload)
+            assert backend.load_task_result("wf", task_id) == payload
+        assert backend.load_snapshot("wf").initial_input == b""
+        backend.send_event("wf", "ev", largest)
+        assert backend.consume_event("wf", "ev") == largest
+
+    # ========================================================================================
+    # Concurrency (real threads; sizes scaled by ``concurrency_scale``)
+
+    def test_concurrent_claim_task_exactly_one_winner_per_task(
+        self, backend: PersistentBackend
+    ) -> None:
+        threads, tasks = self.scaled(32), self.scaled(50)
+        instance_ids = [f"wf-{index:04d}" for index in range(tasks)]
+        for instance_id in instance_ids:
+            _new_saved(backend, instance_id)
+
+        def race(index: int) -> list[str]:
+            order = instance_ids[:]
+            random.Random(index).shuffle(order)
+            return [i for i in order if backend.claim_task(i, "t1", f"w{index}", LONG_TTL)]
+
+        won = Counter(i for wins in _in_threads(threads, race) for i in wins)
+        assert won == Counter(instance_ids)
+
+    def test_concurrent_claim_available_tasks_hands_out_each_task_once(
+        self, backend: PersistentBackend
+    ) -> None:
+        threads = self.scaled(16)
+        expected: list[tuple[str, str]] = []
+        for index in range(self.scaled(1000)):
+            _new_saved(backend, f"single-{index:05d}")
+            expected.append((f"single-{index:05d}", "t1"))
+        branches = tuple(f"b{branch}" for branch in range(10))
+        for index in range(self.scaled(100)):
+            _saved_at(backend, f"fork-{index:05d}", AtFork("f", branches))
+            expected.extend((f"fork-{index:05d}", branch) for branch in branches)
+
+        def drain(index: int) -> list[tuple[str, str]]:
+            rng, worker_id, got = random.Random(index), f"w{index}", []
+            while True:
+                claimed = backend.claim_available_tasks(worker_id, rng.randint(1, 10), LONG_TTL)
+                for item in claimed:
+                    assert item.claim.worker_id == worker_id
+                    assert (item.claim.instance_id, item.claim.task_id) == (
+                        item.task.instance_id,
+                        item.task.task_id,
+                    )
+                got.extend(_pairs(item.task for item in claimed))
+                if not claimed and not backend.find_available_tasks(worker_id, 1):
+                    return got
+
+        handed_out = Counter(pair for got in _in_threads(threads, drain) for pair in got)
+        assert handed_out == Counter(expected)
+
+    def test_concurrent_save_task_result_keeps_every_branch(
+        self, backend: PersistentBackend
+    ) -> None:
+        branches = [f"b{index:02d}" for index in range(self.scaled(16))]
+        _saved_at(backend, "wf", AtFork("f", tuple(branches)))
+        versions = _in_threads(
+            len(branches),
+            lambda index: backend.save_task_result("wf", branches[index], branches[index].encode()),
+        )
+        assert sorted(versions) == list(range(2, len(branches) + 2))
+        loaded = backend.load_snapshot("wf")
+        assert loaded.completed_tasks == {branch: branch.encode() for branch in branches}
+        assert loaded.version == len(branches) + 1
+        assert loaded.runnable_task_ids() == ()
+
+    def test_concurrent_save_snapshot_with_expected_version_one_winner(
+        self, backend: PersistentBackend
+    ) -> None:
+        _new_saved(backend, "wf")
+        threads = self.scaled(16)
+
+        def save(index: int) -> bool:
+            snapshot = _snapshot("wf", first_task=f"t-{index}")
+            try:
+                backend.save_snapshot(snapshot, expected_version=1)
+            except ConflictError:
+                return False
+            return True
+
+        results = _in_threads(threads, save)
+        assert results.count(True) == 1
+        winner = results.index(True)
+        loaded = backend.load_snapshot("wf")
+        assert (loaded.version, loaded.position) == (2, AtTask(f"t-{winner}"))
+
+    def test_concurrent_consume_event_each_event_exactly_once(
+        self, backend: PersistentBackend
+    ) -> None:
+        events = self.scaled(500)
+        _new_saved(backend, "wf")
+        for index in range(events):
+            backend.send_event("wf", "ev", b"%d" % index)
+
+        def consume(index: int) -> list[int]:
+            got = []
+            while (payload := backend.consume_event("wf", "ev")) is not None:
+                got.append(int(payload))
+            return got
+
+        per_thread = _in_threads(self.scaled(16), consume)
+        for got in per_thread:
+            assert got == sorted(got)  # FIFO: each consumer sees increasing positions
+        assert sorted(i for got in per_thread for i in got) == list(range(events))
