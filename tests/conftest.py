@@ -36,6 +36,9 @@ from databases import (
     sql_params,
 )
 
+# The conformance suite lives in the package: let pytest explain its failed asserts too.
+pytest.register_assert_rewrite("sayiir_persistence.testing")
+
 _SELECTED = pytest.StashKey[frozenset[str]]()
 
 
