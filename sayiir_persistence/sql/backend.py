@@ -184,7 +184,7 @@ class SqlBackend(PersistentBackend):
                         f"no driver for {self._where}: {error} (install the matching extra, "
                         "e.g. sayiir-persistence[postgres] or [mysql])"
                     ) from None
-            self._engine = self._dialect.prepare_engine(engine)
+            self._engine = self._dialect.prepare_engine(engine, created=self._owns_engine)
             if check_schema:
                 from ..migrate import check_schema as _check_schema
 

@@ -87,12 +87,15 @@ class SqlDialect:
     def check_server(self, conn: Connection, max_payload_bytes: int) -> None:
         """Warn about server settings that would refuse payloads the backend accepts."""
 
-    def prepare_engine(self, engine: Engine) -> Engine:
-        """Return the engine to use (options applied); may register event hooks."""
-        if getattr(engine.dialect, "isolation_level", None) == self.isolation_level:
-            return engine
-        # Set per connection checkout (a round trip on MySQL): engines created from a URL,
-        # or with create_engine(isolation_level="READ COMMITTED"), avoid that cost.
+    def prepare_engine(self, engine: Engine, *, created: bool) -> Engine:
+        """Return the engine to use (options applied); may register event hooks.
+
+        ``created``: the backend made the engine with :meth:`engine_options`.
+        """
+        if created:
+            return engine  # the isolation level is set once per connection, at connect
+        # On a caller's engine it is set at each checkout and reset at each return (extra
+        # round trips): callers avoid that with create_engine(isolation_level=...).
         return engine.execution_options(isolation_level=self.isolation_level)
 
     def now(self) -> ColumnElement[datetime]:
@@ -185,7 +188,7 @@ class SqliteDialect(SqlDialect):
     def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
         return dict(_POOL_OPTIONS)
 
-    def prepare_engine(self, engine: Engine) -> Engine:
+    def prepare_engine(self, engine: Engine, *, created: bool) -> Engine:
         busy_timeout_ms = self.busy_timeout_ms
 
         @event.listens_for(engine, "connect")

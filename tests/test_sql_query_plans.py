@@ -1,0 +1,285 @@
+"""Finding work stays an index scan at 100,000 in-progress workflows (PostgreSQL).
+
+The test seeds a fresh database of its own (``sayiir_plans`` on the server of ``postgres_url``,
+dropped and created anew, migrated) with bulk Core inserts of exactly the rows ``save_snapshot``
+writes for a workflow at ``AtTask("t")`` (``SqlBackend._write_snapshot`` / ``_insert_ready``),
+since 100,000 ``save_snapshot`` calls would take minutes. It then captures the SQL that
+``find_available_tasks`` and ``claim_available_tasks`` send (a ``before_cursor_execute`` hook on
+the backend's engine), runs ``EXPLAIN (FORMAT JSON)`` on their candidate query with the same
+parameters, and checks that the plan reads ``sayiir_ready_tasks`` through its order index and
+never sequentially.
+
+Run with ``pytest -s`` to see the plan summary and the latency of ``find_available_tasks``
+at 1,000 and at 100,000 rows (printed, not asserted: timings depend on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from sayiir_persistence import AtTask, WorkflowStatus, migrate
+from sayiir_persistence.sql import codec
+from sayiir_persistence.sql.backend import SqlBackend
+from sayiir_persistence.sql.schema import ready_tasks, task_claims, workflows
+
+pytestmark = pytest.mark.postgres
+
+#: The database of this module's own, dropped and created anew by each run.
+OWN_DATABASE = "sayiir_plans"
+SMALL_WORKFLOWS = 1_000
+LARGE_WORKFLOWS = 100_000
+INSERT_BATCH = 10_000
+#: Every CLAIMED_EVERY-th seeded task is held by a live claim (busy workers), so that the plan
+#: is made against a claims table that is not empty.
+CLAIMED_EVERY = 10
+#: find_available_tasks calls timed at each size (the p50 is printed).
+TIMED_CALLS = 50
+FIND_LIMIT = 10
+
+#: The index that serves the order of find/claim_available_tasks within one priority.
+ORDER_INDEX = next(
+    index.name
+    for index in ready_tasks.indexes
+    if [column.name for column in index.columns]
+    == ["priority", "updated_at", "instance_id", "task_id"]
+)
+INDEX_SCANS = frozenset({"Index Scan", "Index Only Scan"})
+#: What marks the candidate query among the statements a call sends.
+CANDIDATE_MARK = "FROM sayiir_ready_tasks"
+
+
+@pytest.fixture
+def plans_url(postgres_url: str) -> Iterator[str]:
+    """A fresh, migrated database of this module's own on the PostgreSQL server."""
+    server = make_url(postgres_url)
+    admin = sa.create_engine(server, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{OWN_DATABASE}" WITH (FORCE)')
+
+    try:
+        drop()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{OWN_DATABASE}"')
+        url = server.set(database=OWN_DATABASE).render_as_string(hide_password=False)
+        migrate(url)
+        yield url
+        drop()
+    finally:
+        admin.dispose()
+
+
+def _seed(url: str, start: int, stop: int) -> None:
+    """Bulk-insert in-progress workflows ``start..stop-1`` at AtTask("t"), then ANALYZE.
+
+    The values are those ``save_snapshot`` of ``WorkflowSnapshot.new(..., first_task="t")``
+    writes: the workflow row (version 1) and one ready-task row per runnable task; every
+    CLAIMED_EVERY-th task also gets the live claim row ``claim_task`` would write.
+    """
+    rng = random.Random(start)
+    claimed_at = datetime.now(UTC)
+    base = claimed_at - timedelta(hours=1)
+    position = codec.encode_position(AtTask("t"))
+    no_tags = codec.encode_tags(frozenset())
+    engine = sa.create_engine(url, poolclass=NullPool)
+    try:
+        for first in range(start, stop, INSERT_BATCH):
+            workflow_rows, ready_rows, claim_rows = [], [], []
+            for number in range(first, min(first + INSERT_BATCH, stop)):
+                instance_id = f"plan-{number:06d}"
+                priority = rng.randint(1, 5)
+                saved_at = base + timedelta(milliseconds=number)
+                workflow_rows.append(
+                    {
+                        "instance_id": instance_id,
+                        "definition_hash": "plan-definition",
+                        "status": WorkflowStatus.IN_PROGRESS.value,
+                        "position": position,
+                        "last_completed_task_id": None,
+                        "input_task_id": None,
+                        "initial_input": b"input",
+                        "output": None,
+                        "error": None,
+                        "cancel_request": codec.encode_request(None),
+                        "pause_request": codec.encode_request(None),
+                        "priority": priority,
+                        "tags": no_tags,
+                        "created_at": saved_at,
+                        "updated_at": saved_at,
+                        "version": 1,
+                    }
+                )
+                ready_rows.append(
+                    {
+                        "instance_id": instance_id,
+                        "task_id": "t",
+                        "priority": priority,
+                        "updated_at": saved_at,
+                        "wake_at": None,
+                        "has_tags": False,
+                    }
+                )
+                if number % CLAIMED_EVERY == 0:
+                    claim_rows.append(
+                        {
+                            "instance_id": instance_id,
+                            "task_id": "t",
+                            "worker_id": "busy-worker",
+                            "token": 1,
+                            "claimed_at": claimed_at,
+                            "expires_at": claimed_at + timedelta(hours=1),
+                            "released": False,
+                        }
+                    )
+            with engine.begin() as conn:
+                conn.execute(sa.insert(workflows), workflow_rows)
+                conn.execute(sa.insert(ready_tasks), ready_rows)
+                conn.execute(sa.insert(task_claims), claim_rows)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("ANALYZE")
+    finally:
+        engine.dispose()
+
+
+def _p50_find_ms(backend: SqlBackend) -> float:
+    backend.find_available_tasks("plan-worker", FIND_LIMIT)  # warm the pool and caches
+    durations = []
+    for _ in range(TIMED_CALLS):
+        started = time.perf_counter()
+        found = backend.find_available_tasks("plan-worker", FIND_LIMIT)
+        durations.append((time.perf_counter() - started) * 1000)
+        assert len(found) == FIND_LIMIT
+    return statistics.median(durations)
+
+
+def _candidate_statements(backend: SqlBackend, call: Any) -> list[tuple[str, Any]]:
+    """The statements ``call()`` sends that read sayiir_ready_tasks, with their parameters."""
+    captured: list[tuple[str, Any]] = []
+
+    def capture(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
+        captured.append((statement, parameters))
+
+    sa.event.listen(backend.engine, "before_cursor_execute", capture)
+    try:
+        call()
+    finally:
+        sa.event.remove(backend.engine, "before_cursor_execute", capture)
+    # The candidate query is the one that scans sayiir_ready_tasks with an ORDER BY (the
+    # per-row locks of claim_available_tasks also name the table but look up one key).
+    return [
+        (statement, parameters)
+        for statement, parameters in captured
+        if CANDIDATE_MARK in statement and "ORDER BY" in statement
+    ]
+
+
+def _explain(url: str, statement: str, parameters: Any) -> dict[str, Any]:
+    engine = sa.create_engine(url, poolclass=NullPool)
+    try:
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("EXPLAIN (FORMAT JSON) " + statement, parameters)
+            row = cursor.fetchone()
+            assert row is not None
+            document = row[0]
+            raw.rollback()
+        finally:
+            raw.close()
+    finally:
+        engine.dispose()
+    plan = json.loads(document) if isinstance(document, str) else document
+    return plan[0]["Plan"]  # type: ignore[no-any-return]
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+def _summary(plan: dict[str, Any], depth: int = 0) -> list[str]:
+    """One line per plan node: type, relation, index and estimated rows."""
+    parts = [plan["Node Type"]]
+    if "Relation Name" in plan:
+        parts.append(f"on {plan['Relation Name']}")
+    if "Index Name" in plan:
+        parts.append(f"using {plan['Index Name']}")
+    if "Index Cond" in plan:
+        parts.append(f"[{plan['Index Cond']}]")
+    parts.append(f"(rows={plan.get('Plan Rows')}, cost={plan.get('Total Cost')})")
+    lines = ["  " * depth + " ".join(parts)]
+    for child in plan.get("Plans", []):
+        lines.extend(_summary(child, depth + 1))
+    return lines
+
+
+def _check_plan(plan: dict[str, Any], label: str) -> None:
+    ready_scans = [node for node in _nodes(plan) if node.get("Relation Name") == ready_tasks.name]
+    print(f"\n[{label}] EXPLAIN (FORMAT JSON) summary:\n" + "\n".join(_summary(plan)))
+    assert ready_scans, f"{label}: the plan does not read {ready_tasks.name}"
+    sequential = [
+        node["Relation Name"]
+        for node in _nodes(plan)
+        if node["Node Type"] == "Seq Scan"
+        and node.get("Relation Name") in (ready_tasks.name, task_claims.name)
+    ]
+    assert not sequential, f"{label}: sequential scan on {sequential}"
+    ordered = [
+        node
+        for node in ready_scans
+        if node["Node Type"] in INDEX_SCANS and node.get("Index Name") == ORDER_INDEX
+    ]
+    assert ordered, (
+        f"{label}: no index scan using {ORDER_INDEX}; scans of {ready_tasks.name}: "
+        f"{[(node['Node Type'], node.get('Index Name')) for node in ready_scans]}"
+    )
+
+
+def test_find_and_claim_available_tasks_use_the_ready_tasks_index_at_100k(
+    plans_url: str,
+) -> None:
+    backend = SqlBackend(plans_url)
+    try:
+        _seed(plans_url, 0, SMALL_WORKFLOWS)
+        small_p50 = _p50_find_ms(backend)
+        _seed(plans_url, SMALL_WORKFLOWS, LARGE_WORKFLOWS)
+        large_p50 = _p50_find_ms(backend)
+
+        statements = {
+            "find_available_tasks": _candidate_statements(
+                backend, lambda: backend.find_available_tasks("plan-worker", FIND_LIMIT)
+            ),
+            "claim_available_tasks": _candidate_statements(
+                backend,
+                lambda: backend.claim_available_tasks(
+                    "plan-worker", FIND_LIMIT, timedelta(minutes=5)
+                ),
+            ),
+        }
+        for label, captured in statements.items():
+            assert len(captured) == 1, f"{label}: expected one candidate query, got {captured}"
+            statement, parameters = captured[0]
+            _check_plan(_explain(plans_url, statement, parameters), label)
+    finally:
+        backend.close()
+
+    print(
+        f"\n[find_available_tasks(limit={FIND_LIMIT})] p50 over {TIMED_CALLS} calls: "
+        f"{small_p50:.2f} ms at {SMALL_WORKFLOWS:,} rows, {large_p50:.2f} ms at "
+        f"{LARGE_WORKFLOWS:,} rows (ratio {large_p50 / small_p50:.2f})"
+    )
