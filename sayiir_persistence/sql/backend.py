@@ -778,43 +778,34 @@ class SqlBackend(PersistentBackend):
         tags: frozenset[str],
         aging_interval: timedelta,
     ) -> list[ClaimedTask]:
-        # Where rows can be skipped, read more candidates than needed: some will be locked
-        # or claimed by concurrent callers by the time we reach them.
+        # Read more candidates than needed where rows can be skipped: some will be locked
+        # or claimed by concurrent callers by the time we lock them.
         wanted = limit * 2 + 16 if self._dialect.skip_locked else limit
 
         def work(conn: Connection) -> list[ClaimedTask]:
-            claims: list[TaskClaim] = []
-            for row in self._candidates(conn, tags, aging_interval, wanted):
-                if len(claims) == limit:
-                    break
-                if self._dialect.skip_locked and not self._try_lock_ready(
-                    conn, row.instance_id, row.task_id
-                ):
-                    continue
-                now: datetime = row.now
-                expires_at = None if ttl is None else now + ttl
-                token = self._dialect.claim(
-                    conn, row.instance_id, row.task_id, worker_id, now, expires_at
+            candidates = self._candidates(conn, tags, aging_interval, wanted)
+            if not candidates:
+                return []
+            now: datetime = candidates[0].now
+            expires_at = None if ttl is None else now + ttl
+            keys = [(row.instance_id, row.task_id) for row in candidates]
+            locked = self._dialect.lock_candidates(conn, keys, limit, now)
+            # The guarded claim, not the lock, decides: a row claimed and committed just
+            # before we locked it is refused here.
+            tokens = self._dialect.claim_many(conn, locked, worker_id, now, expires_at)
+            claimed = [key for key in locked if key in tokens]
+            tasks = self._available_tasks(conn, claimed)
+            return [
+                ClaimedTask(
+                    TaskClaim(
+                        task.instance_id, task.task_id, worker_id, now, expires_at, tokens[key]
+                    ),
+                    task,
                 )
-                if token is not None:
-                    claims.append(
-                        TaskClaim(row.instance_id, row.task_id, worker_id, now, expires_at, token)
-                    )
-            tasks = self._available_tasks(conn, [(c.instance_id, c.task_id) for c in claims])
-            return [ClaimedTask(claim, task) for claim, task in zip(claims, tasks, strict=True)]
+                for key, task in zip(claimed, tasks, strict=True)
+            ]
 
         return self._transaction(work)
-
-    def _try_lock_ready(self, conn: Connection, instance_id: str, task_id: str) -> bool:
-        """Lock one ready row unless another transaction holds it (``SKIP LOCKED``)."""
-        return (
-            conn.execute(
-                select(ready_tasks.c.task_id)
-                .where(self._ready_key(instance_id, task_id))
-                .with_for_update(skip_locked=True)
-            ).first()
-            is not None
-        )
 
     # -- signals and events ------------------------------------------------------------------
 

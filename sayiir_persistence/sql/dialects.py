@@ -7,7 +7,7 @@ the dialect name itself. A strategy knows:
 - how to claim a task in one guarded write (the guard ``released OR expires_at <= now``
   lives in the statement itself, so a row that another worker claimed an instant ago is
   never taken over);
-- whether rows can be locked with ``SKIP LOCKED`` (SQLite serialises writers instead);
+- how to lock the best candidates with ``SKIP LOCKED`` (SQLite serialises writers instead);
 - how to prepare an engine (isolation level, SQLite pragmas and ``BEGIN IMMEDIATE``).
 """
 
@@ -21,22 +21,29 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     Interval,
     and_,
     bindparam,
+    column,
     event,
+    exists,
     func,
     insert,
     literal_column,
+    not_,
     or_,
     select,
     type_coerce,
     update,
+    values,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
-from .schema import task_claims, task_results
-from .types import MYSQL_DIALECTS, UtcDateTime
+from .schema import ready_tasks, task_claims, task_results
+from .types import MYSQL_DIALECTS, Identifier, UtcDateTime
+
+TaskKey = tuple[str, str]
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +141,71 @@ class SqlDialect:
         token: int | None = conn.execute(statement).scalar_one_or_none()
         return token
 
+    def lock_candidates(
+        self, conn: Connection, keys: list[TaskKey], limit: int, now: datetime
+    ) -> list[TaskKey]:
+        """Lock the first ``limit`` of ``keys`` (best first) that no one else is claiming.
+
+        One statement: rows locked by other transactions are skipped, not waited for, and
+        rows claimed since the candidates were read are left out.
+        """
+        ranked = values(
+            column("instance_id", Identifier()),
+            column("task_id", Identifier()),
+            column("rank", Integer()),
+            name="candidates",
+        ).data([(instance_id, task_id, rank) for rank, (instance_id, task_id) in enumerate(keys)])
+        live_claim = exists().where(
+            task_claims.c.instance_id == ready_tasks.c.instance_id,
+            task_claims.c.task_id == ready_tasks.c.task_id,
+            not_(_claim_is_free(now)),
+        )
+        rows = conn.execute(
+            select(ready_tasks.c.instance_id, ready_tasks.c.task_id)
+            .join(
+                ranked,
+                and_(
+                    ranked.c.instance_id == ready_tasks.c.instance_id,
+                    ranked.c.task_id == ready_tasks.c.task_id,
+                ),
+            )
+            .where(not_(live_claim))
+            .order_by(ranked.c.rank)
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=ready_tasks)
+        )
+        return [(row.instance_id, row.task_id) for row in rows]
+
+    def claim_many(
+        self,
+        conn: Connection,
+        keys: list[TaskKey],
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> dict[TaskKey, int]:
+        """Claim each of ``keys`` that has no live claim; return the new tokens."""
+        if not keys:
+            return {}
+        statement = self._insert()(task_claims).values(
+            [
+                _claim_values(instance_id, task_id, worker_id, now, expires_at)
+                for instance_id, task_id in keys
+            ]
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
+            set_={
+                "worker_id": statement.excluded.worker_id,
+                "token": task_claims.c.token + 1,
+                "claimed_at": statement.excluded.claimed_at,
+                "expires_at": statement.excluded.expires_at,
+                "released": False,
+            },
+            where=_claim_is_free(now),
+        ).returning(task_claims.c.instance_id, task_claims.c.task_id, task_claims.c.token)
+        return {(row.instance_id, row.task_id): row.token for row in conn.execute(statement)}
+
     def put_result(
         self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
     ) -> None:
@@ -221,6 +293,13 @@ class SqliteDialect(SqlDialect):
     def _insert(self) -> Any:
         return sqlite.insert
 
+    def lock_candidates(
+        self, conn: Connection, keys: list[TaskKey], limit: int, now: datetime
+    ) -> list[TaskKey]:
+        # The transaction holds the database's write lock: the candidates just read are
+        # exactly what is available, and nobody else can claim them before we commit.
+        return keys[:limit]
+
 
 class MySqlDialect(SqlDialect):
     """MySQL 8 / MariaDB 10.6+: no ``ON CONFLICT ... WHERE`` and no ``UPDATE ... RETURNING``.
@@ -301,6 +380,39 @@ class MySqlDialect(SqlDialect):
         # Our own row, locked by the write above: read-your-writes gives the token.
         token: int = conn.execute(select(task_claims.c.token).where(key)).scalar_one()
         return token
+
+    def lock_candidates(
+        self, conn: Connection, keys: list[TaskKey], limit: int, now: datetime
+    ) -> list[TaskKey]:
+        # InnoDB locks the rows it reads before sorting and limiting, so a batch lock would
+        # hold every candidate: lock one primary key at a time, best first, instead.
+        locked: list[TaskKey] = []
+        for instance_id, task_id in keys:
+            if len(locked) == limit:
+                break
+            row = conn.execute(
+                select(ready_tasks.c.task_id)
+                .where(ready_tasks.c.instance_id == instance_id, ready_tasks.c.task_id == task_id)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if row is not None:
+                locked.append((instance_id, task_id))
+        return locked
+
+    def claim_many(
+        self,
+        conn: Connection,
+        keys: list[TaskKey],
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> dict[TaskKey, int]:
+        tokens = {}
+        for instance_id, task_id in keys:
+            token = self.claim(conn, instance_id, task_id, worker_id, now, expires_at)
+            if token is not None:
+                tokens[instance_id, task_id] = token
+        return tokens
 
     def put_result(
         self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
