@@ -1,7 +1,7 @@
 """Alembic environment for the ``sayiir_*`` tables.
 
 The database comes from, in order: a connection passed by the caller in
-``config.attributes["connection"]`` (what :func:`sayiir_persistence.migrate.migrate` does),
+``config.attributes["connection"]`` (what :func:`sayiir_persistence.migrate` does),
 ``alembic -x url=URL ...``, or the ``SAYIIR_DATABASE_URL`` environment variable.
 
 The revision is recorded in ``sayiir_alembic_version``, not ``alembic_version``, and
@@ -23,7 +23,7 @@ from sqlalchemy import Connection, create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from sayiir_persistence.migrate import URL_ENV_VAR, VERSION_TABLE, mask_url, migration_lock
+from sayiir_persistence.provisioning import URL_ENV_VAR, VERSION_TABLE, mask_url, migration_lock
 from sayiir_persistence.sql.schema import metadata
 from sayiir_persistence.sql.types import Identifier, UtcDateTime
 

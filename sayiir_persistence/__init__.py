@@ -18,7 +18,6 @@ from .errors import (
     WorkflowTerminalError,
 )
 from .memory import InMemoryBackend
-from .migrate import migrate
 from .model import (
     AtDelay,
     AtFork,
@@ -34,6 +33,7 @@ from .model import (
     WorkflowSnapshot,
     WorkflowStatus,
 )
+from .provisioning import migrate
 from .sql.backend import SqlBackend
 from .validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_ID_LENGTH
 

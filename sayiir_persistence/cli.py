@@ -3,6 +3,7 @@
 Subcommands:
 
 - ``migrate [--url URL] [--revision REV]``: provision or upgrade the ``sayiir_*`` tables.
+- ``demo [--url URL] [...]``: the crash-surviving demo (SQLite by default; see ``demo.py``).
 
 Exit status: 0 on success, 1 on failure (one line on stderr, password masked), 2 on a usage
 error. Each subcommand is one ``_cmd_*`` function registered in :func:`_parser`; add new ones
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import PersistenceError
-from .migrate import URL_ENV_VAR, redact_passwords, upgrade
+from .provisioning import URL_ENV_VAR, redact_passwords, upgrade
 
 __all__ = ["main"]
 
@@ -77,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
         help="the revision to upgrade to (default: %(default)s, the newest)",
     )
     migrate.set_defaults(command=_cmd_migrate)
+
+    demo = subcommands.add_parser(
+        "demo",
+        help="run the crash-surviving demo (an embedded SQLite file by default)",
+        description="Run order workflows across several worker processes, SIGKILL one "
+        "midway, and verify every order completed with no result recorded twice.",
+    )
+    # Imported here: the demo pulls in rich and multiprocessing, which migrate does not need.
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(command=_cmd_demo)
     return parser
 
 
@@ -97,6 +110,15 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     else:
         print(f"{result.url} is already at {result.to_revision}")
     return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo_command
+
+    try:
+        return run_demo_command(args)
+    except KeyboardInterrupt:
+        return 130  # the shell's convention for "stopped by SIGINT"
 
 
 def _fail(message: str) -> None:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import pytest
 from sqlalchemy import delete
 
-from sayiir_persistence.migrate import migrate
+from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.sql.schema import metadata
 from sayiir_persistence.testing import BackendContract

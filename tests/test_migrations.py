@@ -34,7 +34,7 @@ import sayiir_persistence
 from databases import SQLITE, databases_required, sql_params
 from sayiir_persistence import BackendUnavailableError, InvalidInputError, SchemaError
 from sayiir_persistence.cli import main
-from sayiir_persistence.migrate import (
+from sayiir_persistence.provisioning import (
     MIGRATIONS_DIR,
     VERSION_TABLE,
     alembic_config,
@@ -647,7 +647,7 @@ def test_installed_wheel_migrates_a_fresh_sqlite_database(
     _run(
         installed_wheel / "python",
         "-c",
-        "import sqlalchemy, sys; from sayiir_persistence.migrate import check_schema; "
+        "import sqlalchemy, sys; from sayiir_persistence.provisioning import check_schema; "
         "check_schema(sqlalchemy.create_engine(sys.argv[1]))",
         url,
         cwd=tmp_path,

@@ -15,7 +15,7 @@ from sayiir_persistence import (
     SchemaError,
     WorkflowSnapshot,
 )
-from sayiir_persistence.migrate import migrate
+from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.sql.schema import metadata
 from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES

@@ -186,7 +186,7 @@ class SqlBackend(PersistentBackend):
                     ) from None
             self._engine = self._dialect.prepare_engine(engine, created=self._owns_engine)
             if check_schema:
-                from ..migrate import check_schema as _check_schema
+                from ..provisioning import check_schema as _check_schema
 
                 _check_schema(self._engine)
                 with self._engine.connect() as conn:

@@ -1,10 +1,11 @@
 """Provision the ``sayiir_*`` tables with the Alembic migrations shipped inside the package.
 
-The migrations live in ``sayiir_persistence/migrations`` and travel inside the wheel, so an
-installed package migrates without a checkout or an ``alembic.ini``::
+The migrations live in the repository's top-level ``migrations/`` folder and travel inside
+the wheel as ``sayiir_persistence/migrations``, so an installed package migrates without a
+checkout or an ``alembic.ini``::
 
-    from sayiir_persistence.migrate import migrate
-    migrate("postgresql+psycopg2://app@db/app")
+    import sayiir_persistence
+    sayiir_persistence.migrate("postgresql+psycopg2://app@db/app")
 
 or, from a shell, ``sayiir-persistence migrate --url URL``. From a checkout,
 ``alembic upgrade head`` (with ``SAYIIR_DATABASE_URL`` set or ``-x url=URL``) runs the same
