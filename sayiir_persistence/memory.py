@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from . import transitions
 from .backend import PersistentBackend
 from .errors import (
-    CannotCancelError,
     CannotPauseError,
     ClaimLostError,
     ConflictError,
@@ -359,15 +358,9 @@ class InMemoryBackend(PersistentBackend):
     def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
         with self._lock:
             instance = self._get(instance_id)
-            status = instance.snapshot.status
-            if kind is SignalKind.CANCEL:
-                if status in (WorkflowStatus.COMPLETED, WorkflowStatus.FAILED):
-                    raise CannotCancelError(f"workflow {instance_id!r} is {status.value}")
-                already = status is WorkflowStatus.CANCELLED
-            else:
-                if status.is_terminal:
-                    raise CannotPauseError(f"workflow {instance_id!r} is {status.value}")
-                already = status is WorkflowStatus.PAUSED
+            already = transitions.signal_already_applied(
+                instance_id, instance.snapshot.status, kind
+            )
             if not already:
                 instance.signals.setdefault(kind, _request_in_utc(request) or request)
 

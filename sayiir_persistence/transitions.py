@@ -6,7 +6,24 @@ snapshot in place and knows nothing about locking or persistence.
 
 from __future__ import annotations
 
+from .errors import CannotCancelError, CannotPauseError
 from .model import AtSignal, AtTask, SignalKind, SignalRequest, WorkflowSnapshot, WorkflowStatus
+
+
+def signal_already_applied(instance_id: str, status: WorkflowStatus, kind: SignalKind) -> bool:
+    """Whether ``store_signal`` has nothing to do; raise if the signal is not allowed.
+
+    Raises:
+        CannotCancelError: cancel on a completed or failed workflow.
+        CannotPauseError: pause on a completed, failed or cancelled workflow.
+    """
+    if kind is SignalKind.CANCEL:
+        if status in (WorkflowStatus.COMPLETED, WorkflowStatus.FAILED):
+            raise CannotCancelError(f"workflow {instance_id!r} is {status.value}")
+        return status is WorkflowStatus.CANCELLED
+    if status.is_terminal:
+        raise CannotPauseError(f"workflow {instance_id!r} is {status.value}")
+    return status is WorkflowStatus.PAUSED
 
 
 def is_signal_applicable(status: WorkflowStatus, kind: SignalKind) -> bool:

@@ -28,14 +28,10 @@ MIN_PRIORITY, MAX_PRIORITY = 1, 5
 E = TypeVar("E", bound=Enum)
 
 
-def check_id(value: object, name: str) -> str:
-    """Return ``value`` if it is a valid id, else raise ``InvalidInputError``."""
+def _check_str(value: object, name: str) -> str:
+    """A ``str`` every database can store: no NUL, no lone surrogate."""
     if not isinstance(value, str):
         raise InvalidInputError(f"{name} must be a str, got {type(value).__name__}")
-    if not 1 <= len(value) <= MAX_ID_LENGTH:
-        raise InvalidInputError(
-            f"{name} must be 1 to {MAX_ID_LENGTH} characters long, got {len(value)}"
-        )
     if "\x00" in value:
         # PostgreSQL text cannot hold NUL; refusing everywhere keeps backends alike.
         raise InvalidInputError(f"{name} must not contain NUL characters")
@@ -46,23 +42,25 @@ def check_id(value: object, name: str) -> str:
     return value
 
 
+def check_id(value: object, name: str) -> str:
+    """Return ``value`` if it is a valid id, else raise ``InvalidInputError``."""
+    text = _check_str(value, name)
+    if not 1 <= len(text) <= MAX_ID_LENGTH:
+        raise InvalidInputError(
+            f"{name} must be 1 to {MAX_ID_LENGTH} characters long, got {len(text)}"
+        )
+    return text
+
+
 def check_optional_id(value: object, name: str) -> str | None:
     return None if value is None else check_id(value, name)
 
 
 def check_text(value: object, name: str, *, optional: bool = True) -> str | None:
-    """Free text (error messages, reasons): any length, no NUL."""
+    """Free text (error messages, reasons): any length."""
     if value is None and optional:
         return None
-    if not isinstance(value, str):
-        raise InvalidInputError(f"{name} must be a str, got {type(value).__name__}")
-    if "\x00" in value:
-        raise InvalidInputError(f"{name} must not contain NUL characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(f"{name} is not valid Unicode (lone surrogate)") from exc
-    return value
+    return _check_str(value, name)
 
 
 def check_payload(value: object, name: str, max_bytes: int) -> bytes:

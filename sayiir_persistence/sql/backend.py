@@ -47,7 +47,6 @@ from .. import transitions
 from ..backend import PersistentBackend
 from ..errors import (
     BackendUnavailableError,
-    CannotCancelError,
     CannotPauseError,
     ClaimLostError,
     ConflictError,
@@ -69,7 +68,7 @@ from ..model import (
 from ..ordering import availability_key
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_PRIORITY, MIN_PRIORITY
 from . import codec
-from .dialects import dialect_for
+from .dialects import READ_ONLY_OPTION, dialect_for
 from .errors import RetryableConflict, translated_errors
 from .schema import (
     events,
@@ -207,7 +206,7 @@ class SqlBackend(PersistentBackend):
 
     # -- transactions ------------------------------------------------------------------------
 
-    def _transaction(self, work: Callable[[Connection], T]) -> T:
+    def _transaction(self, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
         """Run ``work`` in one transaction, retrying deadlocks and first-save races."""
         attempt = 0
         while True:
@@ -215,7 +214,9 @@ class SqlBackend(PersistentBackend):
             try:
                 with (
                     translated_errors(self._where),
-                    self._engine.connect() as conn,
+                    self._engine.connect().execution_options(
+                        **{READ_ONLY_OPTION: read_only}
+                    ) as conn,
                     conn.begin() as transaction,
                 ):
                     try:
@@ -505,7 +506,7 @@ class SqlBackend(PersistentBackend):
                 raise NotFoundError(f"workflow instance {instance_id!r} not found")
             return self._snapshot_from(row, self._results(conn, instance_id))
 
-        return self._transaction(work)
+        return self._transaction(work, read_only=True)
 
     def _load_task_result(self, instance_id: str, task_id: str) -> bytes | None:
         def work(conn: Connection) -> bytes | None:
@@ -518,7 +519,7 @@ class SqlBackend(PersistentBackend):
                 raise NotFoundError(f"workflow instance {instance_id!r} not found")
             return output
 
-        return self._transaction(work)
+        return self._transaction(work, read_only=True)
 
     def _delete_snapshot(self, instance_id: str) -> None:
         def work(conn: Connection) -> None:
@@ -539,7 +540,7 @@ class SqlBackend(PersistentBackend):
             query = query.where(workflows.c.instance_id > after)
         if limit is not None:
             query = query.limit(limit)
-        return self._transaction(lambda conn: list(conn.scalars(query)))
+        return self._transaction(lambda conn: list(conn.scalars(query)), read_only=True)
 
     # -- claims ------------------------------------------------------------------------------
 
@@ -768,7 +769,7 @@ class SqlBackend(PersistentBackend):
             rows = self._candidates(conn, tags, aging_interval, limit)
             return self._available_tasks(conn, [(row.instance_id, row.task_id) for row in rows])
 
-        return self._transaction(work)
+        return self._transaction(work, read_only=True)
 
     def _claim_available_tasks(
         self,
@@ -789,7 +790,10 @@ class SqlBackend(PersistentBackend):
             now: datetime = candidates[0].now
             expires_at = None if ttl is None else now + ttl
             keys = [(row.instance_id, row.task_id) for row in candidates]
-            locked = self._dialect.lock_candidates(conn, keys, limit, now)
+            locked = self._dialect.lock_candidates(conn, keys, limit, now, aging_interval)
+            # Hand tasks out in the contract's order (the lock's order may differ at ties).
+            rank = {key: index for index, key in enumerate(keys)}
+            locked.sort(key=rank.__getitem__)
             # The guarded claim, not the lock, decides: a row claimed and committed just
             # before we locked it is refused here.
             tokens = self._dialect.claim_many(conn, locked, worker_id, now, expires_at)
@@ -812,16 +816,8 @@ class SqlBackend(PersistentBackend):
     def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
         def work(conn: Connection) -> None:
             status = self._lock_state_or_raise(conn, instance_id).status
-            if kind is SignalKind.CANCEL:
-                if status in (WorkflowStatus.COMPLETED, WorkflowStatus.FAILED):
-                    raise CannotCancelError(f"workflow {instance_id!r} is {status.value}")
-                if status is WorkflowStatus.CANCELLED:
-                    return
-            else:
-                if status.is_terminal:
-                    raise CannotPauseError(f"workflow {instance_id!r} is {status.value}")
-                if status is WorkflowStatus.PAUSED:
-                    return
+            if transitions.signal_already_applied(instance_id, status, kind):
+                return
             # Every signal write holds the workflow row lock, so check-then-insert is safe.
             if conn.execute(
                 select(signals.c.kind).where(self._signal_key(instance_id, kind))
@@ -862,7 +858,7 @@ class SqlBackend(PersistentBackend):
                 raise NotFoundError(f"workflow instance {instance_id!r} not found")
             return request
 
-        return self._transaction(work)
+        return self._transaction(work, read_only=True)
 
     def _clear_signal(self, instance_id: str, kind: SignalKind) -> None:
         def work(conn: Connection) -> None:

@@ -21,11 +21,9 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    Integer,
     Interval,
     and_,
     bindparam,
-    column,
     event,
     exists,
     func,
@@ -34,16 +32,19 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    tuple_,
     type_coerce,
     update,
-    values,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from .schema import ready_tasks, task_claims, task_results
-from .types import MYSQL_DIALECTS, Identifier, UtcDateTime
+from .types import MYSQL_DIALECTS, UtcDateTime
 
 TaskKey = tuple[str, str]
+
+# Connection execution option marking a transaction that only reads.
+READ_ONLY_OPTION = "sayiir_read_only"
 
 logger = logging.getLogger(__name__)
 
@@ -124,55 +125,45 @@ class SqlDialect:
         expires_at: datetime | None,
     ) -> int | None:
         """Claim if no live claim exists; return the new fencing token or ``None``."""
-        statement = self._insert()(task_claims).values(
-            _claim_values(instance_id, task_id, worker_id, now, expires_at)
-        )
-        statement = statement.on_conflict_do_update(
-            index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
-            set_={
-                "worker_id": statement.excluded.worker_id,
-                "token": task_claims.c.token + 1,
-                "claimed_at": statement.excluded.claimed_at,
-                "expires_at": statement.excluded.expires_at,
-                "released": False,
-            },
-            where=_claim_is_free(now),
-        ).returning(task_claims.c.token)
-        token: int | None = conn.execute(statement).scalar_one_or_none()
-        return token
+        key = (instance_id, task_id)
+        return self.claim_many(conn, [key], worker_id, now, expires_at).get(key)
 
     def lock_candidates(
-        self, conn: Connection, keys: list[TaskKey], limit: int, now: datetime
+        self,
+        conn: Connection,
+        keys: list[TaskKey],
+        limit: int,
+        now: datetime,
+        aging_interval: timedelta,
     ) -> list[TaskKey]:
         """Lock the first ``limit`` of ``keys`` (best first) that no one else is claiming.
 
         One statement: rows locked by other transactions are skipped, not waited for, and
-        rows claimed since the candidates were read are left out.
+        rows claimed since the candidates were read are left out. PostgreSQL locks rows in
+        the ``ORDER BY`` order and stops at the limit, so the best rows are taken first.
         """
-        ranked = values(
-            column("instance_id", Identifier()),
-            column("task_id", Identifier()),
-            column("rank", Integer()),
-            name="candidates",
-        ).data([(instance_id, task_id, rank) for rank, (instance_id, task_id) in enumerate(keys)])
         live_claim = exists().where(
             task_claims.c.instance_id == ready_tasks.c.instance_id,
             task_claims.c.task_id == ready_tasks.c.task_id,
             not_(_claim_is_free(now)),
         )
+        effective_priority = ready_tasks.c.priority * aging_interval.total_seconds() + func.extract(
+            "epoch", ready_tasks.c.updated_at
+        )
         rows = conn.execute(
             select(ready_tasks.c.instance_id, ready_tasks.c.task_id)
-            .join(
-                ranked,
-                and_(
-                    ranked.c.instance_id == ready_tasks.c.instance_id,
-                    ranked.c.task_id == ready_tasks.c.task_id,
-                ),
+            .where(
+                tuple_(ready_tasks.c.instance_id, ready_tasks.c.task_id).in_(keys),
+                not_(live_claim),
             )
-            .where(not_(live_claim))
-            .order_by(ranked.c.rank)
+            .order_by(
+                effective_priority,
+                ready_tasks.c.updated_at,
+                ready_tasks.c.instance_id,
+                ready_tasks.c.task_id,
+            )
             .limit(limit)
-            .with_for_update(skip_locked=True, of=ready_tasks)
+            .with_for_update(skip_locked=True)
         )
         return [(row.instance_id, row.task_id) for row in rows]
 
@@ -275,7 +266,10 @@ class SqliteDialect(SqlDialect):
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Reads need no write lock: in WAL mode they see a consistent snapshot and
+            # neither wait for nor block the writer.
+            read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         # Pooled connections opened before the hooks existed would miss the pragmas.
         engine.dispose()
@@ -294,7 +288,12 @@ class SqliteDialect(SqlDialect):
         return sqlite.insert
 
     def lock_candidates(
-        self, conn: Connection, keys: list[TaskKey], limit: int, now: datetime
+        self,
+        conn: Connection,
+        keys: list[TaskKey],
+        limit: int,
+        now: datetime,
+        aging_interval: timedelta,
     ) -> list[TaskKey]:
         # The transaction holds the database's write lock: the candidates just read are
         # exactly what is available, and nobody else can claim them before we commit.
@@ -382,7 +381,12 @@ class MySqlDialect(SqlDialect):
         return token
 
     def lock_candidates(
-        self, conn: Connection, keys: list[TaskKey], limit: int, now: datetime
+        self,
+        conn: Connection,
+        keys: list[TaskKey],
+        limit: int,
+        now: datetime,
+        aging_interval: timedelta,
     ) -> list[TaskKey]:
         # InnoDB locks the rows it reads before sorting and limiting, so a batch lock would
         # hold every candidate: lock one primary key at a time, best first, instead.
