@@ -178,12 +178,12 @@ def _candidate_statements(backend: SqlBackend, call: Any) -> list[tuple[str, Any
         call()
     finally:
         sa.event.remove(backend.engine, "before_cursor_execute", capture)
-    # The candidate query is the one that scans sayiir_ready_tasks with an ORDER BY (the
-    # per-row locks of claim_available_tasks also name the table but look up one key).
+    # The candidate query is the one that merges one ordered scan per priority (the locks
+    # claim_available_tasks takes afterwards also name the table but look up given keys).
     return [
         (statement, parameters)
         for statement, parameters in captured
-        if CANDIDATE_MARK in statement and "ORDER BY" in statement
+        if CANDIDATE_MARK in statement and "UNION ALL" in statement
     ]
 
 
