@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     URL,
+    Column,
     ColumnElement,
     Connection,
     Engine,
@@ -42,6 +43,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql.dml import Update
 
 from .. import transitions
 from ..backend import PersistentBackend
@@ -56,6 +58,7 @@ from ..errors import (
 )
 from ..model import (
     AtDelay,
+    AtFork,
     AvailableTask,
     ClaimedTask,
     SignalKind,
@@ -85,6 +88,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
+# Statuses in which a workflow's stored state may still change (not terminal).
+_CHANGEABLE_STATUSES = tuple(status.value for status in WorkflowStatus if not status.is_terminal)
 
 
 class _RestartTransaction(Exception):
@@ -474,25 +479,56 @@ class SqlBackend(PersistentBackend):
 
     def _save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
         def work(conn: Connection) -> int:
-            stored = self._lock_state_or_raise(conn, instance_id)
-            self._refuse_terminal(stored, instance_id)
-            version = stored.version + 1
-            conn.execute(
+            # Lock, terminal guard and version bump in one statement.
+            bump = (
                 update(workflows)
-                .where(workflows.c.instance_id == instance_id)
-                .values(version=version, updated_at=stored.now, last_completed_task_id=task_id)
+                .where(
+                    workflows.c.instance_id == instance_id,
+                    workflows.c.status.in_(_CHANGEABLE_STATUSES),
+                )
+                .values(
+                    version=workflows.c.version + 1,
+                    updated_at=self._dialect.now(),
+                    last_completed_task_id=task_id,
+                )
             )
+            saved = self._update_returning(
+                conn,
+                bump,
+                instance_id,
+                workflows.c.version,
+                workflows.c.updated_at,
+                workflows.c.position,
+            )
+            if saved is None:
+                # Absent or terminal: say which (the update's guard already decided).
+                stored = self._lock_state_or_raise(conn, instance_id)
+                self._refuse_terminal(stored, instance_id)
+                raise ConflictError(f"workflow {instance_id!r} changed concurrently; retry")
             conn.execute(delete(ready_tasks).where(self._ready_key(instance_id, task_id)))
-            # The sibling branches' snapshot was saved now too (aging counts from updated_at).
-            conn.execute(
-                update(ready_tasks)
-                .where(ready_tasks.c.instance_id == instance_id)
-                .values(updated_at=stored.now)
-            )
-            self._dialect.put_result(conn, instance_id, task_id, output, stored.now)
+            if isinstance(codec.decode_position(saved.position), AtFork):
+                # The other branches' snapshot was saved now too: aging counts from here.
+                conn.execute(
+                    update(ready_tasks)
+                    .where(ready_tasks.c.instance_id == instance_id)
+                    .values(updated_at=saved.updated_at)
+                )
+            self._dialect.put_result(conn, instance_id, task_id, output, saved.updated_at)
+            version: int = saved.version
             return version
 
         return self._transaction(work)
+
+    def _update_returning(
+        self, conn: Connection, statement: Update, instance_id: str, *columns: Column[Any]
+    ) -> Row[Any] | None:
+        """Run an ``UPDATE`` of one workflow row and return ``columns`` of the updated row."""
+        if self._dialect.update_returning:
+            return conn.execute(statement.returning(*columns)).first()
+        if conn.execute(statement).rowcount != 1:
+            return None
+        # Our own row, locked by the update: read-your-writes.
+        return conn.execute(select(*columns).where(workflows.c.instance_id == instance_id)).first()
 
     def _load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
         def work(conn: Connection) -> WorkflowSnapshot:

@@ -83,6 +83,8 @@ class SqlDialect:
 
     name = "generic"
     skip_locked = True
+    # UPDATE ... RETURNING (PostgreSQL, SQLite 3.35+; not MySQL/MariaDB).
+    update_returning = True
 
     # Each statement sees what committed before it started; guards and row locks do the
     # rest. PostgreSQL and InnoDB then behave alike (InnoDB defaults to REPEATABLE READ).
@@ -310,6 +312,7 @@ class MySqlDialect(SqlDialect):
     """
 
     name = "mysql"
+    update_returning = False
 
     @staticmethod
     def packet_bytes(max_payload_bytes: int) -> int:
