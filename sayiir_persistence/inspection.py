@@ -1,0 +1,195 @@
+"""Read-only views of a SQL store for operators (the ``sayiir-persistence`` commands).
+
+The contract answers questions about one workflow; an operator also asks about the whole
+store: which claims are live right now, what a page of workflows looks like, which finished
+workflows are old enough to prune. :class:`StoreInspector` answers those with a few
+SQLAlchemy Core queries on the ``sayiir_*`` tables. It never writes: changes go through the
+contract (``delete_snapshot``, ``store_signal``, ...), so they keep its locking rules.
+
+Time is the database's clock, as for the backend itself: a claim is live or expired by the
+server's ``now``, whatever the operator's machine thinks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import Connection, Engine, Select, select
+
+from .model import WorkflowStatus
+from .sql.dialects import dialect_for
+from .sql.errors import translated_errors
+from .sql.schema import task_claims, workflows
+
+__all__ = ["ClaimInfo", "ClaimState", "StoreInspector", "WorkflowSummary"]
+
+# Ids per IN (...) list: well under every database's bind-parameter limit.
+_IN_CHUNK = 500
+
+
+class ClaimState(StrEnum):
+    """Where a claim stands by the database clock."""
+
+    LIVE = "live"
+    """Held: not released and not yet at ``expires_at`` (or never expiring)."""
+    EXPIRED = "expired"
+    """Not released, but past ``expires_at``: the next worker to claim the task takes it over."""
+    RELEASED = "released"
+    """Released by its worker, or dropped by a cancel or pause. Kept for its fencing token."""
+
+
+@dataclass(frozen=True)
+class WorkflowSummary:
+    """The columns of one workflow that a listing shows."""
+
+    instance_id: str
+    status: WorkflowStatus
+    version: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimInfo:
+    """One row of ``sayiir_task_claims`` and its state at the time of the query."""
+
+    instance_id: str
+    task_id: str
+    worker_id: str
+    token: int
+    claimed_at: datetime
+    expires_at: datetime | None
+    state: ClaimState
+
+
+class StoreInspector:
+    """Read-only queries on the tables of a provisioned SQL store.
+
+    Args:
+        engine: the store's engine, typically ``SqlBackend.engine``.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._where = engine.url.render_as_string(hide_password=True)
+        # Only the clock expression is used: the busy timeout is the engine's business.
+        self._now = dialect_for(engine.dialect.name, sqlite_busy_timeout=timedelta()).now()
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        with translated_errors(self._where), self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    def now(self) -> datetime:
+        """The database clock (aware UTC)."""
+        with self._connection() as conn:
+            return self._read_now(conn)
+
+    def _read_now(self, conn: Connection) -> datetime:
+        now = conn.execute(select(self._now)).scalar_one()
+        assert isinstance(now, datetime)
+        return now
+
+    def summaries(self, instance_ids: Sequence[str]) -> list[WorkflowSummary]:
+        """Status, version and last save of these instances, in the order given.
+
+        Ids that do not exist (any more) are left out.
+        """
+        found: dict[str, WorkflowSummary] = {}
+        with self._connection() as conn:
+            for start in range(0, len(instance_ids), _IN_CHUNK):
+                chunk = list(instance_ids[start : start + _IN_CHUNK])
+                rows = conn.execute(
+                    select(
+                        workflows.c.instance_id,
+                        workflows.c.status,
+                        workflows.c.version,
+                        workflows.c.updated_at,
+                    ).where(workflows.c.instance_id.in_(chunk))
+                )
+                for row in rows:
+                    found[row.instance_id] = WorkflowSummary(
+                        row.instance_id, WorkflowStatus(row.status), row.version, row.updated_at
+                    )
+        return [found[instance_id] for instance_id in instance_ids if instance_id in found]
+
+    def claims(
+        self,
+        *,
+        instance_id: str | None = None,
+        worker_id: str | None = None,
+        include_inactive: bool = False,
+        limit: int | None = None,
+    ) -> tuple[datetime, list[ClaimInfo]]:
+        """Claims ordered by instance and task, and the database time that judged them.
+
+        Args:
+            instance_id: only this instance's claims.
+            worker_id: only claims taken by this worker.
+            include_inactive: also expired and released claims (default: live ones only).
+            limit: at most this many claims.
+        """
+        query = select(task_claims).order_by(task_claims.c.instance_id, task_claims.c.task_id)
+        if instance_id is not None:
+            query = query.where(task_claims.c.instance_id == instance_id)
+        if worker_id is not None:
+            query = query.where(task_claims.c.worker_id == worker_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._connection() as conn:
+            now = self._read_now(conn)
+            if not include_inactive:
+                query = query.where(
+                    task_claims.c.released.is_(False),
+                    (task_claims.c.expires_at.is_(None)) | (task_claims.c.expires_at > now),
+                )
+            rows = list(conn.execute(query))
+        claims = [
+            ClaimInfo(
+                row.instance_id,
+                row.task_id,
+                row.worker_id,
+                row.token,
+                row.claimed_at,
+                row.expires_at,
+                _state(row.released, row.expires_at, now),
+            )
+            for row in rows
+        ]
+        return now, claims
+
+    def prune_candidates(
+        self, status: WorkflowStatus, cutoff: datetime, *, after: str | None, limit: int
+    ) -> list[str]:
+        """Up to ``limit`` ids with ``status``, last saved before ``cutoff``, after ``after``.
+
+        Keyset-paged in id order, which the ``(status, instance_id)`` index serves: each page
+        is one range scan of that index, whatever the size of the table.
+        """
+        with self._connection() as conn:
+            return list(conn.scalars(_prune_query(status, cutoff, after, limit)))
+
+
+def _prune_query(
+    status: WorkflowStatus, cutoff: datetime, after: str | None, limit: int
+) -> Select[tuple[str]]:
+    query = (
+        select(workflows.c.instance_id)
+        .where(workflows.c.status == status.value, workflows.c.updated_at < cutoff)
+        .order_by(workflows.c.instance_id)
+        .limit(limit)
+    )
+    if after is not None:
+        query = query.where(workflows.c.instance_id > after)
+    return query
+
+
+def _state(released: bool, expires_at: datetime | None, now: datetime) -> ClaimState:
+    if released:
+        return ClaimState.RELEASED
+    if expires_at is not None and expires_at <= now:
+        return ClaimState.EXPIRED
+    return ClaimState.LIVE
