@@ -436,6 +436,7 @@ def _cmd_signal(args: argparse.Namespace) -> int:
     instance_id: str = args.instance_id
     verb = kind.value
     target = WorkflowStatus.CANCELLED if kind is SignalKind.CANCEL else WorkflowStatus.PAUSED
+    refused = CannotCancelError if kind is SignalKind.CANCEL else CannotPauseError
     request = SignalRequest(
         reason=args.reason,
         requested_by=args.by if args.by is not None else _login_name(),
@@ -445,8 +446,8 @@ def _cmd_signal(args: argparse.Namespace) -> int:
         before = backend.load_snapshot(instance_id).status
         try:
             backend.store_signal(instance_id, kind, request)
-        except (CannotCancelError, CannotPauseError) as exc:
-            raise type(exc)(f"cannot {verb}: {exc}") from exc
+        except refused as exc:
+            raise refused(f"cannot {verb}: {exc}") from exc
         # No task of the instance can be claimed anew while the signal is pending, so these
         # are the claims that applying it drops.
         _, running = inspector.claims(instance_id=instance_id)
@@ -455,13 +456,13 @@ def _cmd_signal(args: argparse.Namespace) -> int:
         else:
             applied = backend.check_and_pause(instance_id)
         after = backend.load_snapshot(instance_id).status
-        pending = backend.get_signal(instance_id, kind) is not None
-    if applied:
-        outcome = "applied"
-    elif after is target:
-        outcome = "unchanged"  # already cancelled / paused (or a worker applied it first)
-    else:
-        outcome = "pending"
+        if not applied and after is not target:
+            # It finished (or its request was withdrawn) between our two calls.
+            if after.is_terminal:
+                backend.clear_signal(instance_id, kind)  # it could never apply now
+            raise refused(f"cannot {verb}: workflow {instance_id!r} is {after.value} now")
+    # "unchanged": already cancelled / paused (or a worker applied our request first).
+    outcome = "applied" if applied else "unchanged"
     dropped = running if applied else []
     if args.json:
         _print_json(
@@ -471,7 +472,6 @@ def _cmd_signal(args: argparse.Namespace) -> int:
                 "outcome": outcome,
                 "previous_status": before.value,
                 "status": after.value,
-                "signal_pending": pending,
                 "claims_dropped": [_claim_json(claim) for claim in dropped],
             }
         )
@@ -481,10 +481,8 @@ def _cmd_signal(args: argparse.Namespace) -> int:
         if dropped:
             held = ", ".join(f"{claim.task_id} by {claim.worker_id}" for claim in dropped)
             message += f"; dropped {len(dropped)} claim(s) of running tasks: {held}"
-    elif outcome == "unchanged":
-        message = f"{instance_id!r} is already {target.value}"
     else:
-        message = f"{verb} of {instance_id!r} requested; pending (status {after.value})"
+        message = f"{instance_id!r} is already {target.value}"
     _console().print(Text(message))
     return EXIT_OK
 

@@ -32,6 +32,7 @@ from sayiir_persistence import (
     SqlBackend,
     WorkflowSnapshot,
     WorkflowStatus,
+    cli,
     migrate,
 )
 from sayiir_persistence.cli import format_duration, parse_duration
@@ -326,7 +327,6 @@ def test_cancel_applies_at_once_and_stops_the_running_workers(
     )
     assert result["outcome"] == "applied"
     assert (result["previous_status"], result["status"]) == ("in_progress", "cancelled")
-    assert result["signal_pending"] is False
     # Only the live claim was dropped; the expired one was nobody's any more.
     assert [(c["task_id"], c["worker_id"]) for c in result["claims_dropped"]] == [
         ("reserve", "worker-a")
@@ -411,6 +411,29 @@ def test_refusals_exit_1_with_one_line(backend: SqlBackend, store_url: str) -> N
     assert "cannot resume" in line and "not paused" in line
     assert backend.load_snapshot("order-4").status is WorkflowStatus.COMPLETED
     assert backend.load_snapshot("order-1").status is WorkflowStatus.IN_PROGRESS
+
+
+def test_a_workflow_that_finishes_meanwhile_is_refused_and_left_clean(
+    backend: SqlBackend, store_url: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """The race between ``store_signal`` and ``check_and_cancel`` (run in process, to time it):
+    the workflow completes in between, so the cancel is refused and its request not left behind.
+    """
+    seed(backend)
+
+    class CompletesFirst(SqlBackend):
+        def check_and_cancel(self, instance_id: str) -> bool:
+            snapshot = self.load_snapshot(instance_id)
+            snapshot.mark_completed(b"finished just now")
+            self.save_snapshot(snapshot)
+            return super().check_and_cancel(instance_id)
+
+    monkeypatch.setattr(cli, "SqlBackend", CompletesFirst)
+    assert cli.main(["cancel", "order-3", "--url", store_url]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "cannot cancel: workflow 'order-3' is completed now" in line
+    assert backend.load_snapshot("order-3").status is WorkflowStatus.COMPLETED
+    assert backend.get_signal("order-3", SignalKind.CANCEL) is None
 
 
 def test_unknown_ids_exit_1(backend: SqlBackend, store_url: str) -> None:
