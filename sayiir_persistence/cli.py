@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -370,8 +371,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not summaries:
         console.print(Text(f"no workflow instances{where}"))
         return EXIT_OK
-    table = Table(title=f"Workflow instances{where}", title_justify="left")
-    table.add_column("Instance")
+    table = _listing(f"Workflow instances{where}")
+    table.add_column("Instance", overflow="fold")  # ids wrap, never cut: people copy them
     table.add_column("Status")
     table.add_column("Version", justify="right")
     table.add_column("Updated (UTC)", no_wrap=True)
@@ -425,7 +426,10 @@ def _cmd_claims(args: argparse.Namespace) -> int:
     counts = {state: sum(claim.state is state for claim in claims) for state in ClaimState}
     detail = ", ".join(f"{n} {state.value}" for state, n in counts.items() if n)
     table = _claims_table(
-        f"{which}: {detail} (database time {_time(now)} UTC)", claims, now, with_instance=True
+        f"{which}: {detail} (times UTC; database time {_time(now)})",
+        claims,
+        now,
+        with_instance=True,
     )
     console.print(table)
     return EXIT_OK
@@ -590,7 +594,14 @@ def _delete_all(backend: SqlBackend, instance_ids: list[str]) -> int:
 
 
 def _console() -> Console:
-    return Console(highlight=False)
+    # soft_wrap: a message line stays one line (for grep), whatever the terminal's width;
+    # tables still fit the width.
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _listing(title: str) -> Table:
+    """A table of rows: rules under the header only, so that more columns fit 80 characters."""
+    return Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
 
 
 def _print_json(value: object) -> None:
@@ -634,8 +645,8 @@ def _print_snapshot(
             table.add_row(label, Text(_request(request)))
     console.print(table)
 
-    tasks = Table(title=f"Completed tasks ({len(snapshot.completed_tasks)})", title_justify="left")
-    tasks.add_column("Task")
+    tasks = _listing(f"Completed tasks ({len(snapshot.completed_tasks)})")
+    tasks.add_column("Task", overflow="fold")
     tasks.add_column("Size", justify="right", no_wrap=True)
     tasks.add_column("Preview")
     for task_id, output in sorted(snapshot.completed_tasks.items()):
@@ -646,12 +657,13 @@ def _print_snapshot(
         console.print("Completed tasks: none")
 
     if claims:
-        console.print(_claims_table(f"Claims ({len(claims)})", claims, now, with_instance=False))
+        title = f"Claims ({len(claims)}; times UTC)"
+        console.print(_claims_table(title, claims, now, with_instance=False))
     else:
         console.print("Claims: none")
 
     if signals:
-        pending = Table(title=f"Pending signals ({len(signals)})", title_justify="left")
+        pending = _listing(f"Pending signals ({len(signals)})")
         pending.add_column("Signal")
         pending.add_column("Requested")
         for kind, request in signals.items():
@@ -664,27 +676,27 @@ def _print_snapshot(
 def _claims_table(
     title: str, claims: list[ClaimInfo], now: datetime, *, with_instance: bool
 ) -> Table:
-    table = Table(title=Text(title), title_justify="left")
+    table = _listing(title)
     if with_instance:
-        table.add_column("Instance")
-    table.add_column("Task")
-    table.add_column("Worker")
+        table.add_column("Instance", overflow="fold")
+    table.add_column("Task", overflow="fold")
+    table.add_column("Worker", overflow="fold")
     table.add_column("Token", justify="right")
-    table.add_column("Claimed (UTC)", no_wrap=True)
-    table.add_column("Expires (UTC)")
+    table.add_column("Claimed")
+    table.add_column("Expires")
     table.add_column("State")
     for claim in claims:
         expires = (
             "never"
             if claim.expires_at is None
-            else f"{_time(claim.expires_at)} ({_ago(claim.expires_at, now)})"
+            else f"{_clock(claim.expires_at, now)} ({_ago(claim.expires_at, now)})"
         )
         cells: list[Text | str] = [Text(claim.instance_id)] if with_instance else []
         cells += [
             Text(claim.task_id),
             Text(claim.worker_id),
             str(claim.token),
-            _time(claim.claimed_at),
+            _clock(claim.claimed_at, now),
             expires,
             Text(claim.state.value, style=_CLAIM_STYLES[claim.state]),
         ]
@@ -768,9 +780,20 @@ def _time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _clock(moment: datetime, now: datetime) -> str:
+    """Time of day only when on the database's current day: claims live for minutes."""
+    if moment.astimezone(UTC).date() == now.astimezone(UTC).date():
+        return moment.astimezone(UTC).strftime("%H:%M:%S")
+    return _time(moment)
+
+
 def _ago(moment: datetime, now: datetime) -> str:
-    seconds = (moment - now).total_seconds()
-    span = format_duration(timedelta(seconds=round(abs(seconds))))
+    """``in 12s``, ``3m ago``: seconds below a minute, else the largest unit only."""
+    seconds = round((moment - now).total_seconds())
+    unit, size = next(
+        (unit, size) for unit, size in _UNIT_SECONDS.items() if abs(seconds) >= size or size == 1
+    )
+    span = f"{abs(seconds) // size}{unit}"
     return f"in {span}" if seconds > 0 else f"{span} ago"
 
 
@@ -879,7 +902,7 @@ def _snapshot_json(
 
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}  # largest first
 
 
 def parse_duration(text: str) -> timedelta:
@@ -902,7 +925,7 @@ def format_duration(duration: timedelta) -> str:
     if seconds == 0:
         return "0s"
     parts = []
-    for unit, size in sorted(_UNIT_SECONDS.items(), key=lambda item: -item[1]):
+    for unit, size in _UNIT_SECONDS.items():
         count, seconds = divmod(seconds, size)
         if count:
             parts.append(f"{count}{unit}")
