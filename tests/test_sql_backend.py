@@ -135,6 +135,9 @@ def test_repr_masks_the_password() -> None:
     ("value", "message"),
     [
         ("not a url", "not a valid database URL"),
+        ("postgresql+psycopg2://u:s3cret-pw@host:port/db", "not a valid database URL"),
+        ("sqlite://", "in-memory SQLite"),
+        ("sqlite:///:memory:", "in-memory SQLite"),
         ("mssql+pymssql://u:s3cret-pw@h/db", "unsupported database"),
         (42, "engine_or_url must be"),
     ],

@@ -121,10 +121,17 @@ def _parse_url(value: object) -> URL:
             f"engine_or_url must be an Engine, a URL or a str, got {type(value).__name__}"
         )
     try:
-        return make_url(value)
-    except sa_exc.ArgumentError:
-        # The message of ArgumentError repeats the URL, password included: keep it out.
+        url = make_url(value)
+        url.port  # noqa: B018 - a non-numeric port only fails when read
+    except (sa_exc.ArgumentError, ValueError):
+        # The messages repeat the URL, password included: keep them out.
         raise InvalidInputError("engine_or_url is not a valid database URL") from None
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise InvalidInputError(
+            "engine_or_url names an in-memory SQLite database: every connection would see "
+            "its own empty database; use a file (sqlite:///path/to/file.db)"
+        )
+    return url
 
 
 class SqlBackend(PersistentBackend):
