@@ -14,7 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Wide enough for the claim-cycle table when the output is a file or a pipe.
+console = Console(width=None if Console().is_terminal else 132)
 
 
 def _ms(summary: dict[str, float]) -> str:
@@ -138,6 +139,77 @@ def _size(size: int) -> str:
     if size >= 1024 * 1024:
         return f"{size / 1024 / 1024:g} MB"
     return f"{size / 1024:g} KB" if size >= 1024 else f"{size} B"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The headline tables as Markdown (what ``benchmarks/RESULTS.md`` quotes)."""
+    dbs: dict[str, dict[str, Any]] = results["databases"]
+    lines = [
+        "| Database | Threads x processes | Ours tasks/s | Bare driver tasks/s | Ours / ceiling |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for db, scenarios in dbs.items():
+        for row in scenarios.get("ratios", []):
+            lines.append(
+                f"| {db} | {row['threads']} x {row['processes']} | {row['ours_tasks_per_s']:.0f}"
+                f" | {row['ceiling_tasks_per_s']:.0f} | **{row['ratio']:.2f}** |"
+            )
+    lines += [
+        "",
+        "| Database | Threads x processes | Impl | claim_available_tasks p50 / p99 ms"
+        " | save_task_result p50 / p99 ms | release_task_claim p50 / p99 ms |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for db, scenarios in dbs.items():
+        rows = scenarios.get("claim_cycle", []) + scenarios.get("ceiling", [])
+        for threads in sorted({row["threads"] for row in rows}):
+            for impl in ("ours", "ceiling"):
+                row = best(rows, impl, threads)
+                if row is not None:
+                    calls = row["calls"]
+                    lines.append(
+                        f"| {db} | {threads} x {row['processes']} | {impl}"
+                        f" | {_ms(calls['claim_available_tasks'])}"
+                        f" | {_ms(calls['save_task_result'])}"
+                        f" | {_ms(calls['release_task_claim'])} |"
+                    )
+    lines += [
+        "",
+        "| Database | Threads x processes | claim_task attempts/s | p50 / p99 ms | Wins"
+        " | Duplicates |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for db, scenarios in dbs.items():
+        for row in scenarios.get("contended", []):
+            lines.append(
+                f"| {db} | {row['threads']} x {row['processes']} | {row['attempts_per_s']:.0f}"
+                f" | {_ms(row['claim_task'])} | {row['wins']} | {row['duplicates']} |"
+            )
+    lines += [
+        "",
+        "| Database | In-progress workflows | claim_available_tasks p50 / p99 ms"
+        " | find_available_tasks p50 / p99 ms |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for db, scenarios in dbs.items():
+        for row in scenarios.get("scaling", []):
+            lines.append(
+                f"| {db} | {row['workflows']:,} | {_ms(row['claim_available_tasks'])}"
+                f" | {_ms(row['find_available_tasks'])} |"
+            )
+    lines += [
+        "",
+        "| Database | Output | save_snapshot p50 / p99 ms | load_snapshot p50 / p99 ms"
+        " | save_task_result p50 / p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for db, scenarios in dbs.items():
+        for row in scenarios.get("payloads", []):
+            lines.append(
+                f"| {db} | {_size(row['output_bytes'])} | {_ms(row['save_snapshot'])}"
+                f" | {_ms(row['load_snapshot'])} | {_ms(row['save_task_result'])} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def chart(results: dict[str, Any], path: Path) -> Path | None:

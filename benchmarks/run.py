@@ -113,7 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument(
-        "--output", type=Path, default=RESULTS_DIR, help="folder of results.json and scaling.png"
+        "--output",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder of results.json, results.md (tables) and scaling.png",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
     args = parser.parse_args(argv)
@@ -303,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         results["databases"][target.label] = measure(target, args)
     json_path = args.output / "results.json"
     report.write_json(results, json_path)
+    (args.output / "results.md").write_text(report.markdown(results))
     report.print_tables(results)
     log(f"results: {json_path}")
     if not args.no_chart:
