@@ -293,10 +293,18 @@ class _WorkerSpec:
     log_level: int
 
 
-def _worker_main(spec: _WorkerSpec) -> None:
-    """Entry point of a worker process: run a Worker until SIGTERM."""
+def _worker_main(spec: _WorkerSpec, ready: Any) -> None:
+    """Entry point of a worker process: run a Worker until SIGTERM.
+
+    ``ready`` (a multiprocessing Event) is set once SIGTERM means "stop cleanly" here: the
+    parent waits for it before stopping us, since SIGTERM's default action would kill a
+    process that is still starting up.
+    """
     # Ctrl-C reaches the whole process group; the parent turns it into an orderly SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop_requested.set())
+    ready.set()
     logging.basicConfig(
         level=spec.log_level,
         format=f"%(asctime)s {spec.name} %(levelname)s %(name)s: %(message)s",
@@ -321,7 +329,11 @@ def _worker_main(spec: _WorkerSpec) -> None:
             shutdown_grace=timedelta(seconds=5),
             on_outcome=recorder.finished,
         )
-        worker.run_until_signalled(signals=(signal.SIGTERM,))
+        with worker:
+            # A timeout keeps the main thread returning to the interpreter, which runs
+            # signal handlers there.
+            while not stop_requested.wait(0.5):
+                pass
     finally:
         backend.close()
 
@@ -345,20 +357,23 @@ class _Pool:
 
     spec: _WorkerSpec
     processes: dict[str, BaseProcess] = field(default_factory=dict)
+    ready: dict[str, Any] = field(default_factory=dict)
     started: int = 0
 
     def start_one(self) -> tuple[str, BaseProcess]:
         self.started += 1
         worker_id = f"worker-{self.started}"
         context = multiprocessing.get_context("spawn")  # no fork: threads and engines
+        ready = context.Event()
         process = context.Process(
             target=_worker_main,
-            args=(_spec_for(self.spec, worker_id),),
+            args=(_spec_for(self.spec, worker_id), ready),
             name=worker_id,
             daemon=True,
         )
         process.start()
         self.processes[worker_id] = process
+        self.ready[worker_id] = ready
         return worker_id, process
 
     def alive(self) -> dict[str, BaseProcess]:
@@ -366,9 +381,11 @@ class _Pool:
 
     def stop_all(self, timeout: float = 15.0) -> dict[str, int | None]:
         """SIGTERM every live worker, wait for them; the exit codes by worker id."""
-        for process in self.alive().values():
-            process.terminate()
         deadline = time.monotonic() + timeout
+        for worker_id, process in self.alive().items():
+            # A worker still starting up would die of SIGTERM instead of stopping cleanly.
+            self.ready[worker_id].wait(max(deadline - time.monotonic(), 0.1))
+            process.terminate()
         for process in self.processes.values():
             process.join(max(deadline - time.monotonic(), 0.1))
             if process.is_alive():

@@ -59,37 +59,45 @@ def test_demo_survives_a_killed_worker(sql_url: str) -> None:
     assert "SIGKILL" in printed and "Demo summary" in printed and "Verified" in printed
 
 
+_SMALL_DEMO = ["--instances", "20", "--kill-after", "0.2", "--processes", "2", "--threads", "3"]
+
+
+def _run_console_script(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """``sayiir-persistence ...`` as a user runs it (``python -m`` of this interpreter)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sayiir_persistence", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "COLUMNS": "100"},
+        check=False,
+    )
+
+
 @pytest.mark.sqlite
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_demo_module_runs_on_a_temporary_sqlite_file() -> None:
-    """``python -m sayiir_persistence.demo`` with the default database; exit status 0."""
-    env = {**os.environ, "COLUMNS": "100"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sayiir_persistence.demo",
-            "--instances",
-            "20",
-            "--kill-after",
-            "0.2",
-            "--processes",
-            "2",
-            "--threads",
-            "3",
-            "--ttl",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
+def test_demo_command_runs_on_a_temporary_sqlite_file_by_default() -> None:
+    completed = _run_console_script("demo", *_SMALL_DEMO, "--ttl", "1")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "Verified" in completed.stdout
     assert "sqlite:///" in completed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_demo_command_runs_on_each_database(sql_url: str) -> None:
+    with isolated_database(sql_url) as url:
+        completed = _run_console_script("demo", "--url", url, *_SMALL_DEMO, "--ttl", "1")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "Verified" in completed.stdout
+    assert "Duplicate results" in completed.stdout
+
+
+def test_demo_command_usage_error_exits_2() -> None:
+    completed = _run_console_script("demo", "--instances", "zero")
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
 
 
 def test_demo_arguments_have_working_defaults_and_reject_nonsense() -> None:
