@@ -266,8 +266,9 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     left.set(
         title=f"Claim cycle throughput ({processes} process(es))",
         xlabel="threads per process",
-        ylabel="tasks/s",
+        ylabel="tasks/s (log)",
         xscale="log",
+        yscale="log",
     )
     left.set_xticks(results["meta"]["threads"], [str(t) for t in results["meta"]["threads"]])
     right.set(
@@ -277,10 +278,10 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
         xscale="log",
     )
     right.set_ylim(bottom=0)
-    left.set_ylim(bottom=0)
     for axes in (left, right):
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=7)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=7)
     figure.suptitle(
         f"sayiir-persistence benchmarks ({results['meta']['cpus']} shared cores: "
         "read the ratios, not the figures)"

@@ -15,6 +15,7 @@ Timings on a shared machine are noisy: compare ratios within one run, not figure
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -119,6 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder of results.json, results.md (tables) and scaling.png",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: print the tables and redraw the chart of an earlier results.json "
+        "(into its folder)",
+    )
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
@@ -279,6 +287,12 @@ def _library() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        earlier: dict[str, Any] = json.loads(args.replot.read_text())
+        report.print_tables(earlier)
+        (args.replot.parent / "results.md").write_text(report.markdown(earlier))
+        log(f"chart: {report.chart(earlier, args.replot.parent / 'scaling.png')}")
+        return 0
     targets = databases.resolve(args.db, args.url)
     results: dict[str, Any] = {
         "meta": {
