@@ -142,24 +142,27 @@ def _size(size: int) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The headline tables as Markdown (what ``benchmarks/RESULTS.md`` quotes)."""
+    """The headline tables as Markdown (what ``benchmarks/RESULTS.md`` quotes); a table
+    without rows is left out."""
     dbs: dict[str, dict[str, Any]] = results["databases"]
-    lines = [
+    tables: list[list[str]] = []
+
+    def table(header: str, rows: list[str]) -> None:
+        if rows:
+            columns = header.count("|") - 1
+            align = "| --- |" + " ---: |" * (columns - 1)
+            tables.append([header, align, *rows])
+
+    table(
         "| Database | Threads x processes | Ours tasks/s | Bare driver tasks/s | Ours / ceiling |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for db, scenarios in dbs.items():
-        for row in scenarios.get("ratios", []):
-            lines.append(
-                f"| {db} | {row['threads']} x {row['processes']} | {row['ours_tasks_per_s']:.0f}"
-                f" | {row['ceiling_tasks_per_s']:.0f} | **{row['ratio']:.2f}** |"
-            )
-    lines += [
-        "",
-        "| Database | Threads x processes | Impl | claim_available_tasks p50 / p99 ms"
-        " | save_task_result p50 / p99 ms | release_task_claim p50 / p99 ms |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
-    ]
+        [
+            f"| {db} | {row['threads']} x {row['processes']} | {row['ours_tasks_per_s']:.0f}"
+            f" | {row['ceiling_tasks_per_s']:.0f} | **{row['ratio']:.2f}** |"
+            for db, scenarios in dbs.items()
+            for row in scenarios.get("ratios", [])
+        ],
+    )
+    latency_rows = []
     for db, scenarios in dbs.items():
         rows = scenarios.get("claim_cycle", []) + scenarios.get("ceiling", [])
         for threads in sorted({row["threads"] for row in rows}):
@@ -167,49 +170,48 @@ def markdown(results: dict[str, Any]) -> str:
                 row = best(rows, impl, threads)
                 if row is not None:
                     calls = row["calls"]
-                    lines.append(
+                    latency_rows.append(
                         f"| {db} | {threads} x {row['processes']} | {impl}"
                         f" | {_ms(calls['claim_available_tasks'])}"
                         f" | {_ms(calls['save_task_result'])}"
                         f" | {_ms(calls['release_task_claim'])} |"
                     )
-    lines += [
-        "",
+    table(
+        "| Database | Threads x processes | Impl | claim_available_tasks p50 / p99 ms"
+        " | save_task_result p50 / p99 ms | release_task_claim p50 / p99 ms |",
+        latency_rows,
+    )
+    table(
         "| Database | Threads x processes | claim_task attempts/s | p50 / p99 ms | Wins"
         " | Duplicates |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for db, scenarios in dbs.items():
-        for row in scenarios.get("contended", []):
-            lines.append(
-                f"| {db} | {row['threads']} x {row['processes']} | {row['attempts_per_s']:.0f}"
-                f" | {_ms(row['claim_task'])} | {row['wins']} | {row['duplicates']} |"
-            )
-    lines += [
-        "",
+        [
+            f"| {db} | {row['threads']} x {row['processes']} | {row['attempts_per_s']:.0f}"
+            f" | {_ms(row['claim_task'])} | {row['wins']} | {row['duplicates']} |"
+            for db, scenarios in dbs.items()
+            for row in scenarios.get("contended", [])
+        ],
+    )
+    table(
         "| Database | In-progress workflows | claim_available_tasks p50 / p99 ms"
         " | find_available_tasks p50 / p99 ms |",
-        "| --- | ---: | ---: | ---: |",
-    ]
-    for db, scenarios in dbs.items():
-        for row in scenarios.get("scaling", []):
-            lines.append(
-                f"| {db} | {row['workflows']:,} | {_ms(row['claim_available_tasks'])}"
-                f" | {_ms(row['find_available_tasks'])} |"
-            )
-    lines += [
-        "",
+        [
+            f"| {db} | {row['workflows']:,} | {_ms(row['claim_available_tasks'])}"
+            f" | {_ms(row['find_available_tasks'])} |"
+            for db, scenarios in dbs.items()
+            for row in scenarios.get("scaling", [])
+        ],
+    )
+    table(
         "| Database | Output | save_snapshot p50 / p99 ms | load_snapshot p50 / p99 ms"
         " | save_task_result p50 / p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for db, scenarios in dbs.items():
-        for row in scenarios.get("payloads", []):
-            lines.append(
-                f"| {db} | {_size(row['output_bytes'])} | {_ms(row['save_snapshot'])}"
-                f" | {_ms(row['load_snapshot'])} | {_ms(row['save_task_result'])} |"
-            )
-    return "\n".join(lines) + "\n"
+        [
+            f"| {db} | {_size(row['output_bytes'])} | {_ms(row['save_snapshot'])}"
+            f" | {_ms(row['load_snapshot'])} | {_ms(row['save_task_result'])} |"
+            for db, scenarios in dbs.items()
+            for row in scenarios.get("payloads", [])
+        ],
+    )
+    return "\n\n".join("\n".join(lines) for lines in tables) + "\n"
 
 
 def chart(results: dict[str, Any], path: Path) -> Path | None:
