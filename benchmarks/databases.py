@@ -45,6 +45,8 @@ class Target:
 
     label: str
     url: str
+    #: A temporary folder of ours (the SQLite file), removed after the run.
+    scratch: Path | None = None
 
     @property
     def backend_name(self) -> str:
@@ -62,7 +64,8 @@ def resolve(dbs: list[str], urls: list[str], workdir: Path | None = None) -> lis
     for db in dbs:
         if db == "sqlite":
             folder = workdir or Path(tempfile.mkdtemp(prefix="sayiir-bench-"))
-            targets.append(Target("sqlite", f"sqlite:///{folder / 'bench.db'}"))
+            scratch = None if workdir else folder
+            targets.append(Target("sqlite", f"sqlite:///{folder / 'bench.db'}", scratch))
         else:
             targets.append(Target(db, os.environ.get(URL_ENV[db], DEFAULT_URLS[db])))
     targets.extend(Target(label_of(url), url) for url in urls)

@@ -18,6 +18,7 @@ small shared machine CPU, not the database, is what the claim cycle runs out of 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -125,7 +126,12 @@ def main() -> None:
     args = parser.parse_args()
     for target in databases.resolve(args.db or ([] if args.url else ["sqlite"]), args.url):
         print(f"== {target.label}: release_task_claim, {args.calls} calls each, interleaved")
-        for name, figures in measure(target.url, args.calls).items():
+        try:
+            figures_by_way = measure(target.url, args.calls)
+        finally:
+            if target.scratch is not None:
+                shutil.rmtree(target.scratch, ignore_errors=True)
+        for name, figures in figures_by_way.items():
             print(
                 f"  {name:32} wall p50 {figures['wall_p50_ms']:6.3f} ms"
                 f"   client CPU {figures['cpu_mean_ms']:6.3f} ms"

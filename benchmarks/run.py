@@ -18,8 +18,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,8 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output",
         type=Path,
-        default=RESULTS_DIR,
-        help="folder of results.json, results.md (tables) and scaling.png",
+        help="folder of results.json, results.md (tables) and scaling.png (default "
+        "benchmarks/results; with --quick a temporary folder, so a smoke run never overwrites "
+        "the committed results)",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw the PNG chart")
     parser.add_argument(
@@ -128,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(into its folder)",
     )
     args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = (
+            Path(tempfile.gettempdir()) / "sayiir-bench-quick" if args.quick else RESULTS_DIR
+        )
     defaults = QUICK if args.quick else FULL
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -317,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         "databases": {},
     }
     for target in targets:
-        results["databases"][target.label] = measure(target, args)
+        try:
+            results["databases"][target.label] = measure(target, args)
+        finally:
+            if target.scratch is not None:
+                shutil.rmtree(target.scratch, ignore_errors=True)
     json_path = args.output / "results.json"
     report.write_json(results, json_path)
     (args.output / "results.md").write_text(report.markdown(results))
