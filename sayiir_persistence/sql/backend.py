@@ -225,6 +225,7 @@ class SqlBackend(PersistentBackend):
             attempt += 1
             try:
                 with (
+                    self._dialect.write_gate(read_only),
                     translated_errors(self._where),
                     self._engine.connect().execution_options(
                         **{READ_ONLY_OPTION: read_only}

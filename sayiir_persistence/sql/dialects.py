@@ -14,6 +14,8 @@ the dialect name itself. A strategy knows:
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -89,6 +91,10 @@ class SqlDialect:
     # Each statement sees what committed before it started; guards and row locks do the
     # rest. PostgreSQL and InnoDB then behave alike (InnoDB defaults to REPEATABLE READ).
     isolation_level: str | None = "READ COMMITTED"
+
+    def write_gate(self, read_only: bool) -> AbstractContextManager[Any]:
+        """Held around each transaction of this backend (a no-op where rows are locked)."""
+        return nullcontext()
 
     def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
         """``create_engine`` options for an engine the backend creates from a URL."""
@@ -249,6 +255,13 @@ class SqliteDialect(SqlDialect):
 
     def __init__(self, busy_timeout: timedelta) -> None:
         self.busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
+        self._writer = threading.Lock()
+
+    def write_gate(self, read_only: bool) -> AbstractContextManager[Any]:
+        # SQLite's busy handler polls with growing sleeps, so among many waiting threads a
+        # busy one can starve past the busy timeout. Queueing this process's writers on a
+        # lock leaves one contender per process for the file lock.
+        return nullcontext() if read_only else self._writer
 
     def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
         return dict(_POOL_OPTIONS)
