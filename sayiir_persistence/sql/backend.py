@@ -27,10 +27,13 @@ from sqlalchemy import (
     URL,
     Column,
     ColumnElement,
+    CompoundSelect,
     Connection,
     Engine,
+    Integer,
     Row,
     and_,
+    bindparam,
     create_engine,
     delete,
     exists,
@@ -183,6 +186,24 @@ class SqlBackend(PersistentBackend):
         except ValueError as error:
             raise InvalidInputError(str(error)) from None
         self._max_retries = max_retries
+        # Hot-path statements are built once: building SQLAlchemy expressions costs more
+        # client CPU than executing the compiled (cached) statement.
+        self._candidate_queries = {
+            has_tags: self._build_candidate_query(has_tags) for has_tags in (False, True)
+        }
+        self._release_queries = {
+            with_token: self._build_release_query(with_token) for with_token in (False, True)
+        }
+        self._lock_state_query = (
+            select(
+                workflows.c.version,
+                workflows.c.status,
+                workflows.c.tags,
+                self._dialect.now().label("now"),
+            )
+            .where(workflows.c.instance_id == bindparam("p_instance_id"))
+            .with_for_update()
+        )
         with translated_errors(self._where):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
@@ -248,16 +269,7 @@ class SqlBackend(PersistentBackend):
     # -- shared statements -------------------------------------------------------------------
 
     def _lock_state(self, conn: Connection, instance_id: str) -> _Stored | None:
-        row = conn.execute(
-            select(
-                workflows.c.version,
-                workflows.c.status,
-                workflows.c.tags,
-                self._dialect.now().label("now"),
-            )
-            .where(workflows.c.instance_id == instance_id)
-            .with_for_update()
-        ).first()
+        row = conn.execute(self._lock_state_query, {"p_instance_id": instance_id}).first()
         if row is None:
             return None
         return _Stored(
@@ -662,16 +674,32 @@ class SqlBackend(PersistentBackend):
     def _release_task_claim(
         self, instance_id: str, task_id: str, worker_id: str, token: int | None
     ) -> None:
+        parameters = {
+            "p_instance_id": instance_id,
+            "p_task_id": task_id,
+            "p_worker_id": worker_id,
+            "p_token": token,
+        }
+
         def work(conn: Connection) -> None:
-            result = conn.execute(
-                update(task_claims)
-                .where(self._held_claim_filter(instance_id, task_id, worker_id, token))
-                .values(released=True)
-            )
+            result = conn.execute(self._release_queries[token is not None], parameters)
             if result.rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
 
         self._transaction(work)
+
+    @staticmethod
+    def _build_release_query(with_token: bool) -> Update:
+        """Release the caller's own claim (and only with that token, when given)."""
+        condition = and_(
+            task_claims.c.instance_id == bindparam("p_instance_id"),
+            task_claims.c.task_id == bindparam("p_task_id"),
+            task_claims.c.worker_id == bindparam("p_worker_id"),
+            task_claims.c.released.is_(False),
+        )
+        if with_token:
+            condition = and_(condition, task_claims.c.token == bindparam("p_token"))
+        return update(task_claims).where(condition).values(released=True)
 
     def _extend_task_claim(
         self,
@@ -707,7 +735,14 @@ class SqlBackend(PersistentBackend):
 
         return self._transaction(work)
 
-    def _available_filter(self, worker_tags: frozenset[str]) -> list[ColumnElement[bool]]:
+    def _build_candidate_query(self, worker_has_tags: bool) -> CompoundSelect[Any]:
+        """The candidate query: the first ``:limit`` available tasks of each priority.
+
+        Effective priority mixes priority and age, which no index can order directly. But
+        within one priority it is ``updated_at`` order, which the index serves: so take the
+        first ``limit`` of each priority (one indexed scan each) and merge in Python. Built
+        once per backend (per tag case): only the parameters change between calls.
+        """
         now = self._dialect.now()
         live_claim = exists().where(
             task_claims.c.instance_id == ready_tasks.c.instance_id,
@@ -716,14 +751,31 @@ class SqlBackend(PersistentBackend):
             or_(task_claims.c.expires_at.is_(None), task_claims.c.expires_at > now),
         )
         foreign_tag = exists().where(workflow_tags.c.instance_id == ready_tasks.c.instance_id)
-        if worker_tags:
-            foreign_tag = foreign_tag.where(workflow_tags.c.tag.not_in(sorted(worker_tags)))
-        return [
+        if worker_has_tags:
+            foreign_tag = foreign_tag.where(
+                workflow_tags.c.tag.not_in(bindparam("worker_tags", expanding=True))
+            )
+        filters = [
             or_(ready_tasks.c.wake_at.is_(None), ready_tasks.c.wake_at <= now),
             not_(self._signal_pending()),
             not_(live_claim),
             or_(ready_tasks.c.has_tags.is_(False), not_(foreign_tag)),
         ]
+        branches = [
+            select(
+                ready_tasks.c.instance_id,
+                ready_tasks.c.task_id,
+                ready_tasks.c.priority,
+                ready_tasks.c.updated_at,
+                now.label("now"),
+            )
+            .where(ready_tasks.c.priority == priority, *filters)
+            .order_by(ready_tasks.c.updated_at, ready_tasks.c.instance_id, ready_tasks.c.task_id)
+            .limit(bindparam("limit", type_=Integer()))
+            .subquery()
+            for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
+        ]
+        return union_all(*(select(branch) for branch in branches))
 
     def _candidates(
         self,
@@ -732,28 +784,11 @@ class SqlBackend(PersistentBackend):
         aging_interval: timedelta,
         limit: int,
     ) -> list[Row[Any]]:
-        """The first ``limit`` available tasks, best first.
-
-        Effective priority mixes priority and age, which no index can order directly.
-        But within one priority it is ``updated_at`` order, which the index serves: so
-        take the first ``limit`` of each priority (one indexed scan each) and merge.
-        """
-        filters = self._available_filter(worker_tags)
-        branches = [
-            select(
-                ready_tasks.c.instance_id,
-                ready_tasks.c.task_id,
-                ready_tasks.c.priority,
-                ready_tasks.c.updated_at,
-                self._dialect.now().label("now"),
-            )
-            .where(ready_tasks.c.priority == priority, *filters)
-            .order_by(ready_tasks.c.updated_at, ready_tasks.c.instance_id, ready_tasks.c.task_id)
-            .limit(limit)
-            .subquery()
-            for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
-        ]
-        rows = list(conn.execute(union_all(*(select(branch) for branch in branches))))
+        """The first ``limit`` available tasks for a worker with ``worker_tags``, best first."""
+        parameters: dict[str, Any] = {"limit": limit}
+        if worker_tags:
+            parameters["worker_tags"] = sorted(worker_tags)
+        rows = list(conn.execute(self._candidate_queries[bool(worker_tags)], parameters))
         rows.sort(
             key=lambda row: availability_key(
                 row.priority, row.updated_at, row.instance_id, row.task_id, aging_interval
