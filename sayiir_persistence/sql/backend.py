@@ -192,7 +192,10 @@ class SqlBackend(PersistentBackend):
             has_tags: self._build_candidate_query(has_tags) for has_tags in (False, True)
         }
         self._release_queries = {
-            with_token: self._build_release_query(with_token) for with_token in (False, True)
+            with_token: update(task_claims)
+            .where(self._held_claim_filter(with_token))
+            .values(released=True)
+            for with_token in (False, True)
         }
         self._lock_state_query = (
             select(
@@ -642,15 +645,30 @@ class SqlBackend(PersistentBackend):
 
         return self._transaction(work)
 
-    def _held_claim_filter(
-        self, instance_id: str, task_id: str, worker_id: str, token: int | None
-    ) -> ColumnElement[bool]:
+    @staticmethod
+    def _held_claim_filter(with_token: bool) -> ColumnElement[bool]:
+        """The caller's own unreleased claim (and that token, when given); bound by
+        :meth:`_held_claim_parameters`."""
         condition = and_(
-            self._claim_key(instance_id, task_id),
-            task_claims.c.worker_id == worker_id,
+            task_claims.c.instance_id == bindparam("p_instance_id"),
+            task_claims.c.task_id == bindparam("p_task_id"),
+            task_claims.c.worker_id == bindparam("p_worker_id"),
             task_claims.c.released.is_(False),
         )
-        return condition if token is None else and_(condition, task_claims.c.token == token)
+        if with_token:
+            condition = and_(condition, task_claims.c.token == bindparam("p_token"))
+        return condition
+
+    @staticmethod
+    def _held_claim_parameters(
+        instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> dict[str, Any]:
+        return {
+            "p_instance_id": instance_id,
+            "p_task_id": task_id,
+            "p_worker_id": worker_id,
+            "p_token": token,
+        }
 
     def _raise_claim_error(
         self, conn: Connection, instance_id: str, task_id: str, worker_id: str, token: int | None
@@ -674,12 +692,7 @@ class SqlBackend(PersistentBackend):
     def _release_task_claim(
         self, instance_id: str, task_id: str, worker_id: str, token: int | None
     ) -> None:
-        parameters = {
-            "p_instance_id": instance_id,
-            "p_task_id": task_id,
-            "p_worker_id": worker_id,
-            "p_token": token,
-        }
+        parameters = self._held_claim_parameters(instance_id, task_id, worker_id, token)
 
         def work(conn: Connection) -> None:
             result = conn.execute(self._release_queries[token is not None], parameters)
@@ -687,19 +700,6 @@ class SqlBackend(PersistentBackend):
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
 
         self._transaction(work)
-
-    @staticmethod
-    def _build_release_query(with_token: bool) -> Update:
-        """Release the caller's own claim (and only with that token, when given)."""
-        condition = and_(
-            task_claims.c.instance_id == bindparam("p_instance_id"),
-            task_claims.c.task_id == bindparam("p_task_id"),
-            task_claims.c.worker_id == bindparam("p_worker_id"),
-            task_claims.c.released.is_(False),
-        )
-        if with_token:
-            condition = and_(condition, task_claims.c.token == bindparam("p_token"))
-        return update(task_claims).where(condition).values(released=True)
 
     def _extend_task_claim(
         self,
@@ -712,8 +712,9 @@ class SqlBackend(PersistentBackend):
         def work(conn: Connection) -> TaskClaim:
             result = conn.execute(
                 update(task_claims)
-                .where(self._held_claim_filter(instance_id, task_id, worker_id, token))
-                .values(expires_at=None if ttl is None else self._dialect.now_plus(ttl))
+                .where(self._held_claim_filter(token is not None))
+                .values(expires_at=None if ttl is None else self._dialect.now_plus(ttl)),
+                self._held_claim_parameters(instance_id, task_id, worker_id, token),
             )
             if result.rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
