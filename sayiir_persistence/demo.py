@@ -10,7 +10,9 @@ What it does, in order:
    Each task sleeps 10-60 ms and returns JSON that the next task reads.
 2. Starts ``processes`` worker processes, each a :class:`~sayiir_persistence.worker.Worker`
    with ``threads`` threads and a short claim TTL.
-3. Once ``kill_after`` of the orders are complete, sends ``SIGKILL`` to the worker process
+3. Once ``kill_after`` of the task runs are done (an order is four tasks; the orders advance
+   side by side, so counting finished orders would fire only near the end), sends
+   ``SIGKILL`` to the worker process
    running the most tasks whose results are not saved yet, and starts a replacement. The
    killed worker's claims expire after the TTL and the other workers take its tasks over.
    (Should the victim have saved them all in the instant before the kill, one more worker
@@ -595,7 +597,7 @@ def run_demo(
         instances: how many order workflows to run.
         processes: how many worker processes (one of them is killed).
         threads: threads per worker process.
-        kill_after: kill a worker once this fraction of the orders has completed.
+        kill_after: kill a worker once this fraction of the task runs is done.
         ttl: the workers' claim TTL: how long the killed worker's tasks wait for takeover.
         timeout: give up (and report it) if the orders have not completed by then.
         keep: keep the temporary SQLite database (its URL is printed).
@@ -671,7 +673,7 @@ def _run(
         f"[bold]sayiir-persistence demo[/]\n"
         f"  {instances} orders: validate -> (reserve_stock || charge_payment) -> ship\n"
         f"  {processes} worker processes x {threads} threads, claim TTL "
-        f"{ttl.total_seconds():g}s; one worker is killed at {kill_after:.0%}\n"
+        f"{ttl.total_seconds():g}s; one worker is killed at {kill_after:.0%} of the task runs\n"
         f"  database: {shown_url}",
         highlight=False,
     )
@@ -722,7 +724,9 @@ def _watch(
 ) -> None:
     """Show progress until every order completed; kill a worker on the way."""
     deadline = time.monotonic() + timeout.total_seconds()
-    kill_at = max(1, int(len(ids) * kill_after))
+    # Counted in task results, not in completed orders: the orders advance side by side
+    # (priority aging), so most complete in the last moments of a run.
+    kill_at = max(1, int(len(ids) * len(_CONSUMES) * kill_after))
     columns = (
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
@@ -749,9 +753,9 @@ def _watch(
             if time.monotonic() > deadline:
                 report.problems.append(f"timed out after {timeout.total_seconds():g}s")
                 return
-            if completed >= kill_at and _should_kill(report):
+            if counts["recorded"] >= kill_at and _should_kill(report):
                 _kill_one(backend, pool, report, run_id, ttl, progress.console)
-            time.sleep(0.2)
+            time.sleep(0.1)
 
 
 def _should_kill(report: DemoReport) -> bool:
@@ -800,13 +804,16 @@ def _completed_count(backend: SqlBackend, run_id: str, count: int) -> int:
 def _execution_counts(engine: Engine, run_id: str) -> dict[str, int]:
     # COUNT(CASE ...) rather than COUNT(*) FILTER (...), which MySQL lacks.
     takeovers = func.count(case((executions.c.token > 1, 1)))
+    recorded = func.count(case((executions.c.outcome == TaskOutcome.RECORDED.value, 1)))
     with engine.connect() as conn:
         row = conn.execute(
-            select(func.count().label("executions"), takeovers.label("takeovers")).where(
-                executions.c.run_id == run_id
-            )
+            select(
+                func.count().label("executions"),
+                takeovers.label("takeovers"),
+                recorded.label("recorded"),
+            ).where(executions.c.run_id == run_id)
         ).one()
-    return {"executions": row.executions, "takeovers": row.takeovers}
+    return {"executions": row.executions, "takeovers": row.takeovers, "recorded": row.recorded}
 
 
 def _unsaved_by_worker(backend: SqlBackend, run_id: str) -> Counter[str]:
@@ -902,7 +909,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         type=_fraction,
         default=0.3,
         metavar="FRACTION",
-        help="SIGKILL a worker once this fraction of the orders completed (default: %(default)s)",
+        help="SIGKILL a worker once this fraction of the task runs is done (default: %(default)s)",
     )
     parser.add_argument(
         "--ttl",

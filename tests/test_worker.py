@@ -373,19 +373,20 @@ def test_a_stalled_worker_loses_its_claim_and_its_fenced_save_is_refused(store: 
     rival = store.worker(
         step, pipeline, ttl=ttl, threads=1, worker_id="rival", on_outcome=log.outcome
     )
-    with stalled, rival:
+    with stalled:  # the rival starts later: it must not win the first claim
         wait_until(lambda: "stalled" in contexts, "the stalled worker to start the task")
-        store.let_expire(ttl)
-        wait_until(lambda: "rival" in contexts, "the rival to take the task over")
+        with rival:
+            store.let_expire(ttl)
+            wait_until(lambda: "rival" in contexts, "the rival to take the task over")
 
-        # The stalled worker wakes up first: its save must be refused (token 1 < 2).
-        stalled_may_finish.set()
-        wait_until(lambda: stalled.stats.lost == 1, "the stalled worker's result to be dropped")
-        assert store.backend.load_task_result(instance_id, "step") is None
-        assert "fenced save was refused" in (contexts["stalled"].lost_reason or "")
+            # The stalled worker wakes up first: its save must be refused (token 1 < 2).
+            stalled_may_finish.set()
+            wait_until(lambda: stalled.stats.lost == 1, "the stalled worker's result to be dropped")
+            assert store.backend.load_task_result(instance_id, "step") is None
+            assert "fenced save was refused" in (contexts["stalled"].lost_reason or "")
 
-        rival_may_finish.set()
-        wait_until(all_done(store, [instance_id]), "the rival to finish the task")
+            rival_may_finish.set()
+            wait_until(all_done(store, [instance_id]), "the rival to finish the task")
 
     assert log.runs_of(instance_id, "step") == [("stalled", 1), ("rival", 2)]
     snapshot = store.backend.load_snapshot(instance_id)
