@@ -494,6 +494,205 @@ INVALID_MODEL_VALUES: list[Any] = [
 ]
 
 
+# -- hostile input -----------------------------------------------------------------------------
+
+#: Ids a careless store would execute, truncate, mangle or misread: SQL injection attempts,
+#: quoting and placeholder characters of every DBAPI paramstyle, control characters, emoji
+#: with joiners, bidirectional overrides. All are valid ids and must come back verbatim.
+HOSTILE_IDS = [
+    "'; DROP TABLE sayiir_workflows; --",
+    'x"); DELETE FROM sayiir_task_claims; --',
+    "' OR '1'='1",
+    "100%",
+    "%s",
+    "%(name)s",
+    ":name",
+    "?",
+    "$1",
+    "\\",
+    "\\'",
+    "`backtick`",
+    "a;b;c",
+    "line\nbreak\ttab\r",
+    "\x01\x1f\x7f",
+    "emoji 😀🧨👩\u200d💻",
+    "\u202eright-to-left",
+    " ",
+]
+
+#: Wrong values per kind of argument: each must raise ``InvalidInputError`` naming the argument.
+_OVER_LONG = "x" * 1000
+_WRONG_BY_KIND: dict[str, list[Any]] = {
+    "id": [_OVER_LONG, "", "nul\x00", b"bytes", 42, 1.5, None, object(), ["a"]],
+    "optional_id": [_OVER_LONG, "", 42, b"bytes"],
+    "payload": ["text", 42, None, ["a"], object()],
+    "ttl": [
+        timedelta(0),
+        timedelta(seconds=-1),
+        timedelta.max,
+        timedelta(days=365 * 1000),
+        60,
+        "1h",
+        1.5,
+    ],
+    "limit": [0, -1, True, 1.5, "3", 2**63],
+    "optional_limit": [0, -1, True, 1.5, "3", 10**30],
+    "token": [-1, "1", 1.5, True, 2**63],
+    "expected_version": [-1, "1", 1.5, True, 2**63],
+    "kind": ["bogus", 1, None],
+    "status": ["bogus", 1],
+    "tags": ["gpu", [1], [""], [_OVER_LONG], [None], 42],
+    "interval": [timedelta(0), timedelta(seconds=-1), 60, None],
+    "snapshot": [None, {"instance_id": "existing"}, "existing"],
+    "request": [None, "cancel it", {"reason": "x"}],
+}
+
+#: ``(method, arguments, keyword arguments)`` of one valid call per public method, with the
+#: kind of each argument (its name as the error message must say it).
+_VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
+    ("load_snapshot", {"instance_id": ("id", "existing")}),
+    ("delete_snapshot", {"instance_id": ("id", "existing")}),
+    (
+        "list_snapshots",
+        {
+            "status": ("status", None),
+            "after": ("optional_id", None),
+            "limit": ("optional_limit", None),
+        },
+    ),
+    (
+        "save_snapshot",
+        {"snapshot": ("snapshot", None), "expected_version": ("expected_version", None)},
+    ),
+    (
+        "save_snapshot_fenced",
+        {
+            "snapshot": ("snapshot", None),
+            "task_id": ("id", "t1"),
+            "worker_id": ("id", WORKER),
+            "token": ("token", None),
+        },
+    ),
+    (
+        "save_task_result",
+        {"instance_id": ("id", "existing"), "task_id": ("id", "t1"), "output": ("payload", b"")},
+    ),
+    ("load_task_result", {"instance_id": ("id", "existing"), "task_id": ("id", "t1")}),
+    (
+        "claim_task",
+        {
+            "instance_id": ("id", "existing"),
+            "task_id": ("id", "t1"),
+            "worker_id": ("id", WORKER),
+            "ttl": ("ttl", LONG_TTL),
+        },
+    ),
+    (
+        "release_task_claim",
+        {
+            "instance_id": ("id", "existing"),
+            "task_id": ("id", "t1"),
+            "worker_id": ("id", WORKER),
+            "token": ("token", None),
+        },
+    ),
+    (
+        "extend_task_claim",
+        {
+            "instance_id": ("id", "existing"),
+            "task_id": ("id", "t1"),
+            "worker_id": ("id", WORKER),
+            "ttl": ("ttl", LONG_TTL),
+            "token": ("token", None),
+        },
+    ),
+    (
+        "find_available_tasks",
+        {
+            "worker_id": ("id", WORKER),
+            "limit": ("limit", 1),
+            "tags": ("tags", ()),
+            "aging_interval": ("interval", DEFAULT_AGING_INTERVAL),
+        },
+    ),
+    (
+        "claim_available_tasks",
+        {
+            "worker_id": ("id", WORKER),
+            "limit": ("limit", 1),
+            "ttl": ("ttl", LONG_TTL),
+            "tags": ("tags", ()),
+            "aging_interval": ("interval", DEFAULT_AGING_INTERVAL),
+        },
+    ),
+    (
+        "store_signal",
+        {
+            "instance_id": ("id", "existing"),
+            "kind": ("kind", SignalKind.CANCEL),
+            "request": ("request", None),
+        },
+    ),
+    ("get_signal", {"instance_id": ("id", "existing"), "kind": ("kind", SignalKind.CANCEL)}),
+    ("clear_signal", {"instance_id": ("id", "existing"), "kind": ("kind", SignalKind.CANCEL)}),
+    ("check_and_cancel", {"instance_id": ("id", "existing")}),
+    ("check_and_pause", {"instance_id": ("id", "existing")}),
+    ("unpause", {"instance_id": ("id", "existing")}),
+    (
+        "send_event",
+        {"instance_id": ("id", "existing"), "name": ("id", "e"), "payload": ("payload", b"")},
+    ),
+    ("consume_event", {"instance_id": ("id", "existing"), "name": ("id", "e")}),
+]
+
+# Arguments whose valid value is built per call (a fresh snapshot or request).
+_FRESH = {"snapshot": lambda: _snapshot("existing"), "request": _request}
+
+#: One case per (method, argument): every wrong value of the argument's kind is tried.
+WRONG_ARGUMENTS: list[Any] = [
+    pytest.param(method, argument, id=f"{method}-{argument}")
+    for method, arguments in _VALID_CALLS
+    for argument in arguments
+]
+
+
+def _valid_arguments(method: str) -> dict[str, Any]:
+    arguments = dict(_VALID_CALLS)[method]
+    return {
+        name: _FRESH[kind]() if kind in _FRESH else value
+        for name, (kind, value) in arguments.items()
+    }
+
+
+def _wrong_values(method: str, argument: str) -> list[Any]:
+    kind = dict(_VALID_CALLS)[method][argument][0]
+    return _WRONG_BY_KIND[kind]
+
+
+#: Snapshot fields of the wrong type or out of range (``save_snapshot`` names the field).
+WRONG_SNAPSHOT_FIELDS: list[Any] = [
+    pytest.param(field, value, id=f"{field}-{label}")
+    for field, values in {
+        "instance_id": [_OVER_LONG, 42],
+        "definition_hash": [_OVER_LONG, None],
+        "status": ["bogus", None],
+        "position": ["t1", None, ("t1",)],
+        "completed_tasks": [[("t0", b"")], {"t0": "text"}, {_OVER_LONG: b""}, {42: b""}],
+        "last_completed_task_id": [_OVER_LONG, 42],
+        "initial_input": ["text", 42],
+        "output": ["text"],
+        "error": [42, b"bytes"],
+        "cancel_request": ["now", 42],
+        "pause_request": [SignalRequest(requested_at=NAIVE)],
+        "priority": ["3", 3.0, True, 0, 6, None],
+        "tags": ["gpu", frozenset({42}), frozenset({_OVER_LONG}), None],
+        "created_at": [NAIVE, "2030-01-01", None],
+        "updated_at": [NAIVE, 0],
+        "version": [-1, "1", 1.5, None, 2**63],
+    }.items()
+    for label, value in enumerate(values)
+]
+
 # -- fenced save scenarios: set up a claim state on ("wf", "t1"), return (worker, token) -------
 
 _FenceScenario = Callable[
@@ -2112,6 +2311,141 @@ class BackendContract:
         assert backend.load_snapshot("wf").initial_input == b""
         backend.send_event("wf", "ev", largest)
         assert backend.consume_event("wf", "ev") == largest
+
+    # ========================================================================================
+    # Hostile input: stored verbatim, or refused whole with InvalidInputError
+
+    def assert_untouched(self, backend: PersistentBackend, before: WorkflowSnapshot) -> None:
+        """The store still holds exactly the workflow ``existing`` as ``before``, unclaimed,
+        without results, signals or events: a refused call wrote nothing."""
+        assert backend.list_snapshots() == ["existing"]
+        assert backend.load_snapshot("existing") == before
+        assert backend.load_task_result("existing", "t1") is None
+        for kind in SignalKind:
+            assert backend.get_signal("existing", kind) is None
+        assert backend.consume_event("existing", "e") is None
+        claim = backend.claim_task("existing", "t1", "probe", LONG_TTL)
+        assert claim is not None and claim.token == 1
+
+    @pytest.mark.parametrize(("method", "argument"), WRONG_ARGUMENTS)
+    def test_wrong_type_or_range_of_any_argument_is_refused_naming_it(
+        self, backend: PersistentBackend, method: str, argument: str
+    ) -> None:
+        _new_saved(backend, "existing")
+        before = backend.load_snapshot("existing")
+        for wrong in _wrong_values(method, argument):
+            arguments = {**_valid_arguments(method), argument: wrong}
+            with pytest.raises(InvalidInputError, match=argument):
+                getattr(backend, method)(**arguments)
+        self.assert_untouched(backend, before)
+
+    @pytest.mark.parametrize(("field", "value"), WRONG_SNAPSHOT_FIELDS)
+    def test_wrong_snapshot_field_is_refused_naming_it(
+        self, backend: PersistentBackend, field: str, value: Any
+    ) -> None:
+        _new_saved(backend, "existing")
+        before = backend.load_snapshot("existing")
+        for save in (
+            lambda snapshot: backend.save_snapshot(snapshot),
+            lambda snapshot: backend.save_snapshot_fenced(snapshot, "t1", WORKER),
+        ):
+            snapshot = dataclasses.replace(backend.load_snapshot("existing"))
+            setattr(snapshot, field, value)
+            with pytest.raises(InvalidInputError, match=field):
+                save(snapshot)
+        self.assert_untouched(backend, before)
+
+    @pytest.mark.parametrize("hostile", HOSTILE_IDS)
+    def test_hostile_ids_are_stored_verbatim_through_every_call(
+        self, backend: PersistentBackend, hostile: str
+    ) -> None:
+        _new_saved(backend, "bystander")
+        branch = f"{hostile}-branch"
+        snapshot = WorkflowSnapshot.new(hostile, hostile, first_task=None, tags=[hostile])
+        snapshot.move_to(AtFork(hostile, (hostile, branch)))
+        backend.save_snapshot(snapshot)
+        assert backend.list_snapshots() == sorted(["bystander", hostile])
+        assert backend.list_snapshots(after=hostile) == [
+            i for i in sorted(["bystander", hostile]) if i > hostile
+        ]
+        loaded = backend.load_snapshot(hostile)
+        assert (loaded.instance_id, loaded.definition_hash, loaded.tags) == (
+            hostile,
+            hostile,
+            frozenset({hostile}),
+        )
+        # Tagged with the hostile id: only a worker with that very tag gets its tasks.
+        assert _pairs(backend.find_available_tasks(hostile, 10, tags=["other"])) == [
+            ("bystander", "t1")
+        ]
+        offered = backend.find_available_tasks(hostile, 10, tags=[hostile])
+        assert sorted(_pairs(offered)) == sorted(
+            [(hostile, hostile), (hostile, branch), ("bystander", "t1")]
+        )
+        claim = backend.claim_task(hostile, hostile, hostile, LONG_TTL)
+        assert claim is not None
+        assert (claim.instance_id, claim.task_id, claim.worker_id) == (hostile, hostile, hostile)
+        assert backend.claim_task(hostile, hostile, "rival", LONG_TTL) is None
+        backend.extend_task_claim(hostile, hostile, hostile, LONG_TTL, token=claim.token)
+        assert backend.save_snapshot_fenced(
+            backend.load_snapshot(hostile), hostile, hostile, token=claim.token
+        )
+        backend.save_task_result(hostile, hostile, hostile.encode())
+        backend.release_task_claim(hostile, hostile, hostile, token=claim.token)
+        assert backend.load_task_result(hostile, hostile) == hostile.encode()
+        [claimed] = backend.claim_available_tasks(hostile, 1, LONG_TTL, tags=[hostile, "x"])
+        assert claimed.task.instance_id in (hostile, "bystander")
+        backend.send_event(hostile, hostile, hostile.encode())
+        assert backend.consume_event(hostile, hostile) == hostile.encode()
+        backend.store_signal(hostile, SignalKind.PAUSE, SignalRequest(hostile, hostile))
+        request = backend.get_signal(hostile, SignalKind.PAUSE)
+        assert request is not None and (request.reason, request.requested_by) == (hostile, hostile)
+        assert backend.check_and_pause(hostile)
+        assert backend.unpause(hostile).status is WorkflowStatus.IN_PROGRESS
+        backend.delete_snapshot(hostile)
+        # Nothing was executed as SQL: the bystander and every table are still there.
+        assert backend.list_snapshots() == ["bystander"]
+        assert backend.load_snapshot("bystander").position == AtTask("t1")
+        with pytest.raises(NotFoundError):
+            backend.load_snapshot(hostile)
+
+    def test_payload_of_50_mb_is_refused_whole_or_stored_whole(
+        self, backend: PersistentBackend
+    ) -> None:
+        _saved_at(backend, "existing", AtTask("t1"))
+        before = backend.load_snapshot("existing")
+        huge = bytes(range(256)) * (50 * 1024 * 1024 // 256)
+        if len(huge) <= backend.max_payload_bytes:  # a backend configured for it stores it
+            backend.save_task_result("existing", "t1", huge)
+            assert backend.load_task_result("existing", "t1") == huge
+            return
+        big_input = dataclasses.replace(before, initial_input=huge)
+        for name, call in (
+            ("output", lambda: backend.save_task_result("existing", "t1", huge)),
+            ("payload", lambda: backend.send_event("existing", "e", huge)),
+            ("initial_input", lambda: backend.save_snapshot(big_input)),
+            (
+                "completed_tasks",
+                lambda: backend.save_snapshot(
+                    dataclasses.replace(before, completed_tasks={"t0": huge})
+                ),
+            ),
+        ):
+            with pytest.raises(InvalidInputError, match=name):
+                call()
+        self.assert_untouched(backend, before)
+
+    def test_longest_ttl_is_kept_and_a_longer_one_refused(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        _new_saved(backend, "wf")
+        longest = timedelta(days=365 * 100)
+        claim = backend.claim_task("wf", "t1", WORKER, longest)
+        assert claim is not None and claim.expires_at is not None
+        self.assert_now(clock, claim.expires_at - longest)
+        with pytest.raises(InvalidInputError, match="ttl"):
+            backend.extend_task_claim("wf", "t1", WORKER, longest + timedelta(microseconds=1))
+        assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None
 
     # ========================================================================================
     # Concurrency (real threads; sizes scaled by ``concurrency_scale``)

@@ -25,6 +25,9 @@ MAX_TTL = timedelta(days=365 * 100)
 
 MIN_PRIORITY, MAX_PRIORITY = 1, 5
 
+MAX_INT = 2**63 - 1
+"""The largest limit, version or token: what every database stores as a signed 64-bit int."""
+
 E = TypeVar("E", bound=Enum)
 
 
@@ -112,12 +115,16 @@ def check_positive_interval(value: object, name: str) -> timedelta:
     return value
 
 
-def check_limit(value: object, name: str = "limit") -> int:
+def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInputError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise InvalidInputError(f"{name} must be at least 1, got {value}")
+    if not minimum <= value <= MAX_INT:
+        raise InvalidInputError(f"{name} must be between {minimum} and 2**63-1, got {value}")
     return value
+
+
+def check_limit(value: object, name: str = "limit") -> int:
+    return _check_int(value, name, 1)
 
 
 def check_optional_limit(value: object, name: str = "limit") -> int | None:
@@ -125,11 +132,8 @@ def check_optional_limit(value: object, name: str = "limit") -> int | None:
 
 
 def check_version(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInputError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise InvalidInputError(f"{name} must not be negative, got {value}")
-    return value
+    """A version or fencing token: 0 or more."""
+    return _check_int(value, name, 0)
 
 
 def check_priority(value: object, name: str = "priority") -> int:

@@ -1,7 +1,9 @@
 """The conformance suite on the SQL backend: SQLite (a file), PostgreSQL and MariaDB/MySQL.
 
-One migrated database per class; every table is emptied before each test, so each test
-starts from the empty store the contract asks for.
+One migrated database per class (a private schema or database on the servers, see
+``isolated_db``, so that concurrent test runs on the same server cannot empty each other's
+tables); every table is emptied before each test, so each test starts from the empty store the
+contract asks for.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import ClassVar
 import pytest
 from sqlalchemy import delete
 
+from isolated_db import isolated_database
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.sql.schema import metadata
@@ -36,12 +39,12 @@ class _SqlContract(BackendContract):
     @pytest.fixture(scope="class")
     @classmethod
     def shared_backend(cls, request: pytest.FixtureRequest) -> Iterator[SqlBackend]:
-        url: str = request.getfixturevalue(cls.url_fixture)
-        migrate(url)
-        backend = SqlBackend(url)
-        yield backend
-        _empty_all_tables(backend)
-        backend.close()
+        server_url: str = request.getfixturevalue(cls.url_fixture)
+        with isolated_database(server_url) as url:
+            migrate(url)
+            backend = SqlBackend(url)
+            yield backend
+            backend.close()
 
     @pytest.fixture
     def backend(self, shared_backend: SqlBackend) -> SqlBackend:
