@@ -646,7 +646,10 @@ _VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
 ]
 
 # Arguments whose valid value is built per call (a fresh snapshot or request).
-_FRESH = {"snapshot": lambda: _snapshot("existing"), "request": _request}
+_FRESH: dict[str, Callable[[], object]] = {
+    "snapshot": lambda: _snapshot("existing"),
+    "request": _request,
+}
 
 #: One case per (method, argument): every wrong value of the argument's kind is tried.
 WRONG_ARGUMENTS: list[Any] = [
@@ -670,26 +673,27 @@ def _wrong_values(method: str, argument: str) -> list[Any]:
 
 
 #: Snapshot fields of the wrong type or out of range (``save_snapshot`` names the field).
+_WRONG_FIELD_VALUES: dict[str, list[Any]] = {
+    "instance_id": [_OVER_LONG, 42],
+    "definition_hash": [_OVER_LONG, None],
+    "status": ["bogus", None],
+    "position": ["t1", None, ("t1",)],
+    "completed_tasks": [[("t0", b"")], {"t0": "text"}, {_OVER_LONG: b""}, {42: b""}],
+    "last_completed_task_id": [_OVER_LONG, 42],
+    "initial_input": ["text", 42],
+    "output": ["text"],
+    "error": [42, b"bytes"],
+    "cancel_request": ["now", 42],
+    "pause_request": [SignalRequest(requested_at=NAIVE)],
+    "priority": ["3", 3.0, True, 0, 6, None],
+    "tags": ["gpu", frozenset({42}), frozenset({_OVER_LONG}), None],
+    "created_at": [NAIVE, "2030-01-01", None],
+    "updated_at": [NAIVE, 0],
+    "version": [-1, "1", 1.5, None, 2**63],
+}
 WRONG_SNAPSHOT_FIELDS: list[Any] = [
     pytest.param(field, value, id=f"{field}-{label}")
-    for field, values in {
-        "instance_id": [_OVER_LONG, 42],
-        "definition_hash": [_OVER_LONG, None],
-        "status": ["bogus", None],
-        "position": ["t1", None, ("t1",)],
-        "completed_tasks": [[("t0", b"")], {"t0": "text"}, {_OVER_LONG: b""}, {42: b""}],
-        "last_completed_task_id": [_OVER_LONG, 42],
-        "initial_input": ["text", 42],
-        "output": ["text"],
-        "error": [42, b"bytes"],
-        "cancel_request": ["now", 42],
-        "pause_request": [SignalRequest(requested_at=NAIVE)],
-        "priority": ["3", 3.0, True, 0, 6, None],
-        "tags": ["gpu", frozenset({42}), frozenset({_OVER_LONG}), None],
-        "created_at": [NAIVE, "2030-01-01", None],
-        "updated_at": [NAIVE, 0],
-        "version": [-1, "1", 1.5, None, 2**63],
-    }.items()
+    for field, values in _WRONG_FIELD_VALUES.items()
     for label, value in enumerate(values)
 ]
 
@@ -2345,14 +2349,14 @@ class BackendContract:
     ) -> None:
         _new_saved(backend, "existing")
         before = backend.load_snapshot("existing")
-        for save in (
-            lambda snapshot: backend.save_snapshot(snapshot),
-            lambda snapshot: backend.save_snapshot_fenced(snapshot, "t1", WORKER),
-        ):
+        for fenced in (False, True):
             snapshot = dataclasses.replace(backend.load_snapshot("existing"))
             setattr(snapshot, field, value)
             with pytest.raises(InvalidInputError, match=field):
-                save(snapshot)
+                if fenced:
+                    backend.save_snapshot_fenced(snapshot, "t1", WORKER)
+                else:
+                    backend.save_snapshot(snapshot)
         self.assert_untouched(backend, before)
 
     @pytest.mark.parametrize("hostile", HOSTILE_IDS)
