@@ -37,6 +37,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import sayiir_persistence
+from databases import sql_params
 from isolated_db import isolated_database
 from sayiir_persistence import (
     BackendUnavailableError,
@@ -223,16 +224,20 @@ def _logged_text(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(lines)
 
 
+@pytest.fixture(params=[param for param in sql_params() if param.id != "sqlite"])
+def server_url(request: pytest.FixtureRequest) -> str:
+    """Each selected database server (SQLite URLs carry no password)."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
 @pytest.fixture
-def url_with_password(sql_url: str) -> Iterator[str]:
+def url_with_password(server_url: str) -> Iterator[str]:
     """A private namespace reached through a URL with a password that the server accepts:
     PostgreSQL (trust auth here) ignores it; on MySQL/MariaDB a user is created with it."""
-    with isolated_database(sql_url) as private_url:
+    with isolated_database(server_url) as private_url:
         parsed = make_url(private_url)
-        kind = parsed.get_backend_name()
-        if kind == "sqlite":
-            pytest.skip("SQLite URLs carry no password")
-        if kind == "postgresql":
+        if parsed.get_backend_name() == "postgresql":
             yield _with_password(private_url)
             return
         user = f"sayiir_secret_{uuid.uuid4().hex[:8]}"
@@ -289,15 +294,13 @@ def test_password_never_shown_while_working(
 
 @pytest.mark.parametrize("fault", ["wrong password", "closed port", "absent database"])
 def test_password_never_shown_when_connecting_fails(
-    sql_url: str, fault: str, all_logs: pytest.LogCaptureFixture
+    server_url: str, fault: str, all_logs: pytest.LogCaptureFixture
 ) -> None:
-    parsed = make_url(sql_url)
-    if parsed.get_backend_name() == "sqlite":
-        pytest.skip("SQLite URLs carry no password")
+    parsed = make_url(server_url)
     if fault == "wrong password" and parsed.get_backend_name() == "postgresql":
-        bad = _with_password(sql_url, "sayiir_no_such_role")
+        bad = _with_password(server_url, "sayiir_no_such_role")  # trust auth: an unknown role
     elif fault == "wrong password":
-        bad = _with_password(sql_url)  # root has no password here: the server refuses
+        bad = _with_password(server_url)  # not the account's password: the server refuses
     elif fault == "closed port":
         bad = _with_password(parsed.set(port=1).render_as_string(hide_password=False))
     else:
