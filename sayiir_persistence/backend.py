@@ -17,7 +17,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Self
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, NotFoundError
 from .model import (
     POSITION_TYPES,
     AvailableTask,
@@ -28,6 +28,7 @@ from .model import (
     WorkflowSnapshot,
     WorkflowStatus,
 )
+from .transitions import is_stalled_fork
 from .validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     check_aware,
@@ -190,6 +191,34 @@ class PersistentBackend(ABC):
         check_optional_id(after, "after")
         check_optional_limit(limit)
         return self._list_snapshots(checked_status, after, limit)
+
+    def list_stalled_forks(self, *, limit: int = 100) -> list[str]:
+        """Ids (ascending) of in-progress workflows at an ``AtFork`` whose branches are all
+        completed, at most ``limit``.
+
+        Such a workflow has no runnable task: it waits for a worker to move it past the join.
+        The worker that saves the last branch normally does that at once; a crash between
+        that save and the move leaves the workflow here, and ``Worker`` sweeps for it.
+
+        This default pages through :meth:`list_snapshots` and loads every in-progress
+        workflow (its cost grows with the store); backends override it with a query.
+        Not part of the contract's fixed names: an extension of this library.
+        """
+        check_limit(limit)
+        found: list[str] = []
+        after: str | None = None
+        while len(found) < limit:
+            page = self.list_snapshots(status=WorkflowStatus.IN_PROGRESS, after=after, limit=500)
+            if not page:
+                break
+            for instance_id in page:
+                try:
+                    if is_stalled_fork(self.load_snapshot(instance_id)):
+                        found.append(instance_id)
+                except NotFoundError:
+                    continue  # deleted since the page was read
+            after = page[-1]
+        return found[:limit]
 
     # -- claims ---------------------------------------------------------------------------
 

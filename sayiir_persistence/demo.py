@@ -329,6 +329,9 @@ def _worker_main(spec: _WorkerSpec, ready: Any) -> None:
             # Only this run's orders (and untagged workflows: use a scratch database).
             tags=_run_tags(spec.run_id),
             shutdown_grace=timedelta(seconds=5),
+            # A worker killed between saving a fork's last branch and moving the order on
+            # leaves it at the join: the survivors look for such orders this often.
+            stall_sweep_every=timedelta(seconds=spec.ttl_seconds),
             on_outcome=recorder.finished,
         )
         with worker:

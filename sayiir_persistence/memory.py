@@ -34,7 +34,7 @@ from .model import (
     utc_now,
 )
 from .ordering import availability_key
-from .validation import DEFAULT_MAX_PAYLOAD_BYTES, check_aware
+from .validation import DEFAULT_MAX_PAYLOAD_BYTES, check_aware, check_limit
 
 Clock = Callable[[], datetime]
 
@@ -291,6 +291,16 @@ class InMemoryBackend(PersistentBackend):
                 and (after is None or instance_id > after)
             )
         return ids if limit is None else ids[:limit]
+
+    def list_stalled_forks(self, *, limit: int = 100) -> list[str]:
+        check_limit(limit)
+        with self._lock:
+            stalled = sorted(
+                instance_id
+                for instance_id, instance in self._instances.items()
+                if transitions.is_stalled_fork(instance.snapshot)
+            )
+        return stalled[:limit]
 
     # -- claims ------------------------------------------------------------------------------
 

@@ -1351,6 +1351,34 @@ class BackendContract:
         assert backend.list_snapshots(after="a!") == [i for i in sorted(AWKWARD_IDS) if i > "a!"]
         assert backend.list_snapshots(limit=3) == sorted(AWKWARD_IDS)[:3]
 
+    def test_list_stalled_forks_lists_in_progress_forks_with_every_branch_completed(
+        self, backend: PersistentBackend
+    ) -> None:
+        fork = AtFork("f", ("a", "b"))
+        done = {"a": b"A", "b": b"B"}
+        _saved_at(backend, "stalled-2", fork, completed=done)
+        _saved_at(backend, "stalled-1", fork, completed=done)
+        _saved_at(backend, "one-branch-left", fork, completed={"a": b"A"})
+        _saved_at(backend, "at-task", AtTask("t2"), completed={"t1": b"1"})
+        _saved_at(backend, "at-signal", AtSignal("s", "go", None, "t2"))
+        _saved_at(backend, "paused", fork, completed=done)
+        _apply_signal(backend, "paused", SignalKind.PAUSE)
+        _saved_at(backend, "completed", fork, completed=done)
+        finished = backend.load_snapshot("completed")
+        finished.mark_completed(b"B")
+        backend.save_snapshot(finished)
+        _saved_at(backend, "joined-by-results", fork, completed={"a": b"A"})
+        backend.save_task_result("joined-by-results", "b", b"B")
+
+        assert backend.list_stalled_forks() == ["joined-by-results", "stalled-1", "stalled-2"]
+        assert backend.list_stalled_forks(limit=1) == ["joined-by-results"]
+        moved = backend.load_snapshot("stalled-1")
+        moved.move_to(AtTask("next"))
+        backend.save_snapshot(moved)
+        assert backend.list_stalled_forks() == ["joined-by-results", "stalled-2"]
+        with pytest.raises(InvalidInputError, match="limit"):
+            backend.list_stalled_forks(limit=0)
+
     def test_list_snapshots_paging_combines_with_status(self, backend: PersistentBackend) -> None:
         for index in range(6):
             status = WorkflowStatus.PAUSED if index % 2 else WorkflowStatus.IN_PROGRESS

@@ -7,7 +7,26 @@ snapshot in place and knows nothing about locking or persistence.
 from __future__ import annotations
 
 from .errors import CannotCancelError, CannotPauseError
-from .model import AtSignal, AtTask, SignalKind, SignalRequest, WorkflowSnapshot, WorkflowStatus
+from .model import (
+    AtFork,
+    AtSignal,
+    AtTask,
+    SignalKind,
+    SignalRequest,
+    WorkflowSnapshot,
+    WorkflowStatus,
+)
+
+
+def is_stalled_fork(snapshot: WorkflowSnapshot) -> bool:
+    """In progress at an ``AtFork`` whose branches are all completed: nothing is runnable
+    until a worker moves the workflow past the join (see ``list_stalled_forks``)."""
+    position = snapshot.position
+    return (
+        snapshot.status is WorkflowStatus.IN_PROGRESS
+        and isinstance(position, AtFork)
+        and all(task_id in snapshot.completed_tasks for task_id in position.branch_task_ids)
+    )
 
 
 def signal_already_applied(instance_id: str, status: WorkflowStatus, kind: SignalKind) -> bool:

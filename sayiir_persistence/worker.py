@@ -33,6 +33,11 @@ Guarantees, and where they come from:
   ``f"{ctx.instance_id}/{ctx.task_id}"``.
 - A slow task keeps its claim: a heartbeat thread renews every live claim every
   ``heartbeat_every`` (default ``ttl / 3``, so two beats may fail before the claim expires).
+- A fork is joined even when the worker that saved its last branch dies before moving the
+  workflow on (two branches saved at the same moment each see the other unfinished and
+  leave the move to a second step): every ``stall_sweep_every`` the worker asks the store
+  for such stalled forks (:meth:`~sayiir_persistence.PersistentBackend.list_stalled_forks`)
+  and moves on those it has an advance function for.
 - A clean stop (:meth:`Worker.stop`, SIGINT/SIGTERM in :meth:`Worker.run_until_signalled`)
   waits a bounded time for running tasks and then releases the claims of the unfinished
   ones, so other workers retry them at once instead of after the TTL.
@@ -52,6 +57,7 @@ import random
 import signal
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,6 +121,8 @@ It must be deterministic: two workers calling it on the same state must agree.
 # How often the worker re-reads a workflow whose concurrent saves kept conflicting while it
 # tried to move it past a join; each conflict means somebody else moved it, so a few suffice.
 _SETTLE_ATTEMPTS = 10
+# Most stalled forks one sweep moves on (the next sweep takes the rest).
+_SWEEP_LIMIT = 100
 # Back-off after the store was unreachable, doubled up to the maximum.
 _MIN_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 5.0
@@ -373,6 +381,9 @@ class Worker:
         aging_interval: passed to ``claim_available_tasks`` (priority aging).
         shutdown_grace: how long :meth:`stop` waits for running tasks before releasing
             their claims.
+        stall_sweep_every: how often to look for forks whose branches are all completed
+            but whose workflow was not moved on (its last branch's worker died in between);
+            the first look comes after one ``heartbeat_every``.
         on_outcome: called after each execution with its context and :class:`TaskOutcome`
             (metrics, audit logs); exceptions it raises are logged and ignored. It runs on
             the worker's threads: keep it short and thread-safe.
@@ -394,6 +405,7 @@ class Worker:
         claim_batch_wait: timedelta = timedelta(0),
         aging_interval: timedelta = DEFAULT_AGING_INTERVAL,
         shutdown_grace: timedelta = timedelta(seconds=10),
+        stall_sweep_every: timedelta = timedelta(seconds=30),
         on_outcome: Callable[[TaskContext, TaskOutcome], None] | None = None,
     ) -> None:
         if threads < 1:
@@ -421,6 +433,7 @@ class Worker:
         self.claim_batch_wait = claim_batch_wait
         self.aging_interval = aging_interval
         self.shutdown_grace = shutdown_grace
+        self.stall_sweep_every = stall_sweep_every
         self._handlers = handlers
         self._advance = advance
         self._on_outcome = on_outcome
@@ -836,10 +849,39 @@ class Worker:
 
     def _heartbeat_loop(self) -> None:
         interval = self.heartbeat_every.total_seconds()
+        next_sweep = time.monotonic()
         while not self._heartbeat_stop.wait(interval):
             for running in self._running_now():
                 if not running.finished.is_set() and not running.context.claim_lost.is_set():
                     self._beat(running)
+            if time.monotonic() >= next_sweep and not self._stopping.is_set():
+                self._sweep_stalled_forks()
+                next_sweep = time.monotonic() + self.stall_sweep_every.total_seconds()
+
+    def _sweep_stalled_forks(self) -> None:
+        """Move on the workflows left at a completed fork (see ``stall_sweep_every``)."""
+        try:
+            stalled = self.backend.list_stalled_forks(limit=_SWEEP_LIMIT)
+        except PersistenceError as error:
+            logger.warning("worker %s could not look for stalled forks (%s)", self.worker_id, error)
+            return
+        for instance_id in stalled:
+            try:
+                snapshot = self.backend.load_snapshot(instance_id)
+                advance = self._find(self._advance, snapshot.definition_hash)
+                if advance is None:
+                    continue  # another worker's definition: its own workers sweep it
+                logger.info(
+                    "worker %s: moving %r past its completed fork (the worker that saved its "
+                    "last branch did not)",
+                    self.worker_id,
+                    instance_id,
+                )
+                self._settle(instance_id, advance)
+            except PersistenceError as error:
+                logger.warning(
+                    "worker %s: could not move %r on (%s)", self.worker_id, instance_id, error
+                )
 
     def _beat(self, running: _Running) -> None:
         """Renew one claim; on loss tell the task; on a pending signal apply it."""

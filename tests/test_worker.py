@@ -313,6 +313,35 @@ def test_a_failing_task_fails_the_workflow(store: Store) -> None:
     assert worker.stats.failed == 1
 
 
+def test_a_fork_left_completed_by_a_crashed_worker_is_moved_on(store: Store) -> None:
+    """Two branches saved at the same moment each see the other unfinished; the worker that
+    saved last dies before its second step (moving the workflow past the join). The state it
+    leaves behind: every branch completed, nothing runnable. A sweep moves it on."""
+    log = Log()
+    [instance_id] = store.start(ORDER, payload=b"order")
+    snapshot = store.backend.load_snapshot(instance_id)
+    snapshot.mark_task_completed("validate", b"order,validate")
+    snapshot.move_to(ORDER.position_of(1))
+    snapshot.mark_task_completed("reserve", b"order,validate,reserve")
+    snapshot.mark_task_completed("charge", b"order,validate,charge")
+    store.backend.save_snapshot(snapshot)
+    assert store.backend.list_stalled_forks() == [instance_id]
+    assert store.backend.find_available_tasks("probe", 10) == []
+
+    worker = store.worker(
+        appending(log),
+        ORDER,
+        heartbeat_every=timedelta(milliseconds=50),
+        stall_sweep_every=timedelta(milliseconds=100),
+    )
+    with worker:
+        wait_until(all_done(store, [instance_id]), "the stalled fork to be moved on")
+    final = store.backend.load_snapshot(instance_id)
+    assert final.status is WorkflowStatus.COMPLETED
+    assert log.runs_of(instance_id, "ship") == [(worker.worker_id, 1)]
+    assert store.backend.list_stalled_forks() == []
+
+
 # --------------------------------------------------------------------------------------------
 # Heartbeats and lost claims
 

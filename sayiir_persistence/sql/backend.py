@@ -72,7 +72,7 @@ from ..model import (
     position_task_ids,
 )
 from ..ordering import availability_key
-from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_PRIORITY, MIN_PRIORITY
+from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_PRIORITY, MIN_PRIORITY, check_limit
 from . import codec
 from .dialects import READ_ONLY_OPTION, dialect_for
 from .errors import RetryableConflict, translated_errors
@@ -600,6 +600,40 @@ class SqlBackend(PersistentBackend):
         if limit is not None:
             query = query.limit(limit)
         return self._transaction(lambda conn: list(conn.scalars(query)), read_only=True)
+
+    def list_stalled_forks(self, *, limit: int = 100) -> list[str]:
+        """See :meth:`PersistentBackend.list_stalled_forks`. One anti-join over the
+        in-progress workflows: those without a ready row (nothing left to run at their
+        position) are parked at a signal or a join; the fork positions are the joins."""
+        check_limit(limit)
+        page_size = 500
+        query = (
+            select(workflows.c.instance_id, workflows.c.position)
+            .where(
+                workflows.c.status == WorkflowStatus.IN_PROGRESS.value,
+                workflows.c.instance_id > bindparam("p_after"),
+                ~exists().where(ready_tasks.c.instance_id == workflows.c.instance_id),
+            )
+            .order_by(workflows.c.instance_id)
+            .limit(page_size)
+        )
+        found: list[str] = []
+        after = ""
+        while len(found) < limit:
+            parameters = {"p_after": after}
+            rows = self._transaction(
+                lambda conn: conn.execute(query, parameters).all(),  # noqa: B023 - run at once
+                read_only=True,
+            )
+            found += [
+                row.instance_id
+                for row in rows
+                if isinstance(codec.decode_position(row.position), AtFork)
+            ]
+            if len(rows) < page_size:
+                break
+            after = rows[-1].instance_id
+        return found[:limit]
 
     # -- claims ------------------------------------------------------------------------------
 
