@@ -292,9 +292,20 @@ def _translate_errors(shown_url: str, action: str) -> Iterator[None]:
         reason = _one_line(str(exc.orig))
         if exc.connection_invalidated or _is_connect_error(exc):
             raise BackendUnavailableError(f"cannot connect to {shown_url}: {reason}") from exc
+        if _is_sqlite_busy(exc):
+            raise BackendUnavailableError(
+                f"cannot {action} {shown_url}: the database stayed locked ({reason})"
+            ) from exc
         raise SchemaError(f"cannot {action} {shown_url}: {reason}") from exc
     except SQLAlchemyError as exc:
         raise SchemaError(f"cannot {action} {shown_url}: {_one_line(str(exc))}") from exc
+
+
+def _is_sqlite_busy(exc: DBAPIError) -> bool:
+    # Another connection holds SQLite's write lock past the busy timeout: retryable, not a
+    # schema problem.
+    message = str(exc.orig).lower()
+    return "database is locked" in message or "database is busy" in message
 
 
 def _is_connect_error(exc: DBAPIError) -> bool:

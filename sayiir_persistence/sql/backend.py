@@ -223,7 +223,8 @@ class SqlBackend(PersistentBackend):
             if check_schema:
                 from ..provisioning import check_schema as _check_schema
 
-                _check_schema(self._engine)
+                # A read: on SQLite it must not wait for (nor take) the write lock.
+                _check_schema(self._engine.execution_options(**{READ_ONLY_OPTION: True}))
                 with self._engine.connect() as conn:
                     self._dialect.check_server(conn, max_payload_bytes)
 

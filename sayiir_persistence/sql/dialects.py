@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import AbstractContextManager, nullcontext
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,6 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
+from ..errors import BackendUnavailableError
 from .schema import ready_tasks, task_claims, task_results
 from .types import MYSQL_DIALECTS, UtcDateTime
 
@@ -47,6 +50,8 @@ TaskKey = tuple[str, str]
 
 # Connection execution option marking a transaction that only reads.
 READ_ONLY_OPTION = "sayiir_read_only"
+# Connection info key: the busy timeout (ms) currently set on a SQLite connection.
+_BUSY_TIMEOUT_KEY = "sayiir_busy_timeout_ms"
 
 logger = logging.getLogger(__name__)
 
@@ -254,14 +259,35 @@ class SqliteDialect(SqlDialect):
     isolation_level = None
 
     def __init__(self, busy_timeout: timedelta) -> None:
-        self.busy_timeout_ms = int(busy_timeout.total_seconds() * 1000)
+        self.busy_timeout_ms = max(0, int(busy_timeout.total_seconds() * 1000))
         self._writer = threading.Lock()
+        # The busy timeout left to the calling thread's write transaction (see write_gate).
+        self._budget = threading.local()
 
     def write_gate(self, read_only: bool) -> AbstractContextManager[Any]:
         # SQLite's busy handler polls with growing sleeps, so among many waiting threads a
         # busy one can starve past the busy timeout. Queueing this process's writers on a
         # lock leaves one contender per process for the file lock.
-        return nullcontext() if read_only else self._writer
+        return nullcontext() if read_only else self._write_turn()
+
+    @contextmanager
+    def _write_turn(self) -> Iterator[None]:
+        # The busy timeout bounds the whole wait: the queue of this process's writers (all
+        # waiting on one lock held elsewhere would otherwise wait one timeout each, in turn)
+        # and then the file lock, for what is left (applied by the begin hook).
+        started = time.monotonic()
+        if not self._writer.acquire(timeout=self.busy_timeout_ms / 1000):
+            raise BackendUnavailableError(
+                "the SQLite database stayed locked: this process's other writers waited for "
+                f"it for the whole busy timeout ({self.busy_timeout_ms} ms)"
+            ) from TimeoutError(f"waited {self.busy_timeout_ms} ms for the writer queue")
+        try:
+            waited_ms = int((time.monotonic() - started) * 1000)
+            self._budget.ms = max(1, self.busy_timeout_ms - waited_ms)
+            yield
+        finally:
+            self._budget.ms = None
+            self._writer.release()
 
     def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
         return dict(_POOL_OPTIONS)
@@ -284,6 +310,14 @@ class SqliteDialect(SqlDialect):
             # Reads need no write lock: in WAL mode they see a consistent snapshot and
             # neither wait for nor block the writer.
             read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+            budget_ms = (None if read_only else getattr(self._budget, "ms", None)) or (
+                busy_timeout_ms
+            )
+            # Set per connection only when it changes (a writer that queued, and the next
+            # transaction after it): the common case costs no statement.
+            if conn.info.get(_BUSY_TIMEOUT_KEY, busy_timeout_ms) != budget_ms:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={budget_ms:d}")
+                conn.info[_BUSY_TIMEOUT_KEY] = budget_ms
             conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         # Pooled connections opened before the hooks existed would miss the pragmas.
