@@ -530,8 +530,8 @@ class SqlBackend(PersistentBackend):
                 self._refuse_terminal(stored, instance_id)
                 raise ConflictError(f"workflow {instance_id!r} changed concurrently; retry")
             conn.execute(delete(ready_tasks).where(self._ready_key(instance_id, task_id)))
-            if isinstance(codec.decode_position(saved.position), AtFork):
-                # The other branches' snapshot was saved now too: aging counts from here.
+            if set(position_task_ids(codec.decode_position(saved.position), None)) - {task_id}:
+                # The other ready tasks' snapshot was saved now too: aging counts from here.
                 conn.execute(
                     update(ready_tasks)
                     .where(ready_tasks.c.instance_id == instance_id)
@@ -1018,8 +1018,11 @@ class SqlBackend(PersistentBackend):
         def work(conn: Connection) -> None:
             snapshot, stored = self._lock_snapshot(conn, instance_id)
             if transitions.waits_for_event(snapshot, name):
-                transitions.deliver_event(snapshot, payload)
+                stored_results = set(snapshot.completed_tasks)
+                signal_id = transitions.deliver_event(snapshot, payload)
                 self._write_snapshot(conn, snapshot, stored, stored.now)
+                if signal_id in stored_results:  # the write keeps stored results: replace it
+                    self._dialect.put_result(conn, instance_id, signal_id, payload, stored.now)
             else:
                 conn.execute(
                     insert(events).values(

@@ -1,0 +1,432 @@
+"""A small reference model of the store contract (SPEC.md), for the model-based tests.
+
+Plain dictionaries, written from the contract and nothing else (no code of the library's
+backends): each method does what SPEC.md says the matching ``PersistentBackend`` method does,
+raising the library's error classes, and leaves the model untouched when it raises.
+
+What is left out on purpose:
+
+- Time is an integer count of seconds since the start of a run ("virtual time"). The model
+  never sees a ``datetime`` of the store's clock; the test converts (see
+  ``test_model_based.py``), so delays here carry their wake time in virtual seconds
+  (:class:`Delay`) instead of an ``AtDelay`` with a ``datetime``.
+- Fencing tokens: the contract only says a new claim's token is greater than every earlier
+  token of that task. :meth:`ReferenceModel.claim_task` answers the least acceptable token and
+  :meth:`ReferenceModel.grant` records the token the store actually chose.
+- Which of several equally ranked tasks ``claim_available_tasks`` hands out when its limit
+  cuts through them: :meth:`ReferenceModel.available` ranks the candidates, the test checks
+  the store's choice against the ranking and grants what the store chose.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sayiir_persistence import (
+    AtFork,
+    AtSignal,
+    AtTask,
+    CannotCancelError,
+    CannotPauseError,
+    ClaimLostError,
+    ConflictError,
+    NotFoundError,
+    NotStarted,
+    SignalKind,
+    SignalRequest,
+    WorkflowStatus,
+    WorkflowTerminalError,
+)
+
+TERMINAL = frozenset({WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED})
+
+
+@dataclass(frozen=True)
+class Delay:
+    """``AtDelay`` in virtual time: ``next_task_id`` is runnable from ``wake_at`` (seconds) on."""
+
+    delay_id: str
+    wake_at: int
+    next_task_id: str | None
+
+
+ModelPosition = NotStarted | AtTask | AtFork | Delay | AtSignal
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A snapshot as a caller hands it to ``save_snapshot`` (every field the caller sets)."""
+
+    instance_id: str
+    definition_hash: str
+    status: WorkflowStatus
+    position: ModelPosition
+    completed_tasks: dict[str, bytes]
+    last_completed_task_id: str | None
+    input_task_id: str | None
+    initial_input: bytes | None
+    output: bytes | None
+    error: str | None
+    cancel_request: SignalRequest | None
+    pause_request: SignalRequest | None
+    priority: int
+    tags: frozenset[str]
+    created_at: datetime
+
+
+@dataclass
+class Claim:
+    worker_id: str
+    token: int
+    claimed_at: int
+    expires_at: int | None
+    released: bool = False
+
+    def is_live(self, now: int) -> bool:
+        return not self.released and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass
+class Workflow:
+    """One stored instance: its snapshot fields and everything attached to it."""
+
+    draft: Draft  # the last saved snapshot, with the fields the store changes overridden:
+    status: WorkflowStatus
+    position: ModelPosition
+    completed_tasks: dict[str, bytes]
+    last_completed_task_id: str | None
+    input_task_id: str | None
+    output: bytes | None
+    cancel_request: SignalRequest | None
+    pause_request: SignalRequest | None
+    created_at: datetime
+    version: int
+    updated_at: int
+    # Claims stay after release (the next token must still be greater).
+    claims: dict[str, Claim] = field(default_factory=dict)
+    signals: dict[SignalKind, SignalRequest] = field(default_factory=dict)
+    events: dict[str, deque[bytes]] = field(default_factory=dict)
+
+    def runnable_task_ids(self, now: int) -> list[str]:
+        """Tasks runnable by position and clock, not completed (none unless in progress)."""
+        if self.status is not WorkflowStatus.IN_PROGRESS:
+            return []
+        match self.position:
+            case AtTask(task_id=task_id):
+                tasks = [task_id]
+            case AtFork(branch_task_ids=branches):
+                tasks = list(dict.fromkeys(branches))
+            case Delay(wake_at=wake_at, next_task_id=str() as next_task_id) if wake_at <= now:
+                tasks = [next_task_id]
+            case _:
+                tasks = []
+        return [task for task in tasks if task not in self.completed_tasks]
+
+    @property
+    def input_for_position(self) -> bytes | None:
+        if self.input_task_id is None:
+            return self.draft.initial_input
+        return self.completed_tasks.get(self.input_task_id)
+
+    def bump(self, now: int) -> int:
+        self.version += 1
+        self.updated_at = now
+        return self.version
+
+
+@dataclass(frozen=True)
+class ExpectedClaim:
+    """A claim the store must return; its token must be at least ``min_token``."""
+
+    instance_id: str
+    task_id: str
+    worker_id: str
+    claimed_at: int
+    expires_at: int | None
+    min_token: int
+    pending_signals: frozenset[SignalKind]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An available task: what ``AvailableTask`` must say, and its rank.
+
+    ``rank`` is ``(priority * aging + updated_at, updated_at)`` in virtual seconds: lower is
+    handed out first. The contract breaks remaining ties by the exact ``updated_at`` and then
+    ``instance_id``; tasks of one instance share ``updated_at`` and go by ``task_id``.
+    """
+
+    instance_id: str
+    task_id: str
+    definition_hash: str
+    input: bytes | None
+    priority: int
+    tags: frozenset[str]
+    snapshot_version: int
+    rank: tuple[int, int]
+
+
+class ReferenceModel:
+    def __init__(self) -> None:
+        self.now = 0
+        self.workflows: dict[str, Workflow] = {}
+
+    def advance(self, seconds: int) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+    def _get(self, instance_id: str) -> Workflow:
+        if instance_id not in self.workflows:
+            raise NotFoundError(instance_id)
+        return self.workflows[instance_id]
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _write(self, draft: Draft) -> int:
+        """Insert or replace; stored results win over the draft's (a save never rewrites one)."""
+        existing = self.workflows.get(draft.instance_id)
+        if existing is not None and existing.status in TERMINAL:
+            raise WorkflowTerminalError(draft.instance_id)
+        completed = dict(draft.completed_tasks)
+        if existing is not None:
+            completed.update(existing.completed_tasks)
+        workflow = Workflow(
+            draft=draft,
+            status=draft.status,
+            position=draft.position,
+            completed_tasks=completed,
+            last_completed_task_id=draft.last_completed_task_id,
+            input_task_id=draft.input_task_id,
+            output=draft.output,
+            cancel_request=draft.cancel_request,
+            pause_request=draft.pause_request,
+            created_at=draft.created_at if existing is None else existing.created_at,
+            version=1 if existing is None else existing.version + 1,
+            updated_at=self.now,
+        )
+        if existing is not None:  # claims, signals and events belong to the instance
+            workflow.claims = existing.claims
+            workflow.signals = existing.signals
+            workflow.events = existing.events
+        self.workflows[draft.instance_id] = workflow
+        return workflow.version
+
+    def save_snapshot(self, draft: Draft, expected_version: int | None) -> int:
+        existing = self.workflows.get(draft.instance_id)
+        stored_version = 0 if existing is None else existing.version
+        if expected_version is not None and expected_version != stored_version:
+            raise ConflictError(draft.instance_id)
+        return self._write(draft)
+
+    def save_snapshot_fenced(
+        self, draft: Draft, task_id: str, worker_id: str, token: int | None
+    ) -> bool:
+        workflow = self.workflows.get(draft.instance_id)
+        claim = None if workflow is None else workflow.claims.get(task_id)
+        if (
+            claim is None
+            or not claim.is_live(self.now)
+            or claim.worker_id != worker_id
+            or (token is not None and token != claim.token)
+        ):
+            return False
+        self._write(draft)
+        return True
+
+    def save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
+        workflow = self._get(instance_id)
+        if workflow.status in TERMINAL:
+            raise WorkflowTerminalError(instance_id)
+        workflow.completed_tasks[task_id] = output
+        workflow.last_completed_task_id = task_id
+        return workflow.bump(self.now)
+
+    def load_snapshot(self, instance_id: str) -> Workflow:
+        return self._get(instance_id)
+
+    def load_task_result(self, instance_id: str, task_id: str) -> bytes | None:
+        return self._get(instance_id).completed_tasks.get(task_id)
+
+    def delete_snapshot(self, instance_id: str) -> None:
+        self._get(instance_id)
+        del self.workflows[instance_id]
+
+    def list_snapshots(
+        self, status: WorkflowStatus | None, after: str | None, limit: int | None
+    ) -> list[str]:
+        ids = sorted(
+            instance_id
+            for instance_id, workflow in self.workflows.items()
+            if (status is None or workflow.status is status)
+            and (after is None or instance_id > after)
+        )
+        return ids if limit is None else ids[:limit]
+
+    # -- claims ------------------------------------------------------------------------------
+
+    def claim_task(
+        self, instance_id: str, task_id: str, worker_id: str, ttl: int | None
+    ) -> ExpectedClaim | None:
+        """Whether the claim must be granted (a query: :meth:`grant` records it)."""
+        workflow = self._get(instance_id)
+        if workflow.signals or task_id not in workflow.runnable_task_ids(self.now):
+            return None
+        claim = workflow.claims.get(task_id)
+        if claim is not None and claim.is_live(self.now):
+            return None
+        return ExpectedClaim(
+            instance_id=instance_id,
+            task_id=task_id,
+            worker_id=worker_id,
+            claimed_at=self.now,
+            expires_at=None if ttl is None else self.now + ttl,
+            min_token=1 if claim is None else claim.token + 1,
+            pending_signals=frozenset(),
+        )
+
+    def grant(self, instance_id: str, task_id: str, worker_id: str, ttl: int | None, token: int):
+        """Record a claim the store granted with ``token``."""
+        previous = self.workflows[instance_id].claims.get(task_id)
+        assert previous is None or token > previous.token, "fencing token did not increase"
+        self.workflows[instance_id].claims[task_id] = Claim(
+            worker_id=worker_id,
+            token=token,
+            claimed_at=self.now,
+            expires_at=None if ttl is None else self.now + ttl,
+        )
+
+    def _held(self, instance_id: str, task_id: str, worker_id: str, token: int | None) -> Claim:
+        workflow = self.workflows.get(instance_id)
+        claim = None if workflow is None else workflow.claims.get(task_id)
+        if claim is None or claim.released:
+            raise NotFoundError(f"{instance_id}/{task_id}")
+        if claim.worker_id != worker_id:
+            raise ClaimLostError(f"{instance_id}/{task_id} is held by {claim.worker_id}")
+        if token is not None and token != claim.token:
+            raise ClaimLostError(f"{instance_id}/{task_id} has token {claim.token}")
+        return claim
+
+    def release_task_claim(
+        self, instance_id: str, task_id: str, worker_id: str, token: int | None
+    ) -> None:
+        self._held(instance_id, task_id, worker_id, token).released = True
+
+    def extend_task_claim(
+        self, instance_id: str, task_id: str, worker_id: str, ttl: int | None, token: int | None
+    ) -> ExpectedClaim:
+        claim = self._held(instance_id, task_id, worker_id, token)
+        claim.expires_at = None if ttl is None else self.now + ttl
+        return ExpectedClaim(
+            instance_id=instance_id,
+            task_id=task_id,
+            worker_id=worker_id,
+            claimed_at=claim.claimed_at,
+            expires_at=claim.expires_at,
+            min_token=claim.token,
+            pending_signals=frozenset(self.workflows[instance_id].signals),
+        )
+
+    def available(self, worker_tags: frozenset[str], aging: int) -> list[Candidate]:
+        """Every available task for a worker with ``worker_tags``, best first."""
+        candidates = []
+        for instance_id, workflow in self.workflows.items():
+            if workflow.signals or not workflow.draft.tags <= worker_tags:
+                continue
+            for task_id in workflow.runnable_task_ids(self.now):
+                claim = workflow.claims.get(task_id)
+                if claim is not None and claim.is_live(self.now):
+                    continue
+                priority = workflow.draft.priority
+                candidates.append(
+                    Candidate(
+                        instance_id=instance_id,
+                        task_id=task_id,
+                        definition_hash=workflow.draft.definition_hash,
+                        input=workflow.input_for_position,
+                        priority=priority,
+                        tags=workflow.draft.tags,
+                        snapshot_version=workflow.version,
+                        rank=(priority * aging + workflow.updated_at, workflow.updated_at),
+                    )
+                )
+        return sorted(candidates, key=lambda c: (c.rank, c.instance_id, c.task_id))
+
+    # -- signals and events ------------------------------------------------------------------
+
+    def store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
+        workflow = self._get(instance_id)
+        status = workflow.status
+        if kind is SignalKind.CANCEL:
+            if status in (WorkflowStatus.COMPLETED, WorkflowStatus.FAILED):
+                raise CannotCancelError(instance_id)
+            if status is WorkflowStatus.CANCELLED:
+                return
+        else:
+            if status in TERMINAL:
+                raise CannotPauseError(instance_id)
+            if status is WorkflowStatus.PAUSED:
+                return
+        workflow.signals.setdefault(kind, request)  # the first pending request stays
+
+    def get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
+        return self._get(instance_id).signals.get(kind)
+
+    def clear_signal(self, instance_id: str, kind: SignalKind) -> None:
+        self._get(instance_id).signals.pop(kind, None)
+
+    def check_and_apply(self, instance_id: str, kind: SignalKind) -> bool:
+        workflow = self._get(instance_id)
+        request = workflow.signals.get(kind)
+        if kind is SignalKind.CANCEL:
+            applies = workflow.status in (WorkflowStatus.IN_PROGRESS, WorkflowStatus.PAUSED)
+        else:
+            applies = workflow.status is WorkflowStatus.IN_PROGRESS
+        if request is None or not applies:
+            return False
+        if kind is SignalKind.CANCEL:
+            workflow.status = WorkflowStatus.CANCELLED
+            workflow.cancel_request = request
+        else:
+            workflow.status = WorkflowStatus.PAUSED
+            workflow.pause_request = request
+        for claim in workflow.claims.values():
+            claim.released = True
+        del workflow.signals[kind]
+        workflow.bump(self.now)
+        return True
+
+    def unpause(self, instance_id: str) -> Workflow:
+        workflow = self._get(instance_id)
+        if workflow.status is not WorkflowStatus.PAUSED:
+            raise CannotPauseError(instance_id)
+        workflow.status = WorkflowStatus.IN_PROGRESS
+        workflow.pause_request = None
+        workflow.bump(self.now)
+        return workflow
+
+    def send_event(self, instance_id: str, name: str, payload: bytes) -> None:
+        workflow = self._get(instance_id)
+        position = workflow.position
+        if (
+            workflow.status is WorkflowStatus.IN_PROGRESS
+            and isinstance(position, AtSignal)
+            and position.signal_name == name
+        ):
+            # The payload is the result of the signal: recorded like save_task_result.
+            workflow.completed_tasks[position.signal_id] = payload
+            workflow.last_completed_task_id = position.signal_id
+            if position.next_task_id is None:
+                workflow.status = WorkflowStatus.COMPLETED
+                workflow.output = payload
+            else:
+                workflow.position = AtTask(position.next_task_id)
+                workflow.input_task_id = position.signal_id
+            workflow.bump(self.now)
+        else:
+            workflow.events.setdefault(name, deque()).append(payload)
+
+    def consume_event(self, instance_id: str, name: str) -> bytes | None:
+        queue = self._get(instance_id).events.get(name)
+        return queue.popleft() if queue else None
