@@ -2278,12 +2278,7 @@ class BackendContract:
         before = backend.load_snapshot("existing")
         with pytest.raises(InvalidInputError, match=argument):
             call(backend)
-        assert backend.list_snapshots() == ["existing"]
-        assert backend.load_snapshot("existing") == before
-        for kind in SignalKind:
-            assert backend.get_signal("existing", kind) is None
-        assert backend.consume_event("existing", "e") is None
-        assert backend.claim_task("existing", "t1", "probe", LONG_TTL) is not None
+        self.assert_untouched(backend, before)
         with pytest.raises(NotFoundError):
             backend.load_snapshot("ghost")
 
