@@ -73,6 +73,8 @@ def _called_name(call: ast.Call) -> str | None:
 def _is_constant_text(node: ast.expr) -> bool:
     if isinstance(node, ast.Constant):
         return isinstance(node.value, str)
+    if isinstance(node, ast.JoinedStr):
+        return _formats_integers_only(node)
     if isinstance(node, ast.IfExp):  # "BEGIN" if read_only else "BEGIN IMMEDIATE"
         return _is_constant_text(node.body) and _is_constant_text(node.orelse)
     return False
@@ -154,6 +156,7 @@ def test_the_scanner_finds_sql_built_from_values(sample: str) -> None:
         "conn.execute(select(table).where(table.c.id == value))",
         'message = f"workflow {instance_id!r} is not in progress"',
         'cursor.execute(f"PRAGMA busy_timeout={milliseconds:d}")',
+        'conn.exec_driver_sql(f"PRAGMA busy_timeout={milliseconds:d}")',
     ],
 )
 def test_the_scanner_accepts_bound_parameters_and_constants(sample: str) -> None:
