@@ -383,7 +383,7 @@ class Worker:
             their claims.
         stall_sweep_every: how often to look for forks whose branches are all completed
             but whose workflow was not moved on (its last branch's worker died in between);
-            the first look comes after one ``heartbeat_every``.
+            the first look comes at start, the next ones when a thread is idle.
         on_outcome: called after each execution with its context and :class:`TaskOutcome`
             (metrics, audit logs); exceptions it raises are logged and ignored. It runs on
             the worker's threads: keep it short and thread-safe.
@@ -577,10 +577,16 @@ class Worker:
 
     def _claim_loop(self) -> None:
         backoff = _MIN_BACKOFF_SECONDS
+        next_sweep = time.monotonic()
         while True:
             idle = self._wait_for_idle_thread()
             if idle == 0:
                 return  # stopping
+            if time.monotonic() >= next_sweep:
+                # On this thread, not the heartbeat's: a slow sweep may delay claiming new
+                # work, never the renewal of the claims already held.
+                self._sweep_stalled_forks()
+                next_sweep = time.monotonic() + self.stall_sweep_every.total_seconds()
             try:
                 claimed = self.backend.claim_available_tasks(
                     self.worker_id,
@@ -602,6 +608,34 @@ class Worker:
                 self._submit(claimed_task)
             if not claimed:
                 self._idle_wait()
+
+    def _sweep_stalled_forks(self) -> None:
+        """Move on the workflows left at a completed fork (see ``stall_sweep_every``)."""
+        try:
+            stalled = self.backend.list_stalled_forks(limit=_SWEEP_LIMIT)
+        except PersistenceError as error:
+            logger.warning("worker %s could not look for stalled forks (%s)", self.worker_id, error)
+            return
+        for instance_id in stalled:
+            try:
+                snapshot = self.backend.load_snapshot(instance_id)
+                advance = self._find(self._advance, snapshot.definition_hash)
+                if advance is None:
+                    continue  # another worker's definition: its own workers sweep it
+                logger.info(
+                    "worker %s: moving %r past its completed fork (the worker that saved its "
+                    "last branch did not)",
+                    self.worker_id,
+                    instance_id,
+                )
+                self._settle(instance_id, advance)
+            except PersistenceError as error:
+                logger.warning(
+                    "worker %s: could not move %r on (%s)", self.worker_id, instance_id, error
+                )
+            except Exception:
+                # The advance function is user code: its failure must not stop the claim loop.
+                logger.exception("worker %s: could not move %r on", self.worker_id, instance_id)
 
     def _wait_for_idle_thread(self) -> int:
         """Block until a thread is idle or the worker stops; the number of idle threads
@@ -849,39 +883,10 @@ class Worker:
 
     def _heartbeat_loop(self) -> None:
         interval = self.heartbeat_every.total_seconds()
-        next_sweep = time.monotonic()
         while not self._heartbeat_stop.wait(interval):
             for running in self._running_now():
                 if not running.finished.is_set() and not running.context.claim_lost.is_set():
                     self._beat(running)
-            if time.monotonic() >= next_sweep and not self._stopping.is_set():
-                self._sweep_stalled_forks()
-                next_sweep = time.monotonic() + self.stall_sweep_every.total_seconds()
-
-    def _sweep_stalled_forks(self) -> None:
-        """Move on the workflows left at a completed fork (see ``stall_sweep_every``)."""
-        try:
-            stalled = self.backend.list_stalled_forks(limit=_SWEEP_LIMIT)
-        except PersistenceError as error:
-            logger.warning("worker %s could not look for stalled forks (%s)", self.worker_id, error)
-            return
-        for instance_id in stalled:
-            try:
-                snapshot = self.backend.load_snapshot(instance_id)
-                advance = self._find(self._advance, snapshot.definition_hash)
-                if advance is None:
-                    continue  # another worker's definition: its own workers sweep it
-                logger.info(
-                    "worker %s: moving %r past its completed fork (the worker that saved its "
-                    "last branch did not)",
-                    self.worker_id,
-                    instance_id,
-                )
-                self._settle(instance_id, advance)
-            except PersistenceError as error:
-                logger.warning(
-                    "worker %s: could not move %r on (%s)", self.worker_id, instance_id, error
-                )
 
     def _beat(self, running: _Running) -> None:
         """Renew one claim; on loss tell the task; on a pending signal apply it."""

@@ -331,7 +331,6 @@ def test_a_fork_left_completed_by_a_crashed_worker_is_moved_on(store: Store) -> 
     worker = store.worker(
         appending(log),
         ORDER,
-        heartbeat_every=timedelta(milliseconds=50),
         stall_sweep_every=timedelta(milliseconds=100),
     )
     with worker:
