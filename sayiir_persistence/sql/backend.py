@@ -25,12 +25,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy import (
     URL,
-    Column,
     ColumnElement,
-    CompoundSelect,
     Connection,
     Engine,
-    Integer,
     Row,
     and_,
     bindparam,
@@ -39,14 +36,10 @@ from sqlalchemy import (
     exists,
     insert,
     make_url,
-    not_,
-    or_,
     select,
-    union_all,
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.sql.dml import Update
 
 from .. import transitions
 from ..backend import PersistentBackend
@@ -72,9 +65,9 @@ from ..model import (
     position_task_ids,
 )
 from ..ordering import availability_key
-from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_PRIORITY, MIN_PRIORITY, check_limit
+from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from . import codec
-from .dialects import READ_ONLY_OPTION, dialect_for
+from .dialects import READ_ONLY_OPTION, Locked, dialect_for
 from .errors import RetryableConflict, translated_errors
 from .schema import (
     events,
@@ -85,14 +78,13 @@ from .schema import (
     workflow_tags,
     workflows,
 )
+from .statements import Statements
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 _CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
-# Statuses in which a workflow's stored state may still change (not terminal).
-_CHANGEABLE_STATUSES = tuple(status.value for status in WorkflowStatus if not status.is_terminal)
 
 
 class _RestartTransaction(Exception):
@@ -186,27 +178,7 @@ class SqlBackend(PersistentBackend):
         except ValueError as error:
             raise InvalidInputError(str(error)) from None
         self._max_retries = max_retries
-        # Hot-path statements are built once: building SQLAlchemy expressions costs more
-        # client CPU than executing the compiled (cached) statement.
-        self._candidate_queries = {
-            has_tags: self._build_candidate_query(has_tags) for has_tags in (False, True)
-        }
-        self._release_queries = {
-            with_token: update(task_claims)
-            .where(self._held_claim_filter(with_token))
-            .values(released=True)
-            for with_token in (False, True)
-        }
-        self._lock_state_query = (
-            select(
-                workflows.c.version,
-                workflows.c.status,
-                workflows.c.tags,
-                self._dialect.now().label("now"),
-            )
-            .where(workflows.c.instance_id == bindparam("p_instance_id"))
-            .with_for_update()
-        )
+        self._sql = Statements(self._dialect)
         with translated_errors(self._where):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
@@ -273,7 +245,7 @@ class SqlBackend(PersistentBackend):
     # -- shared statements -------------------------------------------------------------------
 
     def _lock_state(self, conn: Connection, instance_id: str) -> _Stored | None:
-        row = conn.execute(self._lock_state_query, {"p_instance_id": instance_id}).first()
+        row = conn.execute(self._sql.lock_state, {"p_instance_id": instance_id}).first()
         if row is None:
             return None
         return _Stored(
@@ -289,24 +261,15 @@ class SqlBackend(PersistentBackend):
     def _lock_snapshot(
         self, conn: Connection, instance_id: str
     ) -> tuple[WorkflowSnapshot, _Stored]:
-        row = conn.execute(
-            select(workflows, self._dialect.now().label("now"))
-            .where(workflows.c.instance_id == instance_id)
-            .with_for_update()
-        ).first()
+        row = conn.execute(self._sql.lock_snapshot, {"p_instance_id": instance_id}).first()
         if row is None:
             raise NotFoundError(f"workflow instance {instance_id!r} not found")
         snapshot = self._snapshot_from(row, self._results(conn, instance_id))
         stored = _Stored(snapshot.version, snapshot.status, snapshot.tags, row.now)
         return snapshot, stored
 
-    @staticmethod
-    def _results(conn: Connection, instance_id: str) -> dict[str, bytes]:
-        rows = conn.execute(
-            select(task_results.c.task_id, task_results.c.output).where(
-                task_results.c.instance_id == instance_id
-            )
-        )
+    def _results(self, conn: Connection, instance_id: str) -> dict[str, bytes]:
+        rows = conn.execute(self._sql.results, {"p_instance_id": instance_id})
         return {row.task_id: row.output for row in rows}
 
     @staticmethod
@@ -331,23 +294,17 @@ class SqlBackend(PersistentBackend):
             input_task_id=row.input_task_id,
         )
 
-    @staticmethod
-    def _exists(conn: Connection, instance_id: str) -> bool:
-        return (
-            conn.execute(
-                select(workflows.c.instance_id).where(workflows.c.instance_id == instance_id)
-            ).first()
-            is not None
-        )
+    def _exists(self, conn: Connection, instance_id: str) -> bool:
+        row = conn.execute(self._sql.exists, {"p_instance_id": instance_id}).first()
+        return row is not None
 
     @staticmethod
     def _refuse_terminal(stored: _Stored | None, instance_id: str) -> None:
         if stored is not None and stored.status.is_terminal:
             raise WorkflowTerminalError(f"workflow {instance_id!r} is {stored.status.value}")
 
-    @staticmethod
-    def _clear_ready(conn: Connection, instance_id: str) -> None:
-        conn.execute(delete(ready_tasks).where(ready_tasks.c.instance_id == instance_id))
+    def _clear_ready(self, conn: Connection, instance_id: str) -> None:
+        conn.execute(self._sql.clear_ready_tasks, {"p_instance_id": instance_id})
 
     def _write_snapshot(
         self,
@@ -481,9 +438,7 @@ class SqlBackend(PersistentBackend):
             # Ready rows before the claim row: the global lock order (see module doc).
             self._clear_ready(conn, instance_id)
             claim = conn.execute(
-                select(task_claims, self._dialect.now().label("now"))
-                .where(self._claim_key(instance_id, task_id))
-                .with_for_update()
+                self._sql.lock_claim, {"p_instance_id": instance_id, "p_task_id": task_id}
             ).first()
             if claim is None or not self._is_held(claim, worker_id, token, claim.now):
                 raise _Rollback(None)
@@ -503,39 +458,19 @@ class SqlBackend(PersistentBackend):
 
     def _save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
         def work(conn: Connection) -> int:
-            # Lock, terminal guard and version bump in one statement.
-            bump = (
-                update(workflows)
-                .where(
-                    workflows.c.instance_id == instance_id,
-                    workflows.c.status.in_(_CHANGEABLE_STATUSES),
-                )
-                .values(
-                    version=workflows.c.version + 1,
-                    updated_at=self._dialect.now(),
-                    last_completed_task_id=task_id,
-                )
-            )
-            saved = self._update_returning(
-                conn,
-                bump,
-                instance_id,
-                workflows.c.version,
-                workflows.c.updated_at,
-                workflows.c.position,
-            )
+            key = {"p_instance_id": instance_id, "p_task_id": task_id}
+            saved = self._bump_version(conn, key)
             if saved is None:
                 # Absent or terminal: say which (the update's guard already decided).
                 stored = self._lock_state_or_raise(conn, instance_id)
                 self._refuse_terminal(stored, instance_id)
                 raise ConflictError(f"workflow {instance_id!r} changed concurrently; retry")
-            conn.execute(delete(ready_tasks).where(self._ready_key(instance_id, task_id)))
+            conn.execute(self._sql.delete_ready_task, key)
             if set(position_task_ids(codec.decode_position(saved.position), None)) - {task_id}:
                 # The other ready tasks' snapshot was saved now too: aging counts from here.
                 conn.execute(
-                    update(ready_tasks)
-                    .where(ready_tasks.c.instance_id == instance_id)
-                    .values(updated_at=saved.updated_at)
+                    self._sql.redate_ready_tasks,
+                    {"p_instance_id": instance_id, "p_updated_at": saved.updated_at},
                 )
             self._dialect.put_result(conn, instance_id, task_id, output, saved.updated_at)
             version: int = saved.version
@@ -543,25 +478,19 @@ class SqlBackend(PersistentBackend):
 
         return self._transaction(work)
 
-    def _update_returning(
-        self, conn: Connection, statement: Update, instance_id: str, *columns: Column[Any]
-    ) -> Row[Any] | None:
-        """Run an ``UPDATE`` of one workflow row and return ``columns`` of the updated row."""
+    def _bump_version(self, conn: Connection, key: dict[str, Any]) -> Row[Any] | None:
+        """Lock, guard (not terminal) and bump a workflow row in one ``UPDATE``; its new
+        version, ``updated_at`` and position, or ``None`` if absent or terminal."""
         if self._dialect.update_returning:
-            return conn.execute(statement.returning(*columns)).first()
-        if conn.execute(statement).rowcount != 1:
+            return conn.execute(self._sql.bump_version, key).first()
+        if conn.execute(self._sql.bump_version, key).rowcount != 1:
             return None
         # Our own row, locked by the update: read-your-writes.
-        return conn.execute(select(*columns).where(workflows.c.instance_id == instance_id)).first()
+        return conn.execute(self._sql.read_bumped, key).first()
 
     def _load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
         def work(conn: Connection) -> WorkflowSnapshot:
-            # A shared lock on the workflow row keeps results from changing under the read.
-            row = conn.execute(
-                select(workflows)
-                .where(workflows.c.instance_id == instance_id)
-                .with_for_update(read=True)
-            ).first()
+            row = conn.execute(self._sql.read_snapshot, {"p_instance_id": instance_id}).first()
             if row is None:
                 raise NotFoundError(f"workflow instance {instance_id!r} not found")
             return self._snapshot_from(row, self._results(conn, instance_id))
@@ -638,33 +567,15 @@ class SqlBackend(PersistentBackend):
 
     # -- claims ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _claim_key(instance_id: str, task_id: str) -> ColumnElement[bool]:
-        return and_(task_claims.c.instance_id == instance_id, task_claims.c.task_id == task_id)
-
-    @staticmethod
-    def _ready_key(instance_id: str, task_id: str) -> ColumnElement[bool]:
-        return and_(ready_tasks.c.instance_id == instance_id, ready_tasks.c.task_id == task_id)
-
-    @staticmethod
-    def _signal_pending() -> ColumnElement[bool]:
-        return exists().where(signals.c.instance_id == ready_tasks.c.instance_id)
-
     def _claim_task(
         self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
     ) -> TaskClaim | None:
+        key = {"p_instance_id": instance_id, "p_task_id": task_id}
+
         def work(conn: Connection) -> TaskClaim | None:
             # Locking the ready row waits out a concurrent save that completes or moves
             # the task, and the statement after the lock sees what it committed.
-            ready = conn.execute(
-                select(
-                    ready_tasks.c.wake_at,
-                    self._dialect.now().label("now"),
-                    self._signal_pending().label("signalled"),
-                )
-                .where(self._ready_key(instance_id, task_id))
-                .with_for_update()
-            ).first()
+            ready = conn.execute(self._sql.lock_ready_task, key).first()
             if ready is None:
                 if not self._exists(conn, instance_id):
                     raise NotFoundError(f"workflow instance {instance_id!r} not found")
@@ -681,23 +592,10 @@ class SqlBackend(PersistentBackend):
         return self._transaction(work)
 
     @staticmethod
-    def _held_claim_filter(with_token: bool) -> ColumnElement[bool]:
-        """The caller's own unreleased claim (and that token, when given); bound by
-        :meth:`_held_claim_parameters`."""
-        condition = and_(
-            task_claims.c.instance_id == bindparam("p_instance_id"),
-            task_claims.c.task_id == bindparam("p_task_id"),
-            task_claims.c.worker_id == bindparam("p_worker_id"),
-            task_claims.c.released.is_(False),
-        )
-        if with_token:
-            condition = and_(condition, task_claims.c.token == bindparam("p_token"))
-        return condition
-
-    @staticmethod
     def _held_claim_parameters(
         instance_id: str, task_id: str, worker_id: str, token: int | None
     ) -> dict[str, Any]:
+        """The parameters of :func:`statements.held_claim_filter`."""
         return {
             "p_instance_id": instance_id,
             "p_task_id": task_id,
@@ -709,9 +607,7 @@ class SqlBackend(PersistentBackend):
         self, conn: Connection, instance_id: str, task_id: str, worker_id: str, token: int | None
     ) -> None:
         claim = conn.execute(
-            select(task_claims.c.worker_id, task_claims.c.token, task_claims.c.released).where(
-                self._claim_key(instance_id, task_id)
-            )
+            self._sql.read_claim, {"p_instance_id": instance_id, "p_task_id": task_id}
         ).first()
         if claim is None or claim.released:
             raise NotFoundError(f"no claim on task {task_id!r} of {instance_id!r}")
@@ -730,7 +626,7 @@ class SqlBackend(PersistentBackend):
         parameters = self._held_claim_parameters(instance_id, task_id, worker_id, token)
 
         def work(conn: Connection) -> None:
-            result = conn.execute(self._release_queries[token is not None], parameters)
+            result = conn.execute(self._sql.release[token is not None], parameters)
             if result.rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
 
@@ -744,21 +640,16 @@ class SqlBackend(PersistentBackend):
         ttl: timedelta | None,
         token: int | None,
     ) -> TaskClaim:
+        parameters = self._held_claim_parameters(instance_id, task_id, worker_id, token)
+        if ttl is not None:
+            parameters["p_ttl"] = self._dialect.ttl_parameter(ttl)
+
         def work(conn: Connection) -> TaskClaim:
-            result = conn.execute(
-                update(task_claims)
-                .where(self._held_claim_filter(token is not None))
-                .values(expires_at=None if ttl is None else self._dialect.now_plus(ttl)),
-                self._held_claim_parameters(instance_id, task_id, worker_id, token),
-            )
-            if result.rowcount != 1:
+            extend = self._sql.extend[token is not None, ttl is not None]
+            if conn.execute(extend, parameters).rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
-            claim = conn.execute(
-                select(task_claims).where(self._claim_key(instance_id, task_id))
-            ).one()
-            pending = conn.scalars(
-                select(signals.c.kind).where(signals.c.instance_id == instance_id)
-            )
+            claim = conn.execute(self._sql.read_claim, parameters).one()
+            pending = conn.scalars(self._sql.pending_signals, parameters)
             return TaskClaim(
                 instance_id,
                 task_id,
@@ -771,47 +662,21 @@ class SqlBackend(PersistentBackend):
 
         return self._transaction(work)
 
-    def _build_candidate_query(self, worker_has_tags: bool) -> CompoundSelect[Any]:
-        """The candidate query: the first ``:limit`` available tasks of each priority.
+    @staticmethod
+    def _candidate_parameters(worker_tags: frozenset[str], limit: int) -> dict[str, Any]:
+        parameters: dict[str, Any] = {"limit": limit}
+        if worker_tags:
+            parameters["worker_tags"] = sorted(worker_tags)
+        return parameters
 
-        Effective priority mixes priority and age, which no index can order directly. But
-        within one priority it is ``updated_at`` order, which the index serves: so take the
-        first ``limit`` of each priority (one indexed scan each) and merge in Python. Built
-        once per backend (per tag case): only the parameters change between calls.
-        """
-        now = self._dialect.now()
-        live_claim = exists().where(
-            task_claims.c.instance_id == ready_tasks.c.instance_id,
-            task_claims.c.task_id == ready_tasks.c.task_id,
-            task_claims.c.released.is_(False),
-            or_(task_claims.c.expires_at.is_(None), task_claims.c.expires_at > now),
+    @staticmethod
+    def _best_first(rows: Iterable[Row[Any]], aging_interval: timedelta) -> list[Row[Any]]:
+        return sorted(
+            rows,
+            key=lambda row: availability_key(
+                row.priority, row.updated_at, row.instance_id, row.task_id, aging_interval
+            ),
         )
-        foreign_tag = exists().where(workflow_tags.c.instance_id == ready_tasks.c.instance_id)
-        if worker_has_tags:
-            foreign_tag = foreign_tag.where(
-                workflow_tags.c.tag.not_in(bindparam("worker_tags", expanding=True))
-            )
-        filters = [
-            or_(ready_tasks.c.wake_at.is_(None), ready_tasks.c.wake_at <= now),
-            not_(self._signal_pending()),
-            not_(live_claim),
-            or_(ready_tasks.c.has_tags.is_(False), not_(foreign_tag)),
-        ]
-        branches = [
-            select(
-                ready_tasks.c.instance_id,
-                ready_tasks.c.task_id,
-                ready_tasks.c.priority,
-                ready_tasks.c.updated_at,
-                now.label("now"),
-            )
-            .where(ready_tasks.c.priority == priority, *filters)
-            .order_by(ready_tasks.c.updated_at, ready_tasks.c.instance_id, ready_tasks.c.task_id)
-            .limit(bindparam("limit", type_=Integer()))
-            .subquery()
-            for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
-        ]
-        return union_all(*(select(branch) for branch in branches))
 
     def _candidates(
         self,
@@ -821,45 +686,43 @@ class SqlBackend(PersistentBackend):
         limit: int,
     ) -> list[Row[Any]]:
         """The first ``limit`` available tasks for a worker with ``worker_tags``, best first."""
-        parameters: dict[str, Any] = {"limit": limit}
-        if worker_tags:
-            parameters["worker_tags"] = sorted(worker_tags)
-        rows = list(conn.execute(self._candidate_queries[bool(worker_tags)], parameters))
-        rows.sort(
-            key=lambda row: availability_key(
-                row.priority, row.updated_at, row.instance_id, row.task_id, aging_interval
-            )
-        )
-        return rows[:limit]
+        parameters = self._candidate_parameters(worker_tags, limit)
+        rows = conn.execute(self._sql.candidates[bool(worker_tags)], parameters)
+        return self._best_first(rows, aging_interval)[:limit]
+
+    def _find_and_lock(
+        self,
+        conn: Connection,
+        worker_tags: frozenset[str],
+        aging_interval: timedelta,
+        limit: int,
+    ) -> tuple[Locked, datetime | None]:
+        """Lock the best ``limit`` available tasks no one else is claiming (best first),
+        and the database clock at that moment (``None`` when there are none)."""
+        # Read more candidates than needed where rows can be skipped: some will be locked
+        # or claimed by concurrent callers by the time we lock them.
+        wanted = limit * 2 + 16 if self._dialect.skip_locked else limit
+        parameters = self._candidate_parameters(worker_tags, wanted)
+        find_and_lock = self._sql.find_and_lock[bool(worker_tags)]
+        if find_and_lock is not None:
+            parameters["p_aging_us"] = aging_interval // timedelta(microseconds=1)
+            parameters["p_take"] = limit
+            rows = self._best_first(conn.execute(find_and_lock, parameters), aging_interval)
+            keys = [(row.instance_id, row.task_id) for row in rows]
+            return dict.fromkeys(keys), rows[0].now if rows else None
+        candidates = self._candidates(conn, worker_tags, aging_interval, wanted)
+        if not candidates:
+            return {}, None
+        keys = [(row.instance_id, row.task_id) for row in candidates]
+        return self._dialect.lock_candidates(conn, keys, limit), candidates[0].now
 
     def _available_tasks(
         self, conn: Connection, keys: Sequence[tuple[str, str]]
     ) -> list[AvailableTask]:
         if not keys:
             return []
-        input_result = task_results.alias("input_result")
-        rows = conn.execute(
-            select(
-                workflows.c.instance_id,
-                workflows.c.definition_hash,
-                workflows.c.priority,
-                workflows.c.tags,
-                workflows.c.version,
-                workflows.c.initial_input,
-                workflows.c.input_task_id,
-                input_result.c.output.label("input_output"),
-            )
-            .select_from(
-                workflows.outerjoin(
-                    input_result,
-                    and_(
-                        input_result.c.instance_id == workflows.c.instance_id,
-                        input_result.c.task_id == workflows.c.input_task_id,
-                    ),
-                )
-            )
-            .where(workflows.c.instance_id.in_(sorted({instance_id for instance_id, _ in keys})))
-        )
+        instance_ids = sorted({instance_id for instance_id, _ in keys})
+        rows = conn.execute(self._sql.available_tasks, {"p_instance_ids": instance_ids})
         by_instance = {row.instance_id: row for row in rows}
         tasks = []
         for instance_id, task_id in keys:
@@ -894,21 +757,11 @@ class SqlBackend(PersistentBackend):
         tags: frozenset[str],
         aging_interval: timedelta,
     ) -> list[ClaimedTask]:
-        # Read more candidates than needed where rows can be skipped: some will be locked
-        # or claimed by concurrent callers by the time we lock them.
-        wanted = limit * 2 + 16 if self._dialect.skip_locked else limit
-
         def work(conn: Connection) -> list[ClaimedTask]:
-            candidates = self._candidates(conn, tags, aging_interval, wanted)
-            if not candidates:
+            locked, now = self._find_and_lock(conn, tags, aging_interval, limit)
+            if now is None:
                 return []
-            now: datetime = candidates[0].now
             expires_at = None if ttl is None else now + ttl
-            keys = [(row.instance_id, row.task_id) for row in candidates]
-            locked = self._dialect.lock_candidates(conn, keys, limit, now, aging_interval)
-            # Hand tasks out in the contract's order (the lock's order may differ at ties).
-            rank = {key: index for index, key in enumerate(keys)}
-            locked.sort(key=rank.__getitem__)
             # The guarded claim, not the lock, decides: a row claimed and committed just
             # before we locked it is refused here.
             tokens = self._dialect.claim_many(conn, locked, worker_id, now, expires_at)

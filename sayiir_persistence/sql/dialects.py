@@ -16,33 +16,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
+    CompoundSelect,
     Connection,
     Engine,
     Interval,
+    Select,
+    String,
     and_,
     bindparam,
     event,
-    exists,
     func,
     insert,
     literal_column,
-    not_,
     or_,
     select,
-    tuple_,
     type_coerce,
     update,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from ..errors import BackendUnavailableError
+from .errors import RetryableConflict
 from .schema import ready_tasks, task_claims, task_results
 from .types import MYSQL_DIALECTS, UtcDateTime
 
@@ -56,25 +58,50 @@ _BUSY_TIMEOUT_KEY = "sayiir_busy_timeout_ms"
 logger = logging.getLogger(__name__)
 
 
-def _claim_values(
-    instance_id: str, task_id: str, worker_id: str, now: datetime, expires_at: datetime | None
-) -> dict[str, Any]:
+# A locked candidate and whether a claim row exists for it (None: not known).
+Locked = Mapping[TaskKey, bool | None]
+
+
+def _claim_parameters(
+    keys: list[TaskKey], worker_id: str, now: datetime, expires_at: datetime | None
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "p_instance_id": instance_id,
+            "p_task_id": task_id,
+            "p_worker_id": worker_id,
+            "p_now": now,
+            "p_expires_at": expires_at,
+        }
+        for instance_id, task_id in keys
+    ]
+
+
+def _new_claim() -> dict[str, Any]:
+    """The values of a first claim, bound by :func:`_claim_parameters`."""
     return {
-        "instance_id": instance_id,
-        "task_id": task_id,
-        "worker_id": worker_id,
+        "instance_id": bindparam("p_instance_id"),
+        "task_id": bindparam("p_task_id"),
+        "worker_id": bindparam("p_worker_id"),
         "token": 1,
-        "claimed_at": now,
-        "expires_at": expires_at,
+        "claimed_at": bindparam("p_now"),
+        "expires_at": bindparam("p_expires_at"),
         "released": False,
     }
 
 
-def _claim_is_free(now: datetime) -> ColumnElement[bool]:
-    """The takeover guard: the stored claim was released or has expired."""
+def _claim_is_free(now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """The takeover guard: the stored claim was released or has expired at ``now``."""
     return or_(
         task_claims.c.released.is_(True),
         and_(task_claims.c.expires_at.is_not(None), task_claims.c.expires_at <= now),
+    )
+
+
+def _claim_key() -> ColumnElement[bool]:
+    return and_(
+        task_claims.c.instance_id == bindparam("p_instance_id"),
+        task_claims.c.task_id == bindparam("p_task_id"),
     )
 
 
@@ -119,14 +146,61 @@ class SqlDialect:
         # round trips): callers avoid that with create_engine(isolation_level=...).
         return engine.execution_options(isolation_level=self.isolation_level)
 
+    def __init__(self) -> None:
+        # Built once: building SQLAlchemy statements costs more client CPU than running
+        # their cached compiled form. Values are bound at each call.
+        self._claim_statement = self._build_claim()
+        self._put_result_statement = self._build_put_result()
+
     def now(self) -> ColumnElement[datetime]:
+        """The database clock."""
         raise NotImplementedError
 
-    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
+    def now_plus_ttl(self) -> ColumnElement[datetime]:
+        """The database clock plus the TTL bound as ``p_ttl`` (see :meth:`ttl_parameter`)."""
         raise NotImplementedError
+
+    def ttl_parameter(self, ttl: timedelta) -> Any:
+        """The value of ``p_ttl`` for a TTL."""
+        return ttl
 
     def _insert(self) -> Any:
         raise NotImplementedError
+
+    def _build_claim(self) -> Any:
+        """Insert a first claim or take over a free one, in one guarded statement.
+
+        Run with a list of parameter sets (SQLAlchemy sends them in one multi-row statement
+        and gathers the ``RETURNING`` rows); a row whose claim is live returns nothing.
+        """
+        statement = self._insert()(task_claims).values(_new_claim())
+        return statement.on_conflict_do_update(
+            index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
+            set_={
+                "worker_id": statement.excluded.worker_id,
+                "token": task_claims.c.token + 1,
+                "claimed_at": statement.excluded.claimed_at,
+                "expires_at": statement.excluded.expires_at,
+                "released": False,
+            },
+            # excluded.claimed_at is this claim's "now", the clock the guard must use.
+            where=_claim_is_free(statement.excluded.claimed_at),
+        ).returning(task_claims.c.instance_id, task_claims.c.task_id, task_claims.c.token)
+
+    def _build_put_result(self) -> Any:
+        statement = self._insert()(task_results).values(
+            instance_id=bindparam("p_instance_id"),
+            task_id=bindparam("p_task_id"),
+            output=bindparam("p_output"),
+            completed_at=bindparam("p_completed_at"),
+        )
+        return statement.on_conflict_do_update(
+            index_elements=[task_results.c.instance_id, task_results.c.task_id],
+            set_={
+                "output": statement.excluded.output,
+                "completed_at": statement.excluded.completed_at,
+            },
+        )
 
     def claim(
         self,
@@ -139,89 +213,46 @@ class SqlDialect:
     ) -> int | None:
         """Claim if no live claim exists; return the new fencing token or ``None``."""
         key = (instance_id, task_id)
-        return self.claim_many(conn, [key], worker_id, now, expires_at).get(key)
+        return self.claim_many(conn, {key: None}, worker_id, now, expires_at).get(key)
 
-    def lock_candidates(
-        self,
-        conn: Connection,
-        keys: list[TaskKey],
-        limit: int,
-        now: datetime,
-        aging_interval: timedelta,
-    ) -> list[TaskKey]:
-        """Lock the first ``limit`` of ``keys`` (best first) that no one else is claiming.
+    def find_and_lock_query(self, candidates: CompoundSelect[Any]) -> Select[Any] | None:
+        """One statement that finds, orders and locks the best candidates, where the
+        database can (``None``: :meth:`lock_candidates` locks what ``candidates`` found)."""
+        return None
 
-        One statement: rows locked by other transactions are skipped, not waited for, and
-        rows claimed since the candidates were read are left out. PostgreSQL locks rows in
-        the ``ORDER BY`` order and stops at the limit, so the best rows are taken first.
-        """
-        live_claim = exists().where(
-            task_claims.c.instance_id == ready_tasks.c.instance_id,
-            task_claims.c.task_id == ready_tasks.c.task_id,
-            not_(_claim_is_free(now)),
-        )
-        effective_priority = ready_tasks.c.priority * aging_interval.total_seconds() + func.extract(
-            "epoch", ready_tasks.c.updated_at
-        )
-        rows = conn.execute(
-            select(ready_tasks.c.instance_id, ready_tasks.c.task_id)
-            .where(
-                tuple_(ready_tasks.c.instance_id, ready_tasks.c.task_id).in_(keys),
-                not_(live_claim),
-            )
-            .order_by(
-                effective_priority,
-                ready_tasks.c.updated_at,
-                ready_tasks.c.instance_id,
-                ready_tasks.c.task_id,
-            )
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        return [(row.instance_id, row.task_id) for row in rows]
+    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
+        """Lock the first ``limit`` of ``keys`` (best first) that no one else is claiming;
+        each with whether its claim row exists, where the lock tells (else ``None``)."""
+        raise NotImplementedError
 
     def claim_many(
         self,
         conn: Connection,
-        keys: list[TaskKey],
+        locked: Locked,
         worker_id: str,
         now: datetime,
         expires_at: datetime | None,
     ) -> dict[TaskKey, int]:
-        """Claim each of ``keys`` that has no live claim; return the new tokens."""
-        if not keys:
+        """Claim each locked key that has no live claim; return the new tokens."""
+        if not locked:
             return {}
-        statement = self._insert()(task_claims).values(
-            [
-                _claim_values(instance_id, task_id, worker_id, now, expires_at)
-                for instance_id, task_id in keys
-            ]
+        rows = conn.execute(
+            self._claim_statement, _claim_parameters(list(locked), worker_id, now, expires_at)
         )
-        statement = statement.on_conflict_do_update(
-            index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
-            set_={
-                "worker_id": statement.excluded.worker_id,
-                "token": task_claims.c.token + 1,
-                "claimed_at": statement.excluded.claimed_at,
-                "expires_at": statement.excluded.expires_at,
-                "released": False,
-            },
-            where=_claim_is_free(now),
-        ).returning(task_claims.c.instance_id, task_claims.c.task_id, task_claims.c.token)
-        return {(row.instance_id, row.task_id): row.token for row in conn.execute(statement)}
+        return {(row.instance_id, row.task_id): row.token for row in rows}
 
     def put_result(
         self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
     ) -> None:
         """Insert or replace one task result."""
-        statement = self._insert()(task_results).values(
-            instance_id=instance_id, task_id=task_id, output=output, completed_at=now
-        )
         conn.execute(
-            statement.on_conflict_do_update(
-                index_elements=[task_results.c.instance_id, task_results.c.task_id],
-                set_={"output": statement.excluded.output, "completed_at": now},
-            )
+            self._put_result_statement,
+            {
+                "p_instance_id": instance_id,
+                "p_task_id": task_id,
+                "p_output": output,
+                "p_completed_at": now,
+            },
         )
 
 
@@ -233,13 +264,47 @@ class PostgresDialect(SqlDialect):
         # frozen at transaction start).
         return type_coerce(func.statement_timestamp(), UtcDateTime())
 
-    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
+    def now_plus_ttl(self) -> ColumnElement[datetime]:
         return type_coerce(
-            func.statement_timestamp() + bindparam(None, ttl, type_=Interval()), UtcDateTime()
+            func.statement_timestamp() + bindparam("p_ttl", type_=Interval()), UtcDateTime()
         )
 
     def _insert(self) -> Any:
         return postgresql.insert
+
+    def find_and_lock_query(self, candidates: CompoundSelect[Any]) -> Select[Any] | None:
+        # The lock sits under the LIMIT: rows locked by others are skipped and the next
+        # best taken, in effective priority order (priority * aging + updated_at, in exact
+        # microseconds; EXTRACT returns numeric). One round trip instead of two.
+        candidate = candidates.subquery("candidate")
+        locked = ready_tasks.alias("locked")
+        updated_us = func.extract("epoch", candidate.c.updated_at) * 1_000_000
+        effective_priority = candidate.c.priority * bindparam("p_aging_us", type_=BigInteger())
+        return (
+            select(
+                locked.c.instance_id,
+                locked.c.task_id,
+                locked.c.priority,
+                locked.c.updated_at,
+                self.now().label("now"),
+            )
+            .join_from(
+                locked,
+                candidate,
+                and_(
+                    candidate.c.instance_id == locked.c.instance_id,
+                    candidate.c.task_id == locked.c.task_id,
+                ),
+            )
+            .order_by(
+                effective_priority + updated_us,
+                candidate.c.updated_at,
+                candidate.c.instance_id,
+                candidate.c.task_id,
+            )
+            .limit(bindparam("p_take", type_=BigInteger()))
+            .with_for_update(of=locked, skip_locked=True)
+        )
 
 
 class SqliteDialect(SqlDialect):
@@ -259,6 +324,7 @@ class SqliteDialect(SqlDialect):
     isolation_level = None
 
     def __init__(self, busy_timeout: timedelta) -> None:
+        super().__init__()
         self.busy_timeout_ms = max(0, int(busy_timeout.total_seconds() * 1000))
         self._writer = threading.Lock()
         # The busy timeout left to the calling thread's write transaction (see write_gate).
@@ -327,26 +393,22 @@ class SqliteDialect(SqlDialect):
     def now(self) -> ColumnElement[datetime]:
         return type_coerce(func.strftime(self._FORMAT, "now").concat("000"), UtcDateTime())
 
-    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
-        modifier = f"+{ttl.total_seconds():.6f} seconds"
+    def now_plus_ttl(self) -> ColumnElement[datetime]:
+        modifier = bindparam("p_ttl", type_=String())
         return type_coerce(
             func.strftime(self._FORMAT, "now", modifier).concat("000"), UtcDateTime()
         )
 
+    def ttl_parameter(self, ttl: timedelta) -> Any:
+        return f"+{ttl.total_seconds():.6f} seconds"
+
     def _insert(self) -> Any:
         return sqlite.insert
 
-    def lock_candidates(
-        self,
-        conn: Connection,
-        keys: list[TaskKey],
-        limit: int,
-        now: datetime,
-        aging_interval: timedelta,
-    ) -> list[TaskKey]:
+    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
         # The transaction holds the database's write lock: the candidates just read are
         # exactly what is available, and nobody else can claim them before we commit.
-        return keys[:limit]
+        return dict.fromkeys(keys[:limit])
 
 
 class MySqlDialect(SqlDialect):
@@ -387,15 +449,83 @@ class MySqlDialect(SqlDialect):
                 needed,
             )
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The takeover of a released or expired claim; LAST_INSERT_ID(expr) hands the new
+        # token back in the OK packet, where the driver reports it (no read-back).
+        self._takeover_statement = (
+            update(task_claims)
+            .where(_claim_key(), _claim_is_free(bindparam("p_now")))
+            .values(
+                worker_id=bindparam("p_worker_id"),
+                token=func.last_insert_id(task_claims.c.token + 1),
+                claimed_at=bindparam("p_now"),
+                expires_at=bindparam("p_expires_at"),
+                released=False,
+            )
+        )
+        self._token_statement = select(task_claims.c.token).where(_claim_key())
+        # Lock one ready row (skipped if another transaction holds it) and learn whether
+        # its claim row exists. The outer join's locking read also locks that claim row: a
+        # claim row locked elsewhere reads as absent, which the insert then finds out.
+        self._lock_statement = (
+            select(ready_tasks.c.task_id, task_claims.c.token)
+            .select_from(
+                ready_tasks.outerjoin(
+                    task_claims,
+                    and_(
+                        task_claims.c.instance_id == ready_tasks.c.instance_id,
+                        task_claims.c.task_id == ready_tasks.c.task_id,
+                    ),
+                )
+            )
+            .where(
+                ready_tasks.c.instance_id == bindparam("p_instance_id"),
+                ready_tasks.c.task_id == bindparam("p_task_id"),
+            )
+            .with_for_update(skip_locked=True)
+        )
+
     def now(self) -> ColumnElement[datetime]:
         return type_coerce(func.utc_timestamp(6), UtcDateTime())
 
-    def now_plus(self, ttl: timedelta) -> ColumnElement[datetime]:
-        microseconds = ttl // timedelta(microseconds=1)
+    def now_plus_ttl(self) -> ColumnElement[datetime]:
         return type_coerce(
-            func.timestampadd(literal_column("MICROSECOND"), microseconds, func.utc_timestamp(6)),
+            func.timestampadd(
+                literal_column("MICROSECOND"),
+                bindparam("p_ttl", type_=BigInteger()),
+                func.utc_timestamp(6),
+            ),
             UtcDateTime(),
         )
+
+    def ttl_parameter(self, ttl: timedelta) -> Any:
+        return ttl // timedelta(microseconds=1)
+
+    def _build_claim(self) -> Any:
+        # First claims only: the primary key lets one concurrent inserter win.
+        return insert(task_claims).prefix_with("IGNORE").values(_new_claim())
+
+    def _build_put_result(self) -> Any:
+        statement = mysql.insert(task_results).values(
+            instance_id=bindparam("p_instance_id"),
+            task_id=bindparam("p_task_id"),
+            output=bindparam("p_output"),
+            completed_at=bindparam("p_completed_at"),
+        )
+        return statement.on_duplicate_key_update(
+            output=statement.inserted.output, completed_at=statement.inserted.completed_at
+        )
+
+    def _take_over(self, conn: Connection, parameters: dict[str, Any]) -> int | None:
+        """Take over a released or expired claim; its new token, or ``None``."""
+        taken = conn.execute(self._takeover_statement, parameters)
+        if taken.rowcount != 1:
+            return None
+        token = taken.lastrowid
+        if not token:  # a driver that does not report LAST_INSERT_ID: our locked row
+            token = conn.execute(self._token_statement, parameters).scalar_one()
+        return int(token)
 
     def claim(
         self,
@@ -406,79 +536,60 @@ class MySqlDialect(SqlDialect):
         now: datetime,
         expires_at: datetime | None,
     ) -> int | None:
-        key = and_(task_claims.c.instance_id == instance_id, task_claims.c.task_id == task_id)
-        takeover = conn.execute(
-            update(task_claims)
-            .where(key, _claim_is_free(now))
-            .values(
-                worker_id=worker_id,
-                token=task_claims.c.token + 1,
-                claimed_at=now,
-                expires_at=expires_at,
-                released=False,
-            )
-        )
-        if takeover.rowcount == 0:
-            inserted = conn.execute(
-                insert(task_claims)
-                .prefix_with("IGNORE")
-                .values(_claim_values(instance_id, task_id, worker_id, now, expires_at))
-            )
-            if inserted.rowcount == 0:
-                return None
-        # Our own row, locked by the write above: read-your-writes gives the token.
-        token: int = conn.execute(select(task_claims.c.token).where(key)).scalar_one()
-        return token
+        [parameters] = _claim_parameters([(instance_id, task_id)], worker_id, now, expires_at)
+        token = self._take_over(conn, parameters)
+        if token is not None:
+            return token
+        inserted = conn.execute(self._claim_statement, parameters)
+        return 1 if inserted.rowcount == 1 else None
 
-    def lock_candidates(
-        self,
-        conn: Connection,
-        keys: list[TaskKey],
-        limit: int,
-        now: datetime,
-        aging_interval: timedelta,
-    ) -> list[TaskKey]:
+    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
         # InnoDB locks the rows it reads before sorting and limiting, so a batch lock would
         # hold every candidate: lock one primary key at a time, best first, instead.
-        locked: list[TaskKey] = []
+        locked: dict[TaskKey, bool | None] = {}
         for instance_id, task_id in keys:
             if len(locked) == limit:
                 break
             row = conn.execute(
-                select(ready_tasks.c.task_id)
-                .where(ready_tasks.c.instance_id == instance_id, ready_tasks.c.task_id == task_id)
-                .with_for_update(skip_locked=True)
+                self._lock_statement, {"p_instance_id": instance_id, "p_task_id": task_id}
             ).first()
             if row is not None:
-                locked.append((instance_id, task_id))
+                locked[instance_id, task_id] = row.token is not None
         return locked
 
     def claim_many(
         self,
         conn: Connection,
-        keys: list[TaskKey],
+        locked: Locked,
         worker_id: str,
         now: datetime,
         expires_at: datetime | None,
     ) -> dict[TaskKey, int]:
-        tokens = {}
-        for instance_id, task_id in keys:
-            token = self.claim(conn, instance_id, task_id, worker_id, now, expires_at)
+        tokens: dict[TaskKey, int] = {}
+        # First claims, the usual case, in one multi-row INSERT IGNORE. The ready-row
+        # locks we hold keep other claimers out, so every one of them must go in.
+        first = [key for key, has_claim in locked.items() if has_claim is False]
+        if first:
+            parameters = _claim_parameters(first, worker_id, now, expires_at)
+            inserted = conn.execute(self._claim_statement, parameters).rowcount
+            if inserted != len(first):
+                # A claim row we read as absent exists (it was locked by another writer):
+                # which rows went in is unknown, so undo all and run the transaction again.
+                raise RetryableConflict(
+                    f"{len(first) - inserted} of {len(first)} first claims already existed"
+                )
+            tokens.update(dict.fromkeys(first, 1))
+        for key, has_claim in locked.items():
+            if has_claim is False:
+                continue
+            if has_claim:  # a free claim row (a live one was not a candidate): take it over
+                [takeover] = _claim_parameters([key], worker_id, now, expires_at)
+                token = self._take_over(conn, takeover)
+            else:
+                token = self.claim(conn, *key, worker_id, now, expires_at)
             if token is not None:
-                tokens[instance_id, task_id] = token
+                tokens[key] = token
         return tokens
-
-    def put_result(
-        self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
-    ) -> None:
-        statement = mysql.insert(task_results).values(
-            instance_id=instance_id, task_id=task_id, output=output, completed_at=now
-        )
-        conn.execute(
-            statement.on_duplicate_key_update(
-                output=statement.inserted.output, completed_at=statement.inserted.completed_at
-            )
-        )
 
 
 def dialect_for(name: str, *, sqlite_busy_timeout: timedelta) -> SqlDialect:

@@ -1,0 +1,223 @@
+"""The statements of ``SqlBackend``'s frequent calls, built once per backend.
+
+Building a SQLAlchemy expression (operators, coercions, a fresh cache key) costs more client
+CPU than executing its cached compiled form, so the statements of the worker's loop (claim,
+save a result, release, heartbeat, load) are built here at start-up with ``bindparam()``
+placeholders and only their values change between calls. Parameter names start with ``p_``
+(SQLAlchemy reserves column names for the ``VALUES`` of an ``INSERT``/``UPDATE``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    CompoundSelect,
+    Integer,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    not_,
+    or_,
+    select,
+    union_all,
+    update,
+)
+
+from ..model import WorkflowStatus
+from ..validation import MAX_PRIORITY, MIN_PRIORITY
+from .dialects import SqlDialect
+from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
+
+# Statuses in which a workflow's stored state may still change (not terminal).
+CHANGEABLE_STATUSES = tuple(status.value for status in WorkflowStatus if not status.is_terminal)
+
+
+def _is_changeable() -> Any:
+    # Equalities, not IN (...): an IN list of values is expanded at every execution.
+    return or_(*(workflows.c.status == status for status in CHANGEABLE_STATUSES))
+
+
+def _workflow_key() -> Any:
+    return workflows.c.instance_id == bindparam("p_instance_id")
+
+
+def _ready_key() -> Any:
+    return and_(
+        ready_tasks.c.instance_id == bindparam("p_instance_id"),
+        ready_tasks.c.task_id == bindparam("p_task_id"),
+    )
+
+
+def _claim_key() -> Any:
+    return and_(
+        task_claims.c.instance_id == bindparam("p_instance_id"),
+        task_claims.c.task_id == bindparam("p_task_id"),
+    )
+
+
+def signal_pending() -> Any:
+    """A signal (cancel or pause) is pending for the ready row's workflow."""
+    return exists().where(signals.c.instance_id == ready_tasks.c.instance_id)
+
+
+def held_claim_filter(with_token: bool) -> Any:
+    """The caller's own unreleased claim (and that token, when given): ``p_instance_id``,
+    ``p_task_id``, ``p_worker_id``, ``p_token``."""
+    condition = and_(
+        _claim_key(),
+        task_claims.c.worker_id == bindparam("p_worker_id"),
+        task_claims.c.released.is_(False),
+    )
+    if with_token:
+        condition = and_(condition, task_claims.c.token == bindparam("p_token"))
+    return condition
+
+
+def candidate_query(dialect: SqlDialect, worker_has_tags: bool) -> CompoundSelect[Any]:
+    """The first ``:limit`` available tasks of each priority (``worker_tags``: expanding).
+
+    Effective priority mixes priority and age, which no index can order directly. But
+    within one priority it is ``updated_at`` order, which the index serves: so take the
+    first ``limit`` of each priority (one indexed scan each) and merge them afterwards.
+    """
+    now = dialect.now()
+    live_claim = exists().where(
+        task_claims.c.instance_id == ready_tasks.c.instance_id,
+        task_claims.c.task_id == ready_tasks.c.task_id,
+        task_claims.c.released.is_(False),
+        or_(task_claims.c.expires_at.is_(None), task_claims.c.expires_at > now),
+    )
+    foreign_tag = exists().where(workflow_tags.c.instance_id == ready_tasks.c.instance_id)
+    if worker_has_tags:
+        foreign_tag = foreign_tag.where(
+            workflow_tags.c.tag.not_in(bindparam("worker_tags", expanding=True))
+        )
+    filters = [
+        or_(ready_tasks.c.wake_at.is_(None), ready_tasks.c.wake_at <= now),
+        not_(signal_pending()),
+        not_(live_claim),
+        or_(ready_tasks.c.has_tags.is_(False), not_(foreign_tag)),
+    ]
+    branches = [
+        select(
+            ready_tasks.c.instance_id,
+            ready_tasks.c.task_id,
+            ready_tasks.c.priority,
+            ready_tasks.c.updated_at,
+            now.label("now"),
+        )
+        .where(ready_tasks.c.priority == priority, *filters)
+        .order_by(ready_tasks.c.updated_at, ready_tasks.c.instance_id, ready_tasks.c.task_id)
+        .limit(bindparam("limit", type_=Integer()))
+        .subquery()
+        for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
+    ]
+    return union_all(*(select(branch) for branch in branches))
+
+
+class Statements:
+    """The prebuilt statements of one backend (its dialect's clock and locking)."""
+
+    def __init__(self, dialect: SqlDialect) -> None:
+        now = dialect.now()
+        self.candidates = {tags: candidate_query(dialect, tags) for tags in (False, True)}
+        # PostgreSQL finds, orders and locks in one statement; elsewhere None.
+        self.find_and_lock = {
+            tags: dialect.find_and_lock_query(query) for tags, query in self.candidates.items()
+        }
+        input_result = task_results.alias("input_result")
+        # What a claimed task hands out: its workflow's input (or its input task's output).
+        self.available_tasks = (
+            select(
+                workflows.c.instance_id,
+                workflows.c.definition_hash,
+                workflows.c.priority,
+                workflows.c.tags,
+                workflows.c.version,
+                workflows.c.initial_input,
+                workflows.c.input_task_id,
+                input_result.c.output.label("input_output"),
+            )
+            .select_from(
+                workflows.outerjoin(
+                    input_result,
+                    and_(
+                        input_result.c.instance_id == workflows.c.instance_id,
+                        input_result.c.task_id == workflows.c.input_task_id,
+                    ),
+                )
+            )
+            .where(workflows.c.instance_id.in_(bindparam("p_instance_ids", expanding=True)))
+        )
+
+        # -- workflow rows
+        self.lock_state = (
+            select(workflows.c.version, workflows.c.status, workflows.c.tags, now.label("now"))
+            .where(_workflow_key())
+            .with_for_update()
+        )
+        self.lock_snapshot = (
+            select(workflows, now.label("now")).where(_workflow_key()).with_for_update()
+        )
+        # A shared lock on the workflow row keeps results from changing under a load.
+        self.read_snapshot = select(workflows).where(_workflow_key()).with_for_update(read=True)
+        self.exists = select(workflows.c.instance_id).where(_workflow_key())
+        self.results = select(task_results.c.task_id, task_results.c.output).where(
+            task_results.c.instance_id == bindparam("p_instance_id")
+        )
+        # save_task_result: lock, terminal guard and version bump in one statement.
+        bump: Any = (
+            update(workflows)
+            .where(_workflow_key(), _is_changeable())
+            .values(
+                version=workflows.c.version + 1,
+                updated_at=now,
+                last_completed_task_id=bindparam("p_task_id"),
+            )
+        )
+        bumped = (workflows.c.version, workflows.c.updated_at, workflows.c.position)
+        self.bump_version = bump.returning(*bumped) if dialect.update_returning else bump
+        # Where the database has no UPDATE ... RETURNING: our own locked row, read back.
+        self.read_bumped: Select[Any] = select(*bumped).where(_workflow_key())
+
+        # -- ready rows
+        self.lock_ready_task = (
+            select(ready_tasks.c.wake_at, now.label("now"), signal_pending().label("signalled"))
+            .where(_ready_key())
+            .with_for_update()
+        )
+        self.delete_ready_task = delete(ready_tasks).where(_ready_key())
+        self.clear_ready_tasks = delete(ready_tasks).where(
+            ready_tasks.c.instance_id == bindparam("p_instance_id")
+        )
+        self.redate_ready_tasks = (
+            update(ready_tasks)
+            .where(ready_tasks.c.instance_id == bindparam("p_instance_id"))
+            .values(updated_at=bindparam("p_updated_at"))
+        )
+
+        # -- claims, with and without a fencing token
+        self.release = {
+            with_token: update(task_claims)
+            .where(held_claim_filter(with_token))
+            .values(released=True)
+            for with_token in (False, True)
+        }
+        # Heartbeat: (with a token, with a TTL) -> statement; the TTL is bound as p_ttl.
+        self.extend = {
+            (with_token, with_ttl): update(task_claims)
+            .where(held_claim_filter(with_token))
+            .values(expires_at=dialect.now_plus_ttl() if with_ttl else None)
+            for with_token in (False, True)
+            for with_ttl in (False, True)
+        }
+        self.read_claim = select(task_claims).where(_claim_key())
+        self.lock_claim = (
+            select(task_claims, now.label("now")).where(_claim_key()).with_for_update()
+        )
+        self.pending_signals = select(signals.c.kind).where(
+            signals.c.instance_id == bindparam("p_instance_id")
+        )
