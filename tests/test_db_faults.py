@@ -18,8 +18,10 @@ The faults:
 
 What is checked, each time:
 
-- a call that the fault breaks raises ``BackendUnavailableError``, with the driver's error as
-  ``__cause__``, never a raw SQLAlchemy or driver exception, and it does so promptly;
+- a transaction cut before its ``COMMIT`` was sent (nothing committed) is run again, once, on
+  a new connection, and applied exactly once;
+- a call that the fault breaks otherwise raises ``BackendUnavailableError``, with the driver's
+  error as ``__cause__``, never a raw SQLAlchemy or driver exception, and it does so promptly;
 - nothing is half written: a task result is either stored whole or absent, and the workflow's
   version counts exactly the results stored (the version bump and the result are one
   transaction); a claim is either granted (and then visible, with the next fencing token) or
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import logging
 import os
 import random
 import subprocess
@@ -198,12 +201,14 @@ OPERATIONS: Final = {
         Operation("save_snapshot", b"UPDATE sayiir_workflows", True, True),
     )
 }
-# Where the connection dies, and whether the write is applied then.
+# Where the connection dies -> (the call returns normally, the write is applied). A transaction
+# cut before COMMIT was sent committed nothing: the backend runs it again, once, on a new
+# connection. A cut during COMMIT is reported: its outcome is unknown to the backend.
 CUT_POINTS: Final = {
-    "before_statement": False,  # the write's statement never reaches the server
-    "mid_payload": False,  # 2 MiB of the statement carrying a 4 MiB payload went through
-    "before_commit": False,  # everything sent but COMMIT
-    "commit_answer_lost": True,  # COMMIT ran; its answer is lost: outcome unknown to the caller
+    "before_statement": (True, True),  # the write's statement never reaches the server
+    "mid_payload": (True, True),  # 2 MiB of the statement carrying a 4 MiB payload went through
+    "before_commit": (False, False),  # everything sent; COMMIT is cut on its way
+    "commit_answer_lost": (False, True),  # COMMIT ran; its answer is lost
 }
 PRECISE_CASES: Final = [
     pytest.param(op, point, id=f"{op}-{point}")
@@ -243,11 +248,14 @@ def test_connection_cut_inside_a_transaction_writes_all_or_nothing(
         fired = proxy.cut_after(BIG_PAYLOAD // 2)
     else:
         fired = proxy.cut_when(commit_trigger(faulty.kind), deliver=point == "commit_answer_lost")
-    expect_unavailable(calls[operation])
-    assert fired.is_set(), "the call failed, but not at the intended point"
+    succeeds, applied = CUT_POINTS[point]
+    if succeeds:
+        calls[operation]()
+    else:
+        expect_unavailable(calls[operation])
+    assert fired.is_set(), "the cut did not happen at the intended point"
     proxy.disarm()
 
-    applied = CUT_POINTS[point]
     after = direct.load_snapshot(instance_id)
     assert after.version == before.version + (applied and op.bumps_version)
     if operation == "save_task_result":
@@ -467,7 +475,10 @@ def check_ledgers(direct: PersistentBackend, clients: list[CarefulClient]) -> di
 # Cuts at random moments while threads call
 
 
-def test_connections_cut_while_threads_call(faulty: Faulty) -> None:
+def test_connections_cut_while_threads_call(
+    faulty: Faulty, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sayiir_persistence.sql.backend")
     clients: list[CarefulClient] = [
         CarefulClient(faulty.backend, f"careful-{number}", workflows=2) for number in range(4)
     ]
@@ -484,7 +495,10 @@ def test_connections_cut_while_threads_call(faulty: Faulty) -> None:
     for client in clients:
         client.finish(PATIENCE_SECONDS)
     counts = check_ledgers(faulty.direct, clients)
+    # The cuts hit calls: reported (cut during COMMIT), or run again (cut before it).
+    counts["run_again"] = sum("lost before COMMIT" in record.message for record in caplog.records)
     assert connections_cut > 0 and counts["unavailable"] > 0, (cuts, connections_cut, counts)
+    assert counts["run_again"] > 0, (cuts, connections_cut, counts)
     # The same backend serves again at once (its pool held connections cut meanwhile).
     assert faulty.backend.list_snapshots(limit=1)
 
@@ -710,7 +724,8 @@ def test_server_restart_while_workers_run(kind: str, server_url: str) -> None:
         lock = threading.Lock()
 
         def handler(context: TaskContext) -> bytes:
-            time.sleep(0.05)
+            # Slow enough that tasks are left when the restart is over: at most 40 tasks/s.
+            time.sleep(0.1)
             output = f"{context.task_id}:{uuid.uuid4()}".encode()
             with lock:
                 produced.setdefault((context.instance_id, context.task_id), []).append(output)
@@ -725,7 +740,7 @@ def test_server_restart_while_workers_run(kind: str, server_url: str) -> None:
             with lock:
                 return sum(recorded.values())
 
-        instance_ids = [f"restart-{number:02d}" for number in range(24)]
+        instance_ids = [f"restart-{number:02d}" for number in range(32)]
         for instance_id in instance_ids:
             backend.save_snapshot(PIPELINE.start(instance_id, "pipeline-v1"), expected_version=0)
         clients: list[CarefulClient] = [

@@ -108,6 +108,11 @@ class _Stored:
     now: datetime
 
 
+def _connection_lost(error: BackendUnavailableError) -> bool:
+    cause = error.__cause__
+    return isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated
+
+
 def _parse_url(value: object) -> URL:
     if isinstance(value, URL):
         return value
@@ -134,11 +139,13 @@ class SqlBackend(PersistentBackend):
 
     Thread-safe: share one instance between all the threads of a process; each call uses
     its own pooled connection and transaction. Several processes (and machines) may use
-    the same database at once.
+    the same database at once. A pooled connection found dead (a restarted server) is
+    replaced without the caller noticing: the transaction, which committed nothing, runs
+    again once on a new connection.
 
     Args:
         engine_or_url: an ``Engine``, or a URL (``str`` or ``URL``) from which an engine
-            with ``pool_pre_ping`` is created (and disposed by :meth:`close`). For SQLite,
+            is created (and disposed by :meth:`close`). For SQLite,
             hooks are added to the engine (WAL, busy timeout, ``BEGIN IMMEDIATE``); use a
             file database, not ``:memory:``.
         max_payload_bytes: see :class:`PersistentBackend`.
@@ -148,7 +155,7 @@ class SqlBackend(PersistentBackend):
             ``BackendUnavailableError``.
         max_retries: attempts of a transaction that hit a deadlock or serialization failure.
         **engine_options: passed to ``create_engine`` when a URL is given, over the
-            defaults (``pool_pre_ping=True, pool_size=10, max_overflow=30``; keep the pool
+            defaults (``pool_size=10, max_overflow=30``; keep the pool
             at least as large as the number of threads sharing the backend).
 
     Raises:
@@ -216,10 +223,13 @@ class SqlBackend(PersistentBackend):
     # -- transactions ------------------------------------------------------------------------
 
     def _transaction(self, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
-        """Run ``work`` in one transaction, retrying deadlocks and first-save races."""
+        """Run ``work`` in one transaction, retrying deadlocks and first-save races, and
+        once on a new connection if the connection is found dead before ``COMMIT``."""
         attempt = 0
+        reconnected = False
         while True:
             attempt += 1
+            committing = False
             try:
                 with (
                     self._dialect.write_gate(read_only),
@@ -230,10 +240,12 @@ class SqlBackend(PersistentBackend):
                     conn.begin() as transaction,
                 ):
                     try:
-                        return work(conn)
+                        result = work(conn)
                     except _Rollback as rollback:
                         transaction.rollback()
                         return rollback.value  # type: ignore[no-any-return]
+                    committing = True  # leaving the block sends COMMIT
+                return result
             except (RetryableConflict, _RestartTransaction) as conflict:
                 if attempt >= self._max_retries:
                     raise BackendUnavailableError(
@@ -241,6 +253,17 @@ class SqlBackend(PersistentBackend):
                     ) from conflict
                 logger.info("retrying transaction after %s (attempt %d)", conflict, attempt)
                 time.sleep(random.uniform(0, 0.01 * attempt))
+            except BackendUnavailableError as error:
+                # A connection that died before COMMIT was sent (typically one that died
+                # idle in the pool: a restarted server) committed nothing, the server rolls
+                # it back: run the transaction again on a fresh connection, once. The pool
+                # then replaces its other connections of that age. This replaces a
+                # pre-ping round trip at every checkout. A COMMIT whose answer was lost is
+                # never run again: its outcome is unknown.
+                if committing or reconnected or not _connection_lost(error):
+                    raise
+                reconnected = True
+                logger.info("connection to %s lost before COMMIT; running again", self._where)
 
     # -- shared statements -------------------------------------------------------------------
 
