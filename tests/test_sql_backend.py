@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 
 import pytest
-from sqlalchemy import create_engine, delete
+from sqlalchemy import create_engine, delete, make_url, select
 
 from sayiir_persistence import (
     BackendUnavailableError,
+    ConflictError,
     InvalidInputError,
+    NotFoundError,
     SchemaError,
     WorkflowSnapshot,
 )
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
-from sayiir_persistence.sql.schema import metadata
+from sayiir_persistence.sql.schema import metadata, workflows
 from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES
 
 UNICODE_IDS = ["ünïcødé-✓", "日本語のワークフロー", "emoji-😀-🚀", "😀" * 255, "quote'\";%_\\"]
@@ -146,3 +149,40 @@ def test_bad_urls_are_invalid_input(value: object, message: str) -> None:
     with pytest.raises(InvalidInputError, match=message) as raised:
         SqlBackend(value)  # type: ignore[arg-type]
     assert "s3cret-pw" not in str(raised.value)
+
+
+def test_failed_calls_leave_their_pooled_connection_holding_no_lock(sql_url: str) -> None:
+    """Each call ends its transaction itself (the pool does not reset connections on return,
+    to spare MySQL a ROLLBACK round trip): calls that fail after locking the workflow row
+    must not leave the lock on the connection they give back."""
+    migrate(sql_url)
+    backend = SqlBackend(sql_url, pool_size=1, max_overflow=0)  # one connection, reused
+    try:
+        with backend.engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(delete(table))
+        snapshot = WorkflowSnapshot.new("wf", "h", first_task="t")
+        backend.save_snapshot(snapshot)
+        with pytest.raises(ConflictError):  # raised after locking the row
+            backend.save_snapshot(snapshot, expected_version=7)
+        assert not backend.save_snapshot_fenced(snapshot, "t", "nobody")  # rolled back
+        with pytest.raises(NotFoundError):
+            backend.release_task_claim("wf", "t", "nobody")
+        backend.load_snapshot("wf")  # a read: on MySQL, a shared lock on the row
+
+        # Another connection locks the row at once: nothing was left holding it.
+        if make_url(sql_url).get_backend_name() == "sqlite":
+            path = make_url(sql_url).database
+            assert path is not None
+            other = sqlite3.connect(path, timeout=0, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # "database is locked" if a writer was left
+            other.execute("ROLLBACK")
+            other.close()
+        else:
+            engine = create_engine(sql_url)
+            with engine.begin() as conn:
+                lock = select(workflows.c.version).with_for_update(nowait=True)
+                assert conn.execute(lock).scalar_one() == 1
+            engine.dispose()
+    finally:
+        backend.close()

@@ -432,6 +432,11 @@ class MySqlDialect(SqlDialect):
 
     def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, Any]:
         options = super().engine_options(driver, max_payload_bytes)
+        # The pool's reset of a returned connection is a ROLLBACK round trip on MySQL drivers
+        # (PostgreSQL's and SQLite's skip it when no transaction is open). Every transaction
+        # of the backend has ended by then (committed, or rolled back by SQLAlchemy's
+        # Connection.close()), so it would only cost one more round trip per call.
+        options["pool_reset_on_return"] = None
         if driver == "pymysql":
             # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
             options["connect_args"] = {"max_allowed_packet": self.packet_bytes(max_payload_bytes)}
