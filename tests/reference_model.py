@@ -286,7 +286,9 @@ class ReferenceModel:
             pending_signals=frozenset(),
         )
 
-    def grant(self, instance_id: str, task_id: str, worker_id: str, ttl: int | None, token: int):
+    def grant(
+        self, instance_id: str, task_id: str, worker_id: str, ttl: int | None, token: int
+    ) -> None:
         """Record a claim the store granted with ``token``."""
         previous = self.workflows[instance_id].claims.get(task_id)
         assert previous is None or token > previous.token, "fencing token did not increase"
