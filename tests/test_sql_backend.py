@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 
@@ -20,7 +22,7 @@ from sayiir_persistence import (
 )
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
-from sayiir_persistence.sql.schema import metadata, workflows
+from sayiir_persistence.sql.schema import metadata, task_claims, workflows
 from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES
 
 UNICODE_IDS = ["ünïcødé-✓", "日本語のワークフロー", "emoji-😀-🚀", "😀" * 255, "quote'\";%_\\"]
@@ -186,3 +188,38 @@ def test_failed_calls_leave_their_pooled_connection_holding_no_lock(sql_url: str
             engine.dispose()
     finally:
         backend.close()
+
+
+def test_a_released_claim_row_locked_for_a_moment_is_waited_for_then_taken_over(
+    backend: SqlBackend, sql_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer holding a free claim row (a late release, a heartbeat) delays a takeover by
+    claim_available_tasks; it must neither fail nor need a retry of the transaction."""
+    backend.save_snapshot(WorkflowSnapshot.new("wf", "h", first_task="t"))
+    first = backend.claim_task("wf", "t", "w1", timedelta(minutes=1))
+    assert first is not None
+    backend.release_task_claim("wf", "t", "w1", token=first.token)
+
+    engine = create_engine(sql_url)
+    locked, done = threading.Event(), threading.Event()
+
+    def hold_the_claim_row() -> None:
+        with engine.begin() as conn:
+            conn.execute(select(task_claims.c.token).with_for_update()).all()
+            locked.set()
+            done.wait(timeout=0.3)
+
+    holder = threading.Thread(target=hold_the_claim_row)
+    holder.start()
+    try:
+        assert locked.wait(timeout=10)
+        caplog.set_level(logging.INFO, logger="sayiir_persistence.sql.backend")
+        started = time.monotonic()
+        [claimed] = backend.claim_available_tasks("w2", 5, timedelta(minutes=1))
+        assert time.monotonic() - started < 10
+    finally:
+        done.set()
+        holder.join()
+        engine.dispose()
+    assert (claimed.claim.worker_id, claimed.claim.token) == ("w2", first.token + 1)
+    assert not [record for record in caplog.records if "retrying" in record.message]

@@ -38,6 +38,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    tuple_,
     type_coerce,
     update,
 )
@@ -472,23 +473,25 @@ class MySqlDialect(SqlDialect):
             )
         )
         self._token_statement = select(task_claims.c.token).where(_claim_key())
-        # Lock one ready row (skipped if another transaction holds it) and learn whether
-        # its claim row exists. The outer join's locking read also locks that claim row: a
-        # claim row locked elsewhere reads as absent, which the insert then finds out.
-        self._lock_statement = (
-            select(ready_tasks.c.task_id, task_claims.c.token)
-            .select_from(
-                ready_tasks.outerjoin(
-                    task_claims,
-                    and_(
-                        task_claims.c.instance_id == ready_tasks.c.instance_id,
-                        task_claims.c.task_id == ready_tasks.c.task_id,
-                    ),
-                )
-            )
+        # Lock the given ready rows (skipping those another transaction holds) and read
+        # the token of their claim rows, if any. The keys are primary keys: InnoDB reads, so
+        # locks, exactly those rows. The subquery is a plain read (a locking read does not
+        # extend to subqueries): a claim row locked elsewhere is read, not waited for nor
+        # skipped; the takeover's guarded UPDATE waits for it.
+        claim_token = (
+            select(task_claims.c.token)
             .where(
-                ready_tasks.c.instance_id == bindparam("p_instance_id"),
-                ready_tasks.c.task_id == bindparam("p_task_id"),
+                task_claims.c.instance_id == ready_tasks.c.instance_id,
+                task_claims.c.task_id == ready_tasks.c.task_id,
+            )
+            .scalar_subquery()
+        )
+        self._lock_statement = (
+            select(ready_tasks.c.instance_id, ready_tasks.c.task_id, claim_token.label("token"))
+            .where(
+                tuple_(ready_tasks.c.instance_id, ready_tasks.c.task_id).in_(
+                    bindparam("p_keys", expanding=True)
+                )
             )
             .with_for_update(skip_locked=True)
         )
@@ -551,18 +554,17 @@ class MySqlDialect(SqlDialect):
         return 1 if inserted.rowcount == 1 else None
 
     def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
-        # InnoDB locks the rows it reads before sorting and limiting, so a batch lock would
-        # hold every candidate: lock one primary key at a time, best first, instead.
-        locked: dict[TaskKey, bool | None] = {}
-        for instance_id, task_id in keys:
-            if len(locked) == limit:
-                break
-            row = conn.execute(
-                self._lock_statement, {"p_instance_id": instance_id, "p_task_id": task_id}
-            ).first()
-            if row is not None:
-                locked[instance_id, task_id] = row.token is not None
-        return locked
+        # InnoDB locks every row a locking read visits before sorting and limiting, so the
+        # candidates are not locked with ORDER BY ... LIMIT: lock the best ``limit`` keys by
+        # primary key, and as many of the next ones as rows were skipped, until enough.
+        locked: dict[TaskKey, bool] = {}
+        tried = 0
+        while len(locked) < limit and tried < len(keys):
+            batch = keys[tried : tried + limit - len(locked)]
+            tried += len(batch)
+            rows = conn.execute(self._lock_statement, {"p_keys": batch})
+            locked.update(((row.instance_id, row.task_id), row.token is not None) for row in rows)
+        return {key: locked[key] for key in keys[:tried] if key in locked}
 
     def claim_many(
         self,
@@ -580,8 +582,9 @@ class MySqlDialect(SqlDialect):
             parameters = _claim_parameters(first, worker_id, now, expires_at)
             inserted = conn.execute(self._claim_statement, parameters).rowcount
             if inserted != len(first):
-                # A claim row we read as absent exists (it was locked by another writer):
-                # which rows went in is unknown, so undo all and run the transaction again.
+                # A claim row read as absent exists (committed in the instant between the
+                # read and the lock): which rows went in is unknown, so undo all and run the
+                # transaction again.
                 raise RetryableConflict(
                     f"{len(first) - inserted} of {len(first)} first claims already existed"
                 )
