@@ -22,6 +22,10 @@ def _ms(summary: dict[str, float]) -> str:
     return f"{summary['p50_ms']:.2f} / {summary['p99_ms']:.2f}"
 
 
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def best(rows: list[dict[str, Any]], impl: str, threads: int) -> dict[str, Any] | None:
     """The round with the highest throughput (the least disturbed by other load)."""
     mine = [row for row in rows if row["impl"] == impl and row["threads"] == threads]
@@ -50,6 +54,9 @@ def ratios(cycle_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ceiling_tasks_per_s": ceiling["tasks_per_s"],
                 "ratio": ours["tasks_per_s"] / ceiling["tasks_per_s"],
                 "ratio_median_of_rounds": statistics.median(paired) if paired else None,
+                # Client CPU per task of the same (best) rounds; absent in older results.
+                "ours_cpu_ms_per_task": ours.get("client_cpu_ms_per_task"),
+                "ceiling_cpu_ms_per_task": ceiling.get("client_cpu_ms_per_task"),
             }
         )
     return out
@@ -66,7 +73,16 @@ def print_tables(results: dict[str, Any]) -> None:
     for name in ("db", "threads x procs", "impl", "tasks/s", "claim", "save_result", "release"):
         cycle.add_column(name, justify="right" if name not in ("db", "impl") else "left")
     ratio = Table(title="Ours / bare-driver ceiling (claim cycle throughput; target >= 0.8)")
-    for name in ("db", "threads x procs", "ours tasks/s", "ceiling tasks/s", "ratio", "per round"):
+    ratio_columns = (
+        "db",
+        "threads x procs",
+        "ours tasks/s",
+        "ceiling tasks/s",
+        "ratio",
+        "per round",
+        "CPU ms/task ours / ceiling",
+    )
+    for name in ratio_columns:
         ratio.add_column(name, justify="left" if name == "db" else "right")
     contended = Table(title="Contended claim_task: every thread races for the same tasks")
     for name in ("db", "threads x procs", "attempts/s", "p50 / p99 ms", "wins", "duplicates"):
@@ -105,6 +121,8 @@ def print_tables(results: dict[str, Any]) -> None:
                 "-"
                 if row["ratio_median_of_rounds"] is None
                 else f"{row['ratio_median_of_rounds']:.2f}",
+                f"{_cpu(row.get('ours_cpu_ms_per_task'))} / "
+                f"{_cpu(row.get('ceiling_cpu_ms_per_task'))}",
             )
         for row in scenarios.get("contended", []):
             contended.add_row(
@@ -154,10 +172,13 @@ def markdown(results: dict[str, Any]) -> str:
             tables.append([header, align, *rows])
 
     table(
-        "| Database | Threads x processes | Ours tasks/s | Bare driver tasks/s | Ours / ceiling |",
+        "| Database | Threads x processes | Ours tasks/s | Bare driver tasks/s | Ours / ceiling "
+        "| Client CPU ms/task, ours / bare driver |",
         [
             f"| {db} | {row['threads']} x {row['processes']} | {row['ours_tasks_per_s']:.0f}"
             f" | {row['ceiling_tasks_per_s']:.0f} | **{row['ratio']:.2f}** |"
+            f" {_cpu(row.get('ours_cpu_ms_per_task'))} /"
+            f" {_cpu(row.get('ceiling_cpu_ms_per_task'))} |"
             for db, scenarios in dbs.items()
             for row in scenarios.get("ratios", [])
         ],

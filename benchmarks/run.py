@@ -188,6 +188,7 @@ def claim_cycles(target: Target, args: argparse.Namespace) -> dict[str, list[dic
                     "drained": left == 0 and len(set(done)) == args.tasks,
                     "wall_s": layout.wall_s,
                     "tasks_per_s": len(done) / layout.wall_s,
+                    "client_cpu_ms_per_task": layout.cpu_s / max(1, len(done)) * 1000,
                     "empty_claims": layout.result.counters.get("empty_claims", 0),
                     "calls": {
                         name: summarize(durations)

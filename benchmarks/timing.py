@@ -3,7 +3,9 @@
 A layout is P processes (started with ``spawn``: nothing is inherited but the arguments) of W
 threads each. Every process builds its job first (engine, connections, warm-up), says it is
 ready, and waits for one start signal; the wall time runs from that signal to the end of the
-last thread, so process start-up and connection set-up are not measured.
+last thread, so process start-up and connection set-up are not measured. The client CPU time
+(``time.process_time()`` of each process over the same span, summed) is measured alongside:
+on a machine whose cores the database servers share, it is what the client costs them.
 
 A job is named by ``module:Class`` and built in the child as
 ``Class(**options, threads=W, done=...)``; it has ``run_thread(worker_index) -> ThreadResult``
@@ -83,6 +85,8 @@ class LayoutResult:
     threads: int
     processes: int
     wall_s: float
+    #: CPU time of the client processes (all their threads) while the threads ran.
+    cpu_s: float
     result: ThreadResult
 
 
@@ -116,19 +120,19 @@ def _child(
                 errors.append(error)
 
         workers = [threading.Thread(target=run, args=(slot,)) for slot in range(threads)]
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
-        finished = time.monotonic()
+        finished, cpu = time.monotonic(), time.process_time() - cpu_started
         if errors:
             messages.put(("error", process_index, repr(errors[0])))
             return
         merged = ThreadResult()
         for result in results:
             merged.merge(result)
-        messages.put(("done", process_index, (started, finished, merged.plain())))
+        messages.put(("done", process_index, (started, finished, cpu, merged.plain())))
     finally:
         instance.close()
 
@@ -151,6 +155,7 @@ def run_layout(job: str, options: dict[str, Any], *, threads: int, processes: in
         child.start()
     try:
         spans: list[tuple[float, float]] = []
+        cpu_s = 0.0
         merged = ThreadResult()
         ready = 0
         deadline = time.monotonic() + LAYOUT_TIMEOUT_S
@@ -166,8 +171,9 @@ def run_layout(job: str, options: dict[str, Any], *, threads: int, processes: in
                 if ready == processes:
                     start.set()
                 continue
-            started, finished, plain = payload
+            started, finished, cpu, plain = payload
             spans.append((started, finished))
+            cpu_s += cpu
             part = ThreadResult()
             for name, durations in plain["calls"].items():
                 part.calls[name].extend(durations)
@@ -176,7 +182,7 @@ def run_layout(job: str, options: dict[str, Any], *, threads: int, processes: in
             part.items.extend(plain["items"])
             merged.merge(part)
         wall = max(end for _, end in spans) - min(begin for begin, _ in spans)
-        return LayoutResult(threads, processes, wall, merged)
+        return LayoutResult(threads, processes, wall, cpu_s, merged)
     finally:
         for child in children:
             child.join(timeout=30)
