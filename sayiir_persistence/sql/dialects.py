@@ -99,7 +99,19 @@ def _claim_is_free(now: ColumnElement[datetime]) -> ColumnElement[bool]:
     )
 
 
-def _claim_key() -> ColumnElement[bool]:
+def _new_result() -> dict[str, Any]:
+    """The values of a task result: ``p_instance_id``, ``p_task_id``, ``p_output``,
+    ``p_completed_at``."""
+    return {
+        "instance_id": bindparam("p_instance_id"),
+        "task_id": bindparam("p_task_id"),
+        "output": bindparam("p_output"),
+        "completed_at": bindparam("p_completed_at"),
+    }
+
+
+def claim_key() -> ColumnElement[bool]:
+    """The claim row of ``p_instance_id`` / ``p_task_id``."""
     return and_(
         task_claims.c.instance_id == bindparam("p_instance_id"),
         task_claims.c.task_id == bindparam("p_task_id"),
@@ -191,12 +203,7 @@ class SqlDialect:
         ).returning(task_claims.c.instance_id, task_claims.c.task_id, task_claims.c.token)
 
     def _build_put_result(self) -> Any:
-        statement = self._insert()(task_results).values(
-            instance_id=bindparam("p_instance_id"),
-            task_id=bindparam("p_task_id"),
-            output=bindparam("p_output"),
-            completed_at=bindparam("p_completed_at"),
-        )
+        statement = self._insert()(task_results).values(_new_result())
         return statement.on_conflict_do_update(
             index_elements=[task_results.c.instance_id, task_results.c.task_id],
             set_={
@@ -463,7 +470,7 @@ class MySqlDialect(SqlDialect):
         # token back in the OK packet, where the driver reports it (no read-back).
         self._takeover_statement = (
             update(task_claims)
-            .where(_claim_key(), _claim_is_free(bindparam("p_now")))
+            .where(claim_key(), _claim_is_free(bindparam("p_now")))
             .values(
                 worker_id=bindparam("p_worker_id"),
                 token=func.last_insert_id(task_claims.c.token + 1),
@@ -472,7 +479,7 @@ class MySqlDialect(SqlDialect):
                 released=False,
             )
         )
-        self._token_statement = select(task_claims.c.token).where(_claim_key())
+        self._token_statement = select(task_claims.c.token).where(claim_key())
         # Lock the given ready rows (skipping those another transaction holds) and read
         # the token of their claim rows, if any. The keys are primary keys: InnoDB reads, so
         # locks, exactly those rows. The subquery is a plain read (a locking read does not
@@ -517,12 +524,7 @@ class MySqlDialect(SqlDialect):
         return insert(task_claims).prefix_with("IGNORE").values(_new_claim())
 
     def _build_put_result(self) -> Any:
-        statement = mysql.insert(task_results).values(
-            instance_id=bindparam("p_instance_id"),
-            task_id=bindparam("p_task_id"),
-            output=bindparam("p_output"),
-            completed_at=bindparam("p_completed_at"),
-        )
+        statement = mysql.insert(task_results).values(_new_result())
         return statement.on_duplicate_key_update(
             output=statement.inserted.output, completed_at=statement.inserted.completed_at
         )

@@ -28,7 +28,7 @@ from sqlalchemy import (
 
 from ..model import WorkflowStatus
 from ..validation import MAX_PRIORITY, MIN_PRIORITY
-from .dialects import SqlDialect
+from .dialects import SqlDialect, claim_key
 from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
 
 # Statuses in which a workflow's stored state may still change (not terminal).
@@ -51,13 +51,6 @@ def _ready_key() -> Any:
     )
 
 
-def _claim_key() -> Any:
-    return and_(
-        task_claims.c.instance_id == bindparam("p_instance_id"),
-        task_claims.c.task_id == bindparam("p_task_id"),
-    )
-
-
 def signal_pending() -> Any:
     """A signal (cancel or pause) is pending for the ready row's workflow."""
     return exists().where(signals.c.instance_id == ready_tasks.c.instance_id)
@@ -67,7 +60,7 @@ def held_claim_filter(with_token: bool) -> Any:
     """The caller's own unreleased claim (and that token, when given): ``p_instance_id``,
     ``p_task_id``, ``p_worker_id``, ``p_token``."""
     condition = and_(
-        _claim_key(),
+        claim_key(),
         task_claims.c.worker_id == bindparam("p_worker_id"),
         task_claims.c.released.is_(False),
     )
@@ -214,10 +207,8 @@ class Statements:
             for with_token in (False, True)
             for with_ttl in (False, True)
         }
-        self.read_claim = select(task_claims).where(_claim_key())
-        self.lock_claim = (
-            select(task_claims, now.label("now")).where(_claim_key()).with_for_update()
-        )
+        self.read_claim = select(task_claims).where(claim_key())
+        self.lock_claim = select(task_claims, now.label("now")).where(claim_key()).with_for_update()
         self.pending_signals = select(signals.c.kind).where(
             signals.c.instance_id == bindparam("p_instance_id")
         )
