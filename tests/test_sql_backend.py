@@ -7,7 +7,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, delete, make_url, select
@@ -22,6 +22,8 @@ from sayiir_persistence import (
 )
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
+from sayiir_persistence.sql.dialects import MySqlDialect
+from sayiir_persistence.sql.errors import RetryableConflict
 from sayiir_persistence.sql.schema import metadata, task_claims, workflows
 from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES
 
@@ -223,3 +225,39 @@ def test_a_released_claim_row_locked_for_a_moment_is_waited_for_then_taken_over(
         engine.dispose()
     assert (claimed.claim.worker_id, claimed.claim.token) == ("w2", first.token + 1)
     assert not [record for record in caplog.records if "retrying" in record.message]
+
+
+@pytest.mark.mysql
+def test_mysql_batch_of_first_claims_is_refused_whole_if_a_claim_row_exists(
+    mysql_url: str,
+) -> None:
+    """MySQL inserts a batch of first claims with one INSERT IGNORE, on the lock statement's
+    word that no claim row exists. If one does (committed between that read and the lock),
+    which rows went in is unknown: the batch must raise for the transaction to run again,
+    never hand out a task another worker holds."""
+    migrate(mysql_url)
+    backend = SqlBackend(mysql_url)
+    try:
+        with backend.engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(delete(table))
+        for instance_id in ("free", "held"):
+            backend.save_snapshot(WorkflowSnapshot.new(instance_id, "h", first_task="t"))
+        held = backend.claim_task("held", "t", "w1", timedelta(minutes=1))
+        assert held is not None
+
+        now = datetime.now(UTC)
+        misread = {("free", "t"): False, ("held", "t"): False}  # "held" read as unclaimed
+        with backend.engine.connect() as conn:
+            transaction = conn.begin()
+            with pytest.raises(RetryableConflict, match="1 of 2 first claims already existed"):
+                MySqlDialect().claim_many(conn, misread, "w2", now, now + timedelta(minutes=1))
+            transaction.rollback()  # what SqlBackend does before running it again
+
+        again = backend.claim_task("held", "t", "w2", timedelta(minutes=1))
+        assert again is None  # still held by w1
+        assert backend.extend_task_claim("held", "t", "w1", timedelta(minutes=1)).token == 1
+        free = backend.claim_task("free", "t", "w2", timedelta(minutes=1))
+        assert free is not None and free.token == 1  # the rolled-back insert left nothing
+    finally:
+        backend.close()
