@@ -4,7 +4,7 @@ Fixtures:
 
 - ``sqlite_url``: a SQLite file URL in the test's temporary directory (function scope).
 - ``postgres_url`` / ``mysql_url``: a reachable server URL for the session (skipped or failed
-  as described in ``databases.py`` when there is none).
+  as described in ``helpers/databases.py`` when there is none).
 - ``sql_url``: parametrized over sqlite, postgres and mysql (ids and markers of the same names);
   a test using it runs once per *selected* database.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from databases import (
+from helpers.databases import (
     KINDS,
     SELECTION_ENV,
     SERVER_KINDS,

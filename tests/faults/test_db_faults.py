@@ -57,8 +57,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from databases import unreachable_reason
-from isolated_db import isolated_database
+from helpers.databases import unreachable_reason
+from helpers.isolated_db import isolated_database
+from helpers.tcp_proxy import TcpProxy
 from sayiir_persistence import (
     AtTask,
     BackendUnavailableError,
@@ -72,7 +73,6 @@ from sayiir_persistence import (
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.worker import Pipeline, TaskContext, TaskOutcome, Worker
-from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.faults
 
@@ -597,7 +597,7 @@ RESTART_COMMAND_ENV: Final = {
     "postgres": "SAYIIR_TEST_POSTGRES_RESTART",
     "mysql": "SAYIIR_TEST_MYSQL_RESTART",
 }
-# The local servers of the development container (see tests/databases.py, HOW_TO_START).
+# The local servers of the development container (see tests/helpers/databases.py, HOW_TO_START).
 DEFAULT_RESTART_COMMANDS: Final = {
     "postgres": 'pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main restart',
     "mysql": (

@@ -16,7 +16,7 @@ from typing import ClassVar
 import pytest
 from sqlalchemy import delete
 
-from isolated_db import isolated_database
+from helpers.isolated_db import isolated_database
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.sql.schema import metadata

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from databases import sql_params
-from isolated_db import isolated_database
+from helpers.databases import sql_params
+from helpers.isolated_db import isolated_database
 from sayiir_persistence import (
     AtFork,
     AtTask,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
 
 
 def _run_quickstart(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:

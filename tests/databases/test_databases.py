@@ -1,4 +1,4 @@
-"""Self-tests of the database plumbing in ``databases.py`` and ``conftest.py``.
+"""Self-tests of the database plumbing in ``helpers/databases.py`` and ``conftest.py``.
 
 The unmarked tests need no server. ``test_selected_database_answers`` runs once per selected SQL
 database, so every tox environment has at least one test that proves its database is there.
@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import sqlalchemy as sa
 
-from databases import (
+from helpers.databases import (
     DEFAULT_URLS,
     MYSQL,
     POSTGRES,
@@ -57,7 +57,7 @@ def unreachable(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest)
     kind: str = request.param
     scheme = "postgresql+psycopg2" if kind == POSTGRES else "mysql+pymysql"
     monkeypatch.setenv(URL_ENV[kind], f"{scheme}://someone:hunter2@127.0.0.1:1/test")
-    monkeypatch.setattr("databases.docker_available", lambda: False)
+    monkeypatch.setattr("helpers.databases.docker_available", lambda: False)
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.delenv(REQUIRE_ENV, raising=False)
     return kind

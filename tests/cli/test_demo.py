@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from rich.console import Console
 
-from isolated_db import isolated_database
+from helpers.isolated_db import isolated_database
 from sayiir_persistence.demo import (
     DemoReport,
     _lineage_errors,

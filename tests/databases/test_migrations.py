@@ -31,7 +31,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
 import sayiir_persistence
-from databases import SQLITE, databases_required, sql_params
+from helpers.databases import SQLITE, databases_required, sql_params
 from sayiir_persistence import BackendUnavailableError, InvalidInputError, SchemaError
 from sayiir_persistence.cli import main
 from sayiir_persistence.provisioning import (
@@ -46,7 +46,7 @@ from sayiir_persistence.provisioning import (
 )
 from sayiir_persistence.sql.schema import metadata
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRATCH_DB = "sayiir_migrations"
 REFERENCE_DB = "sayiir_migrations_ref"
 TABLES = frozenset(metadata.tables)

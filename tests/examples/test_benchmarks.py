@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = [pytest.mark.sqlite, pytest.mark.slow, pytest.mark.multiprocess]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("claim_cycle", "ceiling", "ratios", "contended", "scaling", "payloads")
 
 

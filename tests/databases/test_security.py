@@ -37,8 +37,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 import sayiir_persistence
-from databases import sql_params
-from isolated_db import isolated_database
+from helpers.databases import sql_params
+from helpers.isolated_db import isolated_database
 from sayiir_persistence import (
     BackendUnavailableError,
     ClaimLostError,

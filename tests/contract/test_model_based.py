@@ -75,9 +75,9 @@ from hypothesis.stateful import (
 from sqlalchemy import Engine, Table, bindparam, delete, select, update
 from sqlalchemy.engine import Connection
 
-from databases import MEMORY, sql_params
-from isolated_db import isolated_database
-from reference_model import (
+from helpers.databases import MEMORY, sql_params
+from helpers.isolated_db import isolated_database
+from helpers.reference_model import (
     Candidate,
     Delay,
     Draft,

@@ -91,7 +91,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from crash_workers import (
+from helpers.crash_workers import (
     CYCLE_KILL_POINTS,
     STOP_FILE,
     WORKER_KILL_POINTS,
@@ -104,7 +104,7 @@ from crash_workers import (
     process_main,
     read_journals,
 )
-from isolated_db import isolated_database
+from helpers.isolated_db import isolated_database
 from sayiir_persistence import SqlBackend, WorkflowSnapshot, WorkflowStatus, migrate
 from sayiir_persistence.sql.dialects import dialect_for
 from sayiir_persistence.sql.schema import task_claims, task_results, workflows

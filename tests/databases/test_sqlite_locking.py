@@ -47,7 +47,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from crash_workers import Journal, advance_chain, chain_workflow, read_journals
+from helpers.crash_workers import Journal, advance_chain, chain_workflow, read_journals
 from sayiir_persistence import (
     AtTask,
     BackendUnavailableError,
