@@ -13,13 +13,12 @@ from typing import NoReturn, Self, TypeAlias
 
 from .errors import InvalidInputError, InvalidStateError
 from .validation import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
     check_aware,
+    check_bytes,
     check_id,
     check_optional_aware,
+    check_optional_bytes,
     check_optional_id,
-    check_optional_payload,
-    check_payload,
     check_priority,
     check_tags,
     check_text,
@@ -148,6 +147,8 @@ class WorkflowSnapshot:
 
     Build one with :meth:`new`, move it on with the mutators, and save it with a backend.
     ``version`` is 0 until the first save and is set by the store on each save.
+    Payload sizes are checked when the snapshot is saved, against the backend's
+    ``max_payload_bytes``; the mutators check types only.
 
     ``input_task_id`` is bookkeeping for :class:`AvailableTask.input`: the task whose output
     feeds the current position (``None``: the initial input). :meth:`move_to` sets it.
@@ -185,7 +186,7 @@ class WorkflowSnapshot:
         """A new in-progress snapshot at ``AtTask(first_task)`` (or ``NotStarted()``)."""
         check_id(instance_id, "instance_id")
         check_id(definition_hash, "definition_hash")
-        check_optional_payload(initial_input, "initial_input", DEFAULT_MAX_PAYLOAD_BYTES)
+        check_optional_bytes(initial_input, "initial_input")
         position: Position = NotStarted() if first_task is None else AtTask(first_task)
         now = utc_now()
         return cls(
@@ -210,7 +211,7 @@ class WorkflowSnapshot:
     def mark_task_completed(self, task_id: str, output: bytes) -> None:
         """Record ``output`` as the result of ``task_id``."""
         check_id(task_id, "task_id")
-        check_payload(output, "output", DEFAULT_MAX_PAYLOAD_BYTES)
+        check_bytes(output, "output")
         self._require_in_progress("mark a task completed")
         self.completed_tasks[task_id] = output
         self.last_completed_task_id = task_id
@@ -225,7 +226,7 @@ class WorkflowSnapshot:
 
     def mark_completed(self, output: bytes) -> None:
         """Finish the workflow with ``output``."""
-        check_payload(output, "output", DEFAULT_MAX_PAYLOAD_BYTES)
+        check_bytes(output, "output")
         self._require_in_progress("complete")
         self.status = WorkflowStatus.COMPLETED
         self.output = output

@@ -66,15 +66,25 @@ def check_text(value: object, name: str, *, optional: bool = True) -> str | None
     return _check_str(value, name)
 
 
-def check_payload(value: object, name: str, max_bytes: int) -> bytes:
+def check_bytes(value: object, name: str) -> bytes:
+    """A payload's type; its size is checked by the backend it is saved to."""
     if not isinstance(value, bytes):
         raise InvalidInputError(f"{name} must be bytes, got {type(value).__name__}")
-    if len(value) > max_bytes:
+    return value
+
+
+def check_optional_bytes(value: object, name: str) -> bytes | None:
+    return None if value is None else check_bytes(value, name)
+
+
+def check_payload(value: object, name: str, max_bytes: int) -> bytes:
+    payload = check_bytes(value, name)
+    if len(payload) > max_bytes:
         raise InvalidInputError(
-            f"{name} is {len(value)} bytes, above the maximum of {max_bytes} bytes "
+            f"{name} is {len(payload)} bytes, above the maximum of {max_bytes} bytes "
             "(max_payload_bytes)"
         )
-    return value
+    return payload
 
 
 def check_optional_payload(value: object, name: str, max_bytes: int) -> bytes | None:

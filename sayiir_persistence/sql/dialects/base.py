@@ -1,0 +1,319 @@
+"""What every dialect strategy knows, and the parts shared by all of them.
+
+A strategy (one subclass per database, registered by the SQLAlchemy dialect names it serves,
+see ``sayiir_persistence.sql.dialects``) holds everything that differs between databases:
+
+- the database clock as a SQL expression (expiry is judged by the server, not the worker);
+- how to claim a task in one guarded write (the guard ``released OR expires_at <= now``
+  lives in the statement itself, so a row that another worker claimed an instant ago is
+  never taken over);
+- how to lock the best candidates with ``SKIP LOCKED`` (SQLite serialises writers instead);
+- how to prepare an engine (isolation level, SQLite pragmas and ``BEGIN IMMEDIATE``);
+- the lock that serialises concurrent migrations;
+- which driver errors mean "retry", "not provisioned", "too large" or "unavailable".
+
+The clock, the migration lock and the error classification are class-level: they are used
+without building a backend (provisioning, inspection).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import datetime, timedelta
+from enum import Enum
+from typing import Any, ClassVar, Self
+
+from sqlalchemy import (
+    ColumnElement,
+    CompoundSelect,
+    Connection,
+    Engine,
+    Executable,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    or_,
+)
+
+from ..errors import ErrorKind
+from ..schema import task_claims, task_results
+
+TaskKey = tuple[str, str]
+
+# Connection execution option marking a transaction that only reads.
+READ_ONLY_OPTION = "sayiir_read_only"
+
+logger = logging.getLogger(__name__)
+
+
+class ClaimRow(Enum):
+    """What the lock of a candidate told about its row in ``sayiir_task_claims``."""
+
+    ABSENT = "absent"
+    """No claim row: the task was never claimed (a first claim inserts one)."""
+    PRESENT = "present"
+    """A claim row exists (released or expired, since live claims are not candidates)."""
+    UNKNOWN = "unknown"
+    """The lock did not read the claim row: the claim statement decides by itself."""
+
+
+# The candidates locked for a claim, best first, each with what is known of its claim row.
+Locked = Mapping[TaskKey, ClaimRow]
+
+
+def claim_parameters(
+    keys: list[TaskKey], worker_id: str, now: datetime, expires_at: datetime | None
+) -> list[dict[str, object]]:
+    """The bound values of the claim statements, one set per task."""
+    return [
+        {
+            "p_instance_id": instance_id,
+            "p_task_id": task_id,
+            "p_worker_id": worker_id,
+            "p_now": now,
+            "p_expires_at": expires_at,
+        }
+        for instance_id, task_id in keys
+    ]
+
+
+def new_claim() -> dict[str, object]:
+    """The values of a first claim, bound by :func:`claim_parameters`."""
+    return {
+        "instance_id": bindparam("p_instance_id"),
+        "task_id": bindparam("p_task_id"),
+        "worker_id": bindparam("p_worker_id"),
+        "token": 1,
+        "claimed_at": bindparam("p_now"),
+        "expires_at": bindparam("p_expires_at"),
+        "released": False,
+    }
+
+
+def claim_is_free(now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """The takeover guard: the stored claim was released or has expired at ``now``."""
+    return or_(
+        task_claims.c.released.is_(True),
+        and_(task_claims.c.expires_at.is_not(None), task_claims.c.expires_at <= now),
+    )
+
+
+def new_result() -> dict[str, object]:
+    """The values of a task result: ``p_instance_id``, ``p_task_id``, ``p_output``,
+    ``p_completed_at``."""
+    return {
+        "instance_id": bindparam("p_instance_id"),
+        "task_id": bindparam("p_task_id"),
+        "output": bindparam("p_output"),
+        "completed_at": bindparam("p_completed_at"),
+    }
+
+
+def claim_key() -> ColumnElement[bool]:
+    """The claim row of ``p_instance_id`` / ``p_task_id``."""
+    return and_(
+        task_claims.c.instance_id == bindparam("p_instance_id"),
+        task_claims.c.task_id == bindparam("p_task_id"),
+    )
+
+
+def on_conflict_upserts(insert: Callable[[Table], Any]) -> tuple[Executable, Executable]:
+    """The claim and result upserts of a database with ``INSERT ... ON CONFLICT``.
+
+    ``insert`` is ``postgresql.insert`` or ``sqlite.insert``: their ``Insert`` classes share
+    ``on_conflict_do_update`` but no base class that declares it (hence ``Any``).
+    """
+    claim = insert(task_claims).values(new_claim())
+    claim = claim.on_conflict_do_update(
+        index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
+        set_={
+            "worker_id": claim.excluded.worker_id,
+            "token": task_claims.c.token + 1,
+            "claimed_at": claim.excluded.claimed_at,
+            "expires_at": claim.excluded.expires_at,
+            "released": False,
+        },
+        # excluded.claimed_at is this claim's "now", the clock the guard must use.
+        where=claim_is_free(claim.excluded.claimed_at),
+    ).returning(task_claims.c.instance_id, task_claims.c.task_id, task_claims.c.token)
+    result = insert(task_results).values(new_result())
+    result = result.on_conflict_do_update(
+        index_elements=[task_results.c.instance_id, task_results.c.task_id],
+        set_={"output": result.excluded.output, "completed_at": result.excluded.completed_at},
+    )
+    return claim, result
+
+
+# One backend serves every thread of a worker process, one connection per call in flight.
+# A pool smaller than the thread count makes threads queue for connections, and the
+# pool's queue is not fair: a busy thread can starve for the whole pool timeout. Ten
+# kept open, up to forty under load.
+# No pool_pre_ping: its round trip at every checkout cost 5-15 % of a short call; a
+# connection found dead is replaced by SqlBackend._transaction instead.
+POOL_OPTIONS: dict[str, object] = {"pool_size": 10, "max_overflow": 30}
+
+_REGISTRY: dict[str, type[SqlDialect]] = {}
+
+
+class SqlDialect(ABC):
+    """The strategy of one database; subclasses declare the dialect ``names`` they serve."""
+
+    names: ClassVar[frozenset[str]] = frozenset()
+    """The SQLAlchemy dialect names (``engine.dialect.name``) this strategy serves."""
+    skip_locked: ClassVar[bool] = True
+    # UPDATE ... RETURNING (PostgreSQL, SQLite 3.35+; not MySQL/MariaDB).
+    update_returning: ClassVar[bool] = True
+
+    # Each statement sees what committed before it started; guards and row locks do the
+    # rest. PostgreSQL and InnoDB then behave alike (InnoDB defaults to REPEATABLE READ).
+    isolation_level: ClassVar[str | None] = "READ COMMITTED"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in cls.names:
+            _REGISTRY[name] = cls
+
+    @classmethod
+    def configured(cls, *, sqlite_busy_timeout: timedelta) -> Self:
+        """The strategy for a backend with these settings (each takes what concerns it)."""
+        return cls()
+
+    def __init__(self) -> None:
+        # Built once: building SQLAlchemy statements costs more client CPU than running
+        # their cached compiled form. Values are bound at each call.
+        self._claim_statement, self._put_result_statement = self._build_upserts()
+
+    # -- the clock -----------------------------------------------------------------------
+
+    @staticmethod
+    @abstractmethod
+    def now() -> ColumnElement[datetime]:
+        """The database clock."""
+
+    @staticmethod
+    @abstractmethod
+    def now_plus_ttl() -> ColumnElement[datetime]:
+        """The database clock plus the TTL bound as ``p_ttl`` (see :meth:`ttl_parameter`)."""
+
+    @staticmethod
+    def ttl_parameter(ttl: timedelta) -> object:
+        """The value of ``p_ttl`` for a TTL."""
+        return ttl
+
+    # -- engines and connections ----------------------------------------------------------
+
+    def write_gate(self, read_only: bool) -> AbstractContextManager[None]:
+        """Held around each transaction of this backend (a no-op where rows are locked)."""
+        return nullcontext()
+
+    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, object]:
+        """``create_engine`` options for an engine the backend creates from a URL."""
+        return {**POOL_OPTIONS, "isolation_level": self.isolation_level}
+
+    def check_server(self, conn: Connection, max_payload_bytes: int) -> None:  # noqa: B027
+        """Warn about server settings that would refuse payloads the backend accepts."""
+
+    def prepare_engine(self, engine: Engine, *, created: bool) -> Engine:
+        """Return the engine to use (options applied); may register event hooks.
+
+        ``created``: the backend made the engine with :meth:`engine_options`.
+        """
+        if created:
+            return engine  # the isolation level is set once per connection, at connect
+        # On a caller's engine it is set at each checkout and reset at each return (extra
+        # round trips): callers avoid that with create_engine(isolation_level=...).
+        return engine.execution_options(isolation_level=self.isolation_level)
+
+    @classmethod
+    @contextmanager
+    def migration_lock(cls, connection: Connection) -> Iterator[None]:
+        """Hold a database-wide lock that serialises concurrent migrations (see
+        :func:`sayiir_persistence.provisioning.migration_lock`)."""
+        yield
+
+    @classmethod
+    def classify(cls, error: BaseException) -> ErrorKind | None:
+        """What a driver error means for the caller (``None``: nothing specific)."""
+        return None
+
+    # -- claims ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def _build_upserts(self) -> tuple[Executable, Executable]:
+        """The claim statement and the result upsert.
+
+        The claim inserts a first claim or takes over a free one, in one guarded statement,
+        run with a list of parameter sets (SQLAlchemy sends them in one multi-row statement
+        and gathers the ``RETURNING`` rows); a row whose claim is live returns nothing.
+        """
+
+    def claim(
+        self,
+        conn: Connection,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> int | None:
+        """Claim if no live claim exists; return the new fencing token or ``None``."""
+        key = (instance_id, task_id)
+        return self.claim_many(conn, {key: ClaimRow.UNKNOWN}, worker_id, now, expires_at).get(key)
+
+    def find_and_lock_query(self, candidates: CompoundSelect[Any]) -> Select[Any] | None:
+        """One statement that finds, orders and locks the best candidates, where the
+        database can (``None``: :meth:`lock_candidates` locks what ``candidates`` found)."""
+        return None
+
+    @abstractmethod
+    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
+        """Lock the first ``limit`` of ``keys`` (best first) that no one else is claiming,
+        each with what the lock tells of its claim row."""
+
+    def claim_many(
+        self,
+        conn: Connection,
+        locked: Locked,
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> dict[TaskKey, int]:
+        """Claim each locked key that has no live claim; return the new tokens."""
+        if not locked:
+            return {}
+        rows = conn.execute(
+            self._claim_statement, claim_parameters(list(locked), worker_id, now, expires_at)
+        )
+        return {(row.instance_id, row.task_id): row.token for row in rows}
+
+    def put_result(
+        self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime
+    ) -> None:
+        """Insert or replace one task result."""
+        conn.execute(
+            self._put_result_statement,
+            {
+                "p_instance_id": instance_id,
+                "p_task_id": task_id,
+                "p_output": output,
+                "p_completed_at": now,
+            },
+        )
+
+
+def dialect_class(name: str) -> type[SqlDialect]:
+    """The strategy class serving a SQLAlchemy dialect name.
+
+    Raises:
+        ValueError: no strategy serves ``name``.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported database dialect {name!r}: use PostgreSQL, MySQL/MariaDB or SQLite"
+        ) from None
