@@ -15,15 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import Connection, Engine, Select, select
 
 from .model import WorkflowStatus
-from .sql.dialects import dialect_for
+from .sql.dialects import dialect_class
 from .sql.errors import translated_errors
 from .sql.schema import task_claims, workflows
+from .urls import mask_url
 
 __all__ = ["ClaimInfo", "ClaimState", "StoreInspector", "WorkflowSummary"]
 
@@ -74,13 +75,17 @@ class StoreInspector:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._where = engine.url.render_as_string(hide_password=True)
-        # Only the clock expression is used: the busy timeout is the engine's business.
-        self._now = dialect_for(engine.dialect.name, sqlite_busy_timeout=timedelta()).now()
+        self._where = mask_url(engine.url)
+        self._dialect = dialect_class(engine.dialect.name)
+        self._now = self._dialect.now()
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
-        with translated_errors(self._where), self._engine.connect() as conn, conn.begin():
+        with (
+            translated_errors(self._where, self._dialect),
+            self._engine.connect() as conn,
+            conn.begin(),
+        ):
             yield conn
 
     def now(self) -> datetime:

@@ -18,7 +18,6 @@ with an application's ``alembic_version`` in the same database.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,12 +29,14 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy import URL, Connection, Engine, create_engine
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
-from .errors import BackendUnavailableError, InvalidInputError, SchemaError
+from .errors import InvalidInputError, SchemaError
+from .sql.dialects import dialect_class
+from .sql.errors import translated_errors
+from .urls import mask_url, parse_url, redact_passwords
 
 __all__ = [
     "MIGRATIONS_DIR",
@@ -73,12 +74,6 @@ MIGRATIONS_DIR = next(
     _PACKAGE_DIR / "migrations",
 )
 """The Alembic script directory, inside the package (and so inside the wheel)."""
-
-# Any constant shared by every process: concurrent `migrate` calls (workers starting together)
-# queue on it instead of racing to create the same tables.
-_LOCK_NAME = "sayiir_persistence_migrations"
-_PG_LOCK_KEY = 0x5A11_2000_0001
-_MYSQL_LOCK_TIMEOUT_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -118,10 +113,10 @@ def migrate(engine_or_url: Engine | str | URL, revision: str = "head") -> None:
 def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> MigrationResult:
     """Like :func:`migrate`, and return the revisions before and after the upgrade."""
     with _engine(engine_or_url) as engine:
-        shown = _masked(engine.url)
+        shown = mask_url(engine.url)
         config = alembic_config()
         with (
-            _translate_errors(shown, "migrate"),
+            _translate_errors(engine, "migrate"),
             engine.begin() as connection,
             # Taken here too (env.py takes it again: both locks are re-entrant) so that
             # `before` is not read while another process is half-way through.
@@ -170,8 +165,8 @@ def check_schema(engine: Engine) -> None:
         SchemaError: the database is not provisioned, behind head, or ahead of this package.
         BackendUnavailableError: the database cannot be reached.
     """
-    shown = _masked(engine.url)
-    with _translate_errors(shown, "check the schema of"), engine.connect() as connection:
+    shown = mask_url(engine.url)
+    with _translate_errors(engine, "check the schema of"), engine.connect() as connection:
         current = current_revision(connection)
     head = head_revision()
     if current == head:
@@ -199,33 +194,9 @@ def migration_lock(connection: Connection) -> Iterator[None]:
     lock (released at commit). MySQL/MariaDB: a named session lock (their DDL commits
     implicitly, so a transaction-level lock would not last). SQLite: the database's write
     lock, taken now with ``BEGIN IMMEDIATE`` (which also makes the migration all or nothing).
+    Each dialect's ``migration_lock`` holds the details.
     """
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
-        yield
-    elif dialect in ("mysql", "mariadb"):
-        acquired = connection.execute(
-            text("SELECT GET_LOCK(:name, :timeout)"),
-            {"name": _LOCK_NAME, "timeout": _MYSQL_LOCK_TIMEOUT_SECONDS},
-        ).scalar()
-        if acquired != 1:
-            raise SchemaError(
-                f"timed out after {_MYSQL_LOCK_TIMEOUT_SECONDS}s waiting for another "
-                "migration of this database to finish"
-            )
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": _LOCK_NAME})
-    elif dialect == "sqlite":
-        # pysqlite does not begin a transaction before DDL: without this, a concurrent
-        # migration would find the tables half created. Skipped when a transaction is already
-        # open (an engine that begins IMMEDIATE itself, or a re-entrant call).
-        if not getattr(connection.connection.dbapi_connection, "in_transaction", False):
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
-        yield
-    else:
+    with dialect_class(connection.dialect.name).migration_lock(connection):
         yield
 
 
@@ -258,23 +229,12 @@ def _engine(engine_or_url: Engine | str | URL) -> Iterator[Engine]:
     if isinstance(engine_or_url, Engine):
         yield engine_or_url
         return
-    if not isinstance(engine_or_url, str | URL):
-        raise InvalidInputError(
-            "engine_or_url must be a SQLAlchemy Engine, URL or str, "
-            f"got {type(engine_or_url).__name__}"
-        )
-    try:
-        url = make_url(engine_or_url)
-    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        # SQLAlchemy's message repeats the URL, password included: do not chain its text.
-        raise InvalidInputError(
-            f"not a valid database URL: {mask_url(str(engine_or_url))}"
-        ) from None
+    url = parse_url(engine_or_url)
     try:
         # NullPool: the engine lives for one migration; no connection should outlive it.
         engine = create_engine(url, poolclass=NullPool)
     except (ArgumentError, ImportError) as exc:
-        raise InvalidInputError(f"cannot use database URL {_masked(url)}: {exc}") from exc
+        raise InvalidInputError(f"cannot use database URL {mask_url(url)}: {exc}") from exc
     try:
         yield engine
     finally:
@@ -282,58 +242,15 @@ def _engine(engine_or_url: Engine | str | URL) -> Iterator[Engine]:
 
 
 @contextmanager
-def _translate_errors(shown_url: str, action: str) -> Iterator[None]:
+def _translate_errors(engine: Engine, action: str) -> Iterator[None]:
     """Turn Alembic and SQLAlchemy exceptions into the library's, the original as cause."""
+    shown = mask_url(engine.url)
     try:
-        yield
+        dialect = dialect_class(engine.dialect.name)
+    except ValueError as error:
+        raise InvalidInputError(str(error)) from None
+    try:
+        with translated_errors(shown, dialect, action=action):
+            yield
     except CommandError as exc:
-        raise SchemaError(f"cannot {action} {shown_url}: {_one_line(str(exc))}") from exc
-    except DBAPIError as exc:
-        reason = _one_line(str(exc.orig))
-        if exc.connection_invalidated or _is_connect_error(exc):
-            raise BackendUnavailableError(f"cannot connect to {shown_url}: {reason}") from exc
-        if _is_sqlite_busy(exc):
-            raise BackendUnavailableError(
-                f"cannot {action} {shown_url}: the database stayed locked ({reason})"
-            ) from exc
-        raise SchemaError(f"cannot {action} {shown_url}: {reason}") from exc
-    except SQLAlchemyError as exc:
-        raise SchemaError(f"cannot {action} {shown_url}: {_one_line(str(exc))}") from exc
-
-
-def _is_sqlite_busy(exc: DBAPIError) -> bool:
-    # Another connection holds SQLite's write lock past the busy timeout: retryable, not a
-    # schema problem.
-    message = str(exc.orig).lower()
-    return "database is locked" in message or "database is busy" in message
-
-
-def _is_connect_error(exc: DBAPIError) -> bool:
-    # SQLAlchemy raises connection failures from pool checkout with no statement attached.
-    return exc.statement is None
-
-
-def _masked(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
-
-
-_PASSWORD_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-
-
-def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``, even when it does not parse."""
-    try:
-        return _masked(make_url(url))
-    except (ArgumentError, ValueError):
-        return redact_passwords(url)
-
-
-def redact_passwords(text: str) -> str:
-    """Replace the password of every ``scheme://user:password@`` in ``text`` by ``***``."""
-    return _PASSWORD_IN_URL.sub(r"\1***@", text)
-
-
-def _one_line(message: str) -> str:
-    """Collapse a (possibly multi-line) driver message into one line."""
-    message = message.split("\n(Background on this error", 1)[0]
-    return " ".join(message.split())
+        raise SchemaError(f"cannot {action} {shown}: {' '.join(str(exc).split())}") from exc

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -35,7 +35,6 @@ from sqlalchemy import (
     delete,
     exists,
     insert,
-    make_url,
     select,
     update,
 )
@@ -65,9 +64,10 @@ from ..model import (
     position_task_ids,
 )
 from ..ordering import availability_key
+from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from . import codec
-from .dialects import READ_ONLY_OPTION, Locked, dialect_for
+from .dialects import READ_ONLY_OPTION, ClaimRow, Locked, dialect_for
 from .errors import RetryableConflict, translated_errors
 from .schema import (
     events,
@@ -113,20 +113,11 @@ def _connection_lost(error: BackendUnavailableError) -> bool:
     return isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated
 
 
-def _parse_url(value: object) -> URL:
-    if isinstance(value, URL):
-        return value
-    if not isinstance(value, str):
-        raise InvalidInputError(
-            f"engine_or_url must be an Engine, a URL or a str, got {type(value).__name__}"
-        )
-    try:
-        url = make_url(value)
-        url.port  # noqa: B018 - a non-numeric port only fails when read
-    except (sa_exc.ArgumentError, ValueError):
-        # The messages repeat the URL, password included: keep them out.
-        raise InvalidInputError("engine_or_url is not a valid database URL") from None
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+def _backend_url(engine_or_url: Engine | URL | str) -> URL:
+    if isinstance(engine_or_url, Engine):
+        return engine_or_url.url
+    url = parse_url(engine_or_url)
+    if is_in_memory_sqlite(url):
         raise InvalidInputError(
             "engine_or_url names an in-memory SQLite database: every connection would see "
             "its own empty database; use a file (sqlite:///path/to/file.db)"
@@ -176,8 +167,8 @@ class SqlBackend(PersistentBackend):
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
         self._owns_engine = not isinstance(engine_or_url, Engine)
-        url = engine_or_url.url if isinstance(engine_or_url, Engine) else _parse_url(engine_or_url)
-        self._where = url.render_as_string(hide_password=True)
+        url = _backend_url(engine_or_url)
+        self._where = mask_url(url)
         try:
             self._dialect = dialect_for(
                 url.get_backend_name(), sqlite_busy_timeout=sqlite_busy_timeout
@@ -186,7 +177,7 @@ class SqlBackend(PersistentBackend):
             raise InvalidInputError(str(error)) from None
         self._max_retries = max_retries
         self._sql = Statements(self._dialect)
-        with translated_errors(self._where):
+        with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
             else:
@@ -233,7 +224,7 @@ class SqlBackend(PersistentBackend):
             try:
                 with (
                     self._dialect.write_gate(read_only),
-                    translated_errors(self._where),
+                    translated_errors(self._where, type(self._dialect), retries=True),
                     self._engine.connect().execution_options(
                         **{READ_ONLY_OPTION: read_only}
                     ) as conn,
@@ -501,7 +492,7 @@ class SqlBackend(PersistentBackend):
 
         return self._transaction(work)
 
-    def _bump_version(self, conn: Connection, key: dict[str, Any]) -> Row[Any] | None:
+    def _bump_version(self, conn: Connection, key: Mapping[str, object]) -> Row[Any] | None:
         """Lock, guard (not terminal) and bump a workflow row in one ``UPDATE``; its new
         version, ``updated_at`` and position, or ``None`` if absent or terminal."""
         if self._dialect.update_returning:
@@ -617,7 +608,7 @@ class SqlBackend(PersistentBackend):
     @staticmethod
     def _held_claim_parameters(
         instance_id: str, task_id: str, worker_id: str, token: int | None
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         """The parameters of :func:`statements.held_claim_filter`."""
         return {
             "p_instance_id": instance_id,
@@ -649,7 +640,7 @@ class SqlBackend(PersistentBackend):
         parameters = self._held_claim_parameters(instance_id, task_id, worker_id, token)
 
         def work(conn: Connection) -> None:
-            result = conn.execute(self._sql.release[token is not None], parameters)
+            result = conn.execute(self._sql.release.for_token(token), parameters)
             if result.rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
 
@@ -668,8 +659,8 @@ class SqlBackend(PersistentBackend):
             parameters["p_ttl"] = self._dialect.ttl_parameter(ttl)
 
         def work(conn: Connection) -> TaskClaim:
-            extend = self._sql.extend[token is not None, ttl is not None]
-            if conn.execute(extend, parameters).rowcount != 1:
+            extend = self._sql.extend_forever if ttl is None else self._sql.extend_until
+            if conn.execute(extend.for_token(token), parameters).rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
             claim = conn.execute(self._sql.read_claim, parameters).one()
             pending = conn.scalars(self._sql.pending_signals, parameters)
@@ -686,8 +677,8 @@ class SqlBackend(PersistentBackend):
         return self._transaction(work)
 
     @staticmethod
-    def _candidate_parameters(worker_tags: frozenset[str], limit: int) -> dict[str, Any]:
-        parameters: dict[str, Any] = {"limit": limit}
+    def _candidate_parameters(worker_tags: frozenset[str], limit: int) -> dict[str, object]:
+        parameters: dict[str, object] = {"limit": limit}
         if worker_tags:
             parameters["worker_tags"] = sorted(worker_tags)
         return parameters
@@ -710,7 +701,7 @@ class SqlBackend(PersistentBackend):
     ) -> list[Row[Any]]:
         """The first ``limit`` available tasks for a worker with ``worker_tags``, best first."""
         parameters = self._candidate_parameters(worker_tags, limit)
-        rows = conn.execute(self._sql.candidates[bool(worker_tags)], parameters)
+        rows = conn.execute(self._sql.candidates.for_tags(worker_tags), parameters)
         return self._best_first(rows, aging_interval)[:limit]
 
     def _find_and_lock(
@@ -726,13 +717,13 @@ class SqlBackend(PersistentBackend):
         # or claimed by concurrent callers by the time we lock them.
         wanted = limit * 2 + 16 if self._dialect.skip_locked else limit
         parameters = self._candidate_parameters(worker_tags, wanted)
-        find_and_lock = self._sql.find_and_lock[bool(worker_tags)]
-        if find_and_lock is not None:
+        if self._sql.find_and_lock is not None:
+            find_and_lock = self._sql.find_and_lock.for_tags(worker_tags)
             parameters["p_aging_us"] = aging_interval // timedelta(microseconds=1)
             parameters["p_take"] = limit
             rows = self._best_first(conn.execute(find_and_lock, parameters), aging_interval)
             keys = [(row.instance_id, row.task_id) for row in rows]
-            return dict.fromkeys(keys), rows[0].now if rows else None
+            return dict.fromkeys(keys, ClaimRow.UNKNOWN), rows[0].now if rows else None
         candidates = self._candidates(conn, worker_tags, aging_interval, wanted)
         if not candidates:
             return {}, None

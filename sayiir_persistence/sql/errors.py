@@ -1,10 +1,17 @@
-"""The one boundary where SQLAlchemy and driver exceptions become the contract's errors."""
+"""The one boundary where SQLAlchemy and driver exceptions become the contract's errors.
+
+Used by ``SqlBackend``, provisioning, inspection and (through them) the command line. Which
+driver error means what is each dialect's knowledge (``SqlDialect.classify``); what the
+caller sees is decided here.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
+from typing import TYPE_CHECKING
 
 from sqlalchemy import exc as sa_exc
 
@@ -15,76 +22,112 @@ from ..errors import (
     SchemaError,
 )
 
+if TYPE_CHECKING:
+    from .dialects import SqlDialect
+
 logger = logging.getLogger(__name__)
 
-# PostgreSQL SQLSTATEs.
-_PG_RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock
-_PG_UNDEFINED = frozenset({"42P01", "42703"})  # undefined table, undefined column
-# MySQL/MariaDB error numbers.
-_MY_RETRYABLE = frozenset({1213, 1205})  # deadlock, lock wait timeout
-_MY_UNDEFINED = frozenset({1146, 1054})  # no such table, unknown column
-_MY_TOO_BIG = frozenset({1153, 1301})  # packet larger than max_allowed_packet
-_MY_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053})
+
+class ErrorKind(Enum):
+    """What a driver error means, as a dialect classifies it."""
+
+    RETRYABLE = "retryable"
+    """A deadlock or serialization failure: the whole transaction may run again."""
+    NOT_PROVISIONED = "not provisioned"
+    """A table or column is missing: the database was not migrated."""
+    TOO_LARGE = "too large"
+    """The server refused a statement for its size (MySQL's ``max_allowed_packet``)."""
+    BUSY = "busy"
+    """The database stayed locked by another connection (SQLite's busy timeout)."""
+    UNAVAILABLE = "unavailable"
+    """The server is down, refusing connections or gone."""
 
 
 class RetryableConflict(Exception):
-    """A deadlock or serialization failure: the whole transaction may be run again."""
+    """A deadlock or serialization failure: the whole transaction may be run again.
 
-
-def _pg_code(error: BaseException) -> str | None:
-    return getattr(error, "pgcode", None)
-
-
-def _mysql_code(error: BaseException) -> int | None:
-    args = getattr(error, "args", ())
-    return args[0] if args and isinstance(args[0], int) else None
+    Internal to ``SqlBackend``, which retries; callers that do not retry see
+    ``BackendUnavailableError`` instead (see :func:`translated_errors`).
+    """
 
 
 def _message(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = " ".join(str(error).split("\n(Background on this error", 1)[0].split())
+    return text or type(error).__name__
 
 
-def translate(error: sa_exc.SQLAlchemyError, where: str) -> Exception:
-    """The contract error for a SQLAlchemy error (the caller raises it ``from`` the original)."""
+def _is_lost_connection(error: sa_exc.SQLAlchemyError) -> bool:
+    return (isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated) or isinstance(
+        error, sa_exc.DisconnectionError | sa_exc.TimeoutError
+    )
+
+
+def translate(
+    error: sa_exc.SQLAlchemyError,
+    where: str,
+    dialect: type[SqlDialect],
+    *,
+    retries: bool = False,
+    action: str | None = None,
+) -> Exception:
+    """The contract error for a SQLAlchemy error (the caller raises it ``from`` the original).
+
+    Args:
+        where: the database, password masked.
+        retries: the caller runs the transaction again on :class:`RetryableConflict`;
+            otherwise a deadlock is a ``BackendUnavailableError`` (retryable by the caller).
+        action: what a provisioning caller was doing ("migrate"): an error that is not about
+            the connection is then a ``SchemaError`` saying it could not.
+    """
     original = getattr(error, "orig", None) or error
-    pg, my = _pg_code(original), _mysql_code(original)
-    text = _message(original).lower()
-    if pg in _PG_RETRYABLE or my in _MY_RETRYABLE:
-        return RetryableConflict(_message(original))
-    if (
-        pg in _PG_UNDEFINED
-        or my in _MY_UNDEFINED
-        or "no such table" in text
-        or "no such column" in text
-    ):
+    reason = _message(original)
+    kind = dialect.classify(original)
+    if kind is ErrorKind.RETRYABLE:
+        if retries:
+            return RetryableConflict(reason)
+        return BackendUnavailableError(f"the database at {where} reported a conflict: {reason}")
+    if kind is ErrorKind.BUSY:
+        return BackendUnavailableError(f"the SQLite database at {where} stayed locked: {reason}")
+    if action is not None:
+        # A connection that could not be opened raises at pool checkout, with no statement.
+        if _is_lost_connection(error) or (
+            isinstance(error, sa_exc.DBAPIError) and error.statement is None
+        ):
+            return BackendUnavailableError(f"cannot connect to {where}: {reason}")
+        return SchemaError(f"cannot {action} {where}: {reason}")
+    if kind is ErrorKind.NOT_PROVISIONED:
         return SchemaError(
             f"the database at {where} is not provisioned for sayiir-persistence "
-            f"({_message(original)}); run `sayiir-persistence migrate --url URL` "
+            f"({reason}); run `sayiir-persistence migrate --url URL` "
             "or `alembic upgrade head`"
         )
-    if my in _MY_TOO_BIG:
+    if kind is ErrorKind.TOO_LARGE:
         return InvalidInputError(
-            f"a payload is larger than the server accepts ({_message(original)}); "
+            f"a payload is larger than the server accepts ({reason}); "
             "raise MySQL's max_allowed_packet or lower max_payload_bytes"
         )
-    if "database is locked" in text or "database is busy" in text:
-        return BackendUnavailableError(f"the SQLite database at {where} stayed locked: {text}")
-    if (isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated) or isinstance(
-        error, sa_exc.DisconnectionError | sa_exc.TimeoutError
+    if _is_lost_connection(error):
+        return BackendUnavailableError(f"lost the connection to {where}: {reason}")
+    if kind is ErrorKind.UNAVAILABLE or isinstance(
+        error, sa_exc.OperationalError | sa_exc.InterfaceError
     ):
-        return BackendUnavailableError(f"lost the connection to {where}: {_message(original)}")
-    if isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or my in _MY_UNAVAILABLE:
-        return BackendUnavailableError(f"database at {where} is unavailable: {_message(original)}")
-    return PersistenceError(f"database error at {where}: {_message(original)}")
+        return BackendUnavailableError(f"database at {where} is unavailable: {reason}")
+    return PersistenceError(f"database error at {where}: {reason}")
 
 
 @contextmanager
-def translated_errors(where: str) -> Iterator[None]:
-    """Re-raise SQLAlchemy errors as contract errors; ``where`` is the masked URL."""
+def translated_errors(
+    where: str,
+    dialect: type[SqlDialect],
+    *,
+    retries: bool = False,
+    action: str | None = None,
+) -> Iterator[None]:
+    """Re-raise SQLAlchemy errors as contract errors; see :func:`translate`."""
     try:
         yield
     except sa_exc.SQLAlchemyError as error:
-        translated = translate(error, where)
+        translated = translate(error, where, dialect, retries=retries, action=action)
         if not isinstance(translated, RetryableConflict):
             logger.debug("database error at %s: %r", where, translated)
         raise translated from error

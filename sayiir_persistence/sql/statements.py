@@ -9,12 +9,17 @@ placeholders and only their values change between calls. Parameter names start w
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
+    ColumnElement,
     CompoundSelect,
+    Executable,
+    Exists,
     Integer,
     Select,
+    Update,
     and_,
     bindparam,
     delete,
@@ -35,28 +40,54 @@ from .schema import ready_tasks, signals, task_claims, task_results, workflow_ta
 CHANGEABLE_STATUSES = tuple(status.value for status in WorkflowStatus if not status.is_terminal)
 
 
-def _is_changeable() -> Any:
+S = TypeVar("S", bound=Executable)
+
+
+@dataclass(frozen=True)
+class ByToken(Generic[S]):
+    """A statement on the caller's own claim: whatever its token, or that one token."""
+
+    any_token: S
+    one_token: S
+
+    def for_token(self, token: int | None) -> S:
+        return self.any_token if token is None else self.one_token
+
+
+@dataclass(frozen=True)
+class ByWorkerTags(Generic[S]):
+    """A candidate statement for a worker without tags, and for one with tags (bound as
+    the expanding ``worker_tags``)."""
+
+    untagged: S
+    tagged: S
+
+    def for_tags(self, worker_tags: frozenset[str]) -> S:
+        return self.tagged if worker_tags else self.untagged
+
+
+def _is_changeable() -> ColumnElement[bool]:
     # Equalities, not IN (...): an IN list of values is expanded at every execution.
     return or_(*(workflows.c.status == status for status in CHANGEABLE_STATUSES))
 
 
-def _workflow_key() -> Any:
+def _workflow_key() -> ColumnElement[bool]:
     return workflows.c.instance_id == bindparam("p_instance_id")
 
 
-def _ready_key() -> Any:
+def _ready_key() -> ColumnElement[bool]:
     return and_(
         ready_tasks.c.instance_id == bindparam("p_instance_id"),
         ready_tasks.c.task_id == bindparam("p_task_id"),
     )
 
 
-def signal_pending() -> Any:
+def signal_pending() -> Exists:
     """A signal (cancel or pause) is pending for the ready row's workflow."""
     return exists().where(signals.c.instance_id == ready_tasks.c.instance_id)
 
 
-def held_claim_filter(with_token: bool) -> Any:
+def held_claim_filter(with_token: bool) -> ColumnElement[bool]:
     """The caller's own unreleased claim (and that token, when given): ``p_instance_id``,
     ``p_task_id``, ``p_worker_id``, ``p_token``."""
     condition = and_(
@@ -116,11 +147,20 @@ class Statements:
 
     def __init__(self, dialect: SqlDialect) -> None:
         now = dialect.now()
-        self.candidates = {tags: candidate_query(dialect, tags) for tags in (False, True)}
+        self.candidates = ByWorkerTags(
+            untagged=candidate_query(dialect, worker_has_tags=False),
+            tagged=candidate_query(dialect, worker_has_tags=True),
+        )
         # PostgreSQL finds, orders and locks in one statement; elsewhere None.
-        self.find_and_lock = {
-            tags: dialect.find_and_lock_query(query) for tags, query in self.candidates.items()
-        }
+        find_and_lock = (
+            dialect.find_and_lock_query(self.candidates.untagged),
+            dialect.find_and_lock_query(self.candidates.tagged),
+        )
+        self.find_and_lock: ByWorkerTags[Select[Any]] | None = (
+            None
+            if find_and_lock[0] is None or find_and_lock[1] is None
+            else ByWorkerTags(untagged=find_and_lock[0], tagged=find_and_lock[1])
+        )
         input_result = task_results.alias("input_result")
         # What a claimed task hands out: its workflow's input (or its input task's output).
         self.available_tasks = (
@@ -162,7 +202,7 @@ class Statements:
             task_results.c.instance_id == bindparam("p_instance_id")
         )
         # save_task_result: lock, terminal guard and version bump in one statement.
-        bump: Any = (
+        bump: Update = (
             update(workflows)
             .where(_workflow_key(), _is_changeable())
             .values(
@@ -172,7 +212,9 @@ class Statements:
             )
         )
         bumped = (workflows.c.version, workflows.c.updated_at, workflows.c.position)
-        self.bump_version = bump.returning(*bumped) if dialect.update_returning else bump
+        self.bump_version: Executable = (
+            bump.returning(*bumped) if dialect.update_returning else bump
+        )
         # Where the database has no UPDATE ... RETURNING: our own locked row, read back.
         self.read_bumped: Select[Any] = select(*bumped).where(_workflow_key())
 
@@ -193,22 +235,29 @@ class Statements:
         )
 
         # -- claims, with and without a fencing token
-        self.release = {
-            with_token: update(task_claims)
-            .where(held_claim_filter(with_token))
-            .values(released=True)
-            for with_token in (False, True)
-        }
-        # Heartbeat: (with a token, with a TTL) -> statement; the TTL is bound as p_ttl.
-        self.extend = {
-            (with_token, with_ttl): update(task_claims)
-            .where(held_claim_filter(with_token))
-            .values(expires_at=dialect.now_plus_ttl() if with_ttl else None)
-            for with_token in (False, True)
-            for with_ttl in (False, True)
-        }
+        self.release = ByToken(
+            any_token=_release(with_token=False), one_token=_release(with_token=True)
+        )
+        # Heartbeats: until now + p_ttl, or for ever (ttl=None).
+        self.extend_until = ByToken(
+            any_token=_extend(dialect, with_token=False, with_ttl=True),
+            one_token=_extend(dialect, with_token=True, with_ttl=True),
+        )
+        self.extend_forever = ByToken(
+            any_token=_extend(dialect, with_token=False, with_ttl=False),
+            one_token=_extend(dialect, with_token=True, with_ttl=False),
+        )
         self.read_claim = select(task_claims).where(claim_key())
         self.lock_claim = select(task_claims, now.label("now")).where(claim_key()).with_for_update()
         self.pending_signals = select(signals.c.kind).where(
             signals.c.instance_id == bindparam("p_instance_id")
         )
+
+
+def _release(*, with_token: bool) -> Update:
+    return update(task_claims).where(held_claim_filter(with_token)).values(released=True)
+
+
+def _extend(dialect: SqlDialect, *, with_token: bool, with_ttl: bool) -> Update:
+    expires_at = dialect.now_plus_ttl() if with_ttl else None
+    return update(task_claims).where(held_claim_filter(with_token)).values(expires_at=expires_at)

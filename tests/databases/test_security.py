@@ -172,7 +172,7 @@ def _python_files() -> Iterator[Path]:
 
 def test_no_sql_is_built_by_string_formatting_in_the_package() -> None:
     files = list(_python_files())
-    assert any(path.name == "dialects.py" for path in files), "the scan missed the SQL modules"
+    assert any("dialects" in path.parts for path in files), "the scan missed the SQL modules"
     assert any("versions" in path.parts for path in files), "the scan missed the migrations"
     findings = [
         finding

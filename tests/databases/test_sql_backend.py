@@ -22,7 +22,7 @@ from sayiir_persistence import (
 )
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
-from sayiir_persistence.sql.dialects import MySqlDialect
+from sayiir_persistence.sql.dialects import ClaimRow, MySqlDialect
 from sayiir_persistence.sql.errors import RetryableConflict
 from sayiir_persistence.sql.schema import metadata, task_claims, workflows
 from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES
@@ -247,7 +247,7 @@ def test_mysql_batch_of_first_claims_is_refused_whole_if_a_claim_row_exists(
         assert held is not None
 
         now = datetime.now(UTC)
-        misread = {("free", "t"): False, ("held", "t"): False}  # "held" read as unclaimed
+        misread = {("free", "t"): ClaimRow.ABSENT, ("held", "t"): ClaimRow.ABSENT}  # "held" too
         with backend.engine.connect() as conn:
             transaction = conn.begin()
             with pytest.raises(RetryableConflict, match="1 of 2 first claims already existed"):

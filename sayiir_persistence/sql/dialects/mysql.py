@@ -1,0 +1,274 @@
+"""MySQL 8 / MariaDB 10.6+: no ``ON CONFLICT ... WHERE`` and no ``UPDATE ... RETURNING``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Connection,
+    Executable,
+    bindparam,
+    func,
+    insert,
+    literal_column,
+    select,
+    text,
+    tuple_,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects import mysql
+
+from ...errors import SchemaError
+from ..errors import ErrorKind, RetryableConflict
+from ..schema import ready_tasks, task_claims, task_results
+from ..types import MYSQL_DIALECTS, UtcDateTime
+from .base import (
+    ClaimRow,
+    Locked,
+    SqlDialect,
+    TaskKey,
+    claim_is_free,
+    claim_key,
+    claim_parameters,
+    new_claim,
+    new_result,
+)
+
+logger = logging.getLogger(__name__)
+
+# Error numbers.
+_RETRYABLE = frozenset({1213, 1205})  # deadlock, lock wait timeout
+_UNDEFINED = frozenset({1146, 1054})  # no such table, unknown column
+_TOO_BIG = frozenset({1153, 1301})  # packet larger than max_allowed_packet
+_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053})
+
+# Concurrent migrations queue on this named lock (a session lock: MySQL's DDL commits
+# implicitly, so a transaction-level lock would not last).
+_MIGRATION_LOCK_NAME = "sayiir_persistence_migrations"
+_MIGRATION_LOCK_TIMEOUT_SECONDS = 600
+
+
+class MySqlDialect(SqlDialect):
+    """A claim is a guarded ``UPDATE`` (takeover of a released or expired claim) and, when no
+    row exists yet, an ``INSERT IGNORE`` (the primary key lets one concurrent inserter
+    win). ``ON DUPLICATE KEY UPDATE`` is avoided for claims: its assignments run left to
+    right, so a guard cannot see the row as it was before the first assignment.
+    """
+
+    names = MYSQL_DIALECTS
+    update_returning = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The takeover of a released or expired claim; LAST_INSERT_ID(expr) hands the new
+        # token back in the OK packet, where the driver reports it (no read-back).
+        self._takeover_statement = (
+            update(task_claims)
+            .where(claim_key(), claim_is_free(bindparam("p_now")))
+            .values(
+                worker_id=bindparam("p_worker_id"),
+                token=func.last_insert_id(task_claims.c.token + 1),
+                claimed_at=bindparam("p_now"),
+                expires_at=bindparam("p_expires_at"),
+                released=False,
+            )
+        )
+        self._token_statement = select(task_claims.c.token).where(claim_key())
+        # Lock the given ready rows (skipping those another transaction holds) and read
+        # the token of their claim rows, if any. The keys are primary keys: InnoDB reads, so
+        # locks, exactly those rows. The subquery is a plain read (a locking read does not
+        # extend to subqueries): a claim row locked elsewhere is read, not waited for nor
+        # skipped; the takeover's guarded UPDATE waits for it.
+        claim_token = (
+            select(task_claims.c.token)
+            .where(
+                task_claims.c.instance_id == ready_tasks.c.instance_id,
+                task_claims.c.task_id == ready_tasks.c.task_id,
+            )
+            .scalar_subquery()
+        )
+        self._lock_statement = (
+            select(ready_tasks.c.instance_id, ready_tasks.c.task_id, claim_token.label("token"))
+            .where(
+                tuple_(ready_tasks.c.instance_id, ready_tasks.c.task_id).in_(
+                    bindparam("p_keys", expanding=True)
+                )
+            )
+            .with_for_update(skip_locked=True)
+        )
+
+    @staticmethod
+    def packet_bytes(max_payload_bytes: int) -> int:
+        # A payload travels escaped inside the statement text: up to twice its size.
+        return 2 * max_payload_bytes + 1024 * 1024
+
+    @staticmethod
+    def now() -> ColumnElement[datetime]:
+        return type_coerce(func.utc_timestamp(6), UtcDateTime())
+
+    @staticmethod
+    def now_plus_ttl() -> ColumnElement[datetime]:
+        return type_coerce(
+            func.timestampadd(
+                literal_column("MICROSECOND"),
+                bindparam("p_ttl", type_=BigInteger()),
+                func.utc_timestamp(6),
+            ),
+            UtcDateTime(),
+        )
+
+    @staticmethod
+    def ttl_parameter(ttl: timedelta) -> object:
+        return ttl // timedelta(microseconds=1)
+
+    @classmethod
+    @contextmanager
+    def migration_lock(cls, connection: Connection) -> Iterator[None]:
+        acquired = connection.execute(
+            text("SELECT GET_LOCK(:name, :timeout)"),
+            {"name": _MIGRATION_LOCK_NAME, "timeout": _MIGRATION_LOCK_TIMEOUT_SECONDS},
+        ).scalar()
+        if acquired != 1:
+            raise SchemaError(
+                f"timed out after {_MIGRATION_LOCK_TIMEOUT_SECONDS}s waiting for another "
+                "migration of this database to finish"
+            )
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": _MIGRATION_LOCK_NAME})
+
+    @classmethod
+    def classify(cls, error: BaseException) -> ErrorKind | None:
+        args = getattr(error, "args", ())
+        code = args[0] if args and isinstance(args[0], int) else None
+        if code in _RETRYABLE:
+            return ErrorKind.RETRYABLE
+        if code in _UNDEFINED:
+            return ErrorKind.NOT_PROVISIONED
+        if code in _TOO_BIG:
+            return ErrorKind.TOO_LARGE
+        if code in _UNAVAILABLE:
+            return ErrorKind.UNAVAILABLE
+        return None
+
+    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, object]:
+        options = super().engine_options(driver, max_payload_bytes)
+        # The pool's reset of a returned connection is a ROLLBACK round trip on MySQL drivers
+        # (PostgreSQL's and SQLite's skip it when no transaction is open). Every transaction
+        # of the backend has ended by then (committed, or rolled back by SQLAlchemy's
+        # Connection.close()), so it would only cost one more round trip per call.
+        options["pool_reset_on_return"] = None
+        if driver == "pymysql":
+            # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
+            options["connect_args"] = {"max_allowed_packet": self.packet_bytes(max_payload_bytes)}
+        return options
+
+    def check_server(self, conn: Connection, max_payload_bytes: int) -> None:
+        allowed = conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
+        needed = self.packet_bytes(max_payload_bytes)
+        if int(allowed) < needed:
+            logger.warning(
+                "MySQL max_allowed_packet is %s bytes: payloads near max_payload_bytes=%s "
+                "need %s; raise it (SET GLOBAL max_allowed_packet=%s) or lower "
+                "max_payload_bytes",
+                allowed,
+                max_payload_bytes,
+                needed,
+                needed,
+            )
+
+    def _build_upserts(self) -> tuple[Executable, Executable]:
+        # First claims only: the primary key lets one concurrent inserter win.
+        claim = insert(task_claims).prefix_with("IGNORE").values(new_claim())
+        result = mysql.insert(task_results).values(new_result())
+        result = result.on_duplicate_key_update(
+            output=result.inserted.output, completed_at=result.inserted.completed_at
+        )
+        return claim, result
+
+    def _take_over(self, conn: Connection, parameters: dict[str, object]) -> int | None:
+        """Take over a released or expired claim; its new token, or ``None``."""
+        taken = conn.execute(self._takeover_statement, parameters)
+        if taken.rowcount != 1:
+            return None
+        token = taken.lastrowid
+        if not token:  # a driver that does not report LAST_INSERT_ID: our locked row
+            token = conn.execute(self._token_statement, parameters).scalar_one()
+        return int(token)
+
+    def claim(
+        self,
+        conn: Connection,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> int | None:
+        [parameters] = claim_parameters([(instance_id, task_id)], worker_id, now, expires_at)
+        token = self._take_over(conn, parameters)
+        if token is not None:
+            return token
+        inserted = conn.execute(self._claim_statement, parameters)
+        return 1 if inserted.rowcount == 1 else None
+
+    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
+        # InnoDB locks every row a locking read visits before sorting and limiting, so the
+        # candidates are not locked with ORDER BY ... LIMIT: lock the best ``limit`` keys by
+        # primary key, and as many of the next ones as rows were skipped, until enough.
+        locked: dict[TaskKey, ClaimRow] = {}
+        tried = 0
+        while len(locked) < limit and tried < len(keys):
+            batch = keys[tried : tried + limit - len(locked)]
+            tried += len(batch)
+            rows = conn.execute(self._lock_statement, {"p_keys": batch})
+            locked.update(
+                ((row.instance_id, row.task_id), _claim_row(row.token is not None)) for row in rows
+            )
+        return {key: locked[key] for key in keys[:tried] if key in locked}
+
+    def claim_many(
+        self,
+        conn: Connection,
+        locked: Locked,
+        worker_id: str,
+        now: datetime,
+        expires_at: datetime | None,
+    ) -> dict[TaskKey, int]:
+        tokens: dict[TaskKey, int] = {}
+        # First claims, the usual case, in one multi-row INSERT IGNORE. The ready-row
+        # locks we hold keep other claimers out, so every one of them must go in.
+        first = [key for key, row in locked.items() if row is ClaimRow.ABSENT]
+        if first:
+            parameters = claim_parameters(first, worker_id, now, expires_at)
+            inserted = conn.execute(self._claim_statement, parameters).rowcount
+            if inserted != len(first):
+                # A claim row read as absent exists (committed in the instant between the
+                # read and the lock): which rows went in is unknown, so undo all and run the
+                # transaction again.
+                raise RetryableConflict(
+                    f"{len(first) - inserted} of {len(first)} first claims already existed"
+                )
+            tokens.update(dict.fromkeys(first, 1))
+        for key, row in locked.items():
+            if row is ClaimRow.ABSENT:
+                continue
+            if row is ClaimRow.PRESENT:  # a free claim row (live ones are not candidates)
+                [takeover] = claim_parameters([key], worker_id, now, expires_at)
+                token = self._take_over(conn, takeover)
+            else:
+                token = self.claim(conn, *key, worker_id, now, expires_at)
+            if token is not None:
+                tokens[key] = token
+        return tokens
+
+
+def _claim_row(exists: bool) -> ClaimRow:
+    return ClaimRow.PRESENT if exists else ClaimRow.ABSENT
