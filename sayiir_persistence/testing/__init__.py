@@ -44,8 +44,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import pytest
 
-from .backend import DEFAULT_AGING_INTERVAL, PersistentBackend
-from .errors import (
+from ..backend import DEFAULT_AGING_INTERVAL, PersistentBackend
+from ..errors import (
     BackendUnavailableError,
     CannotCancelError,
     CannotPauseError,
@@ -58,7 +58,7 @@ from .errors import (
     SchemaError,
     WorkflowTerminalError,
 )
-from .model import (
+from ..model import (
     AtDelay,
     AtFork,
     AtSignal,
