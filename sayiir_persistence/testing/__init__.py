@@ -34,16 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import pytest
 
-from ..backend import DEFAULT_AGING_INTERVAL, PersistentBackend
+from ..backend import PersistentBackend
 from ..errors import (
     BackendUnavailableError,
     CannotCancelError,
@@ -71,668 +69,48 @@ from ..model import (
     WorkflowSnapshot,
     WorkflowStatus,
 )
+from .builders import (
+    AWKWARD_IDS,
+    FINISHED,
+    HASH,
+    LONG_TTL,
+    LONGEST_ID,
+    NAIVE,
+    NOT_IN_PROGRESS,
+    OFFER_METHODS,
+    OTHER,
+    T0,
+    TERMINAL,
+    WORKER,
+    apply_signal,
+    assert_same_state,
+    assert_utc,
+    make_request,
+    make_snapshot,
+    offered_tasks,
+    run_in_threads,
+    save_at,
+    save_new,
+    save_with_status,
+    task_pairs,
+)
+from .cases import (
+    FENCE_FAILURES,
+    HOSTILE_IDS,
+    INVALID_CALLS,
+    INVALID_MODEL_VALUES,
+    UNRUNNABLE,
+    WRONG_ARGUMENTS,
+    WRONG_SNAPSHOT_FIELDS,
+    FenceScenario,
+    InvalidCall,
+    UnrunnableSetup,
+    valid_arguments,
+    wrong_values,
+)
 from .clocks import ContractClock, ManualClock, RealClock
 
 __all__ = ["BackendContract", "ContractClock", "ManualClock", "RealClock"]
-
-T = TypeVar("T")
-
-
-# ============================================================================================
-# Helpers shared by the tests
-
-HASH = "def-hash"
-WORKER = "worker-1"
-OTHER = "worker-2"
-LONG_TTL = timedelta(hours=1)
-"""A claim that stays live for the whole test, on any clock."""
-T0 = datetime(2030, 1, 1, tzinfo=UTC)
-"""A fixed instant for the tests of the data model (no store, no clock)."""
-NAIVE = datetime(2030, 1, 1)
-BAD_INT: Any = 42
-BAD_STR: Any = "not bytes"
-BAD_KIND: Any = "bogus"
-
-
-def _snapshot(
-    instance_id: str,
-    *,
-    first_task: str | None = "t1",
-    initial_input: bytes | None = None,
-    priority: int = 3,
-    tags: Iterable[str] = (),
-) -> WorkflowSnapshot:
-    return WorkflowSnapshot.new(
-        instance_id,
-        HASH,
-        initial_input=initial_input,
-        first_task=first_task,
-        priority=priority,
-        tags=tuple(tags),
-    )
-
-
-def _new_saved(
-    backend: PersistentBackend,
-    instance_id: str,
-    *,
-    first_task: str | None = "t1",
-    initial_input: bytes | None = None,
-    priority: int = 3,
-    tags: Iterable[str] = (),
-) -> WorkflowSnapshot:
-    """Save a new in-progress workflow at ``AtTask(first_task)`` (or not started)."""
-    snapshot = _snapshot(
-        instance_id,
-        first_task=first_task,
-        initial_input=initial_input,
-        priority=priority,
-        tags=tags,
-    )
-    backend.save_snapshot(snapshot)
-    return snapshot
-
-
-def _saved_at(
-    backend: PersistentBackend,
-    instance_id: str,
-    position: Position,
-    *,
-    completed: dict[str, bytes] | None = None,
-    initial_input: bytes | None = None,
-    priority: int = 3,
-    tags: Iterable[str] = (),
-) -> WorkflowSnapshot:
-    """Save an in-progress workflow that completed ``completed`` (in order), then moved to
-    ``position``."""
-    snapshot = _snapshot(
-        instance_id, first_task=None, initial_input=initial_input, priority=priority, tags=tags
-    )
-    for task_id, output in (completed or {}).items():
-        snapshot.mark_task_completed(task_id, output)
-    snapshot.move_to(position)
-    backend.save_snapshot(snapshot)
-    return snapshot
-
-
-def _request(reason: str = "test") -> SignalRequest:
-    return SignalRequest(reason=reason, requested_by="tester")
-
-
-def _apply_signal(backend: PersistentBackend, instance_id: str, kind: SignalKind) -> None:
-    backend.store_signal(instance_id, kind, _request(f"{kind.value} it"))
-    apply = backend.check_and_cancel if kind is SignalKind.CANCEL else backend.check_and_pause
-    assert apply(instance_id)
-
-
-def _saved_with_status(
-    backend: PersistentBackend, instance_id: str, status: WorkflowStatus
-) -> None:
-    """Store a workflow at ``AtTask("t1")`` in ``status``, reached by the public paths."""
-    snapshot = _new_saved(backend, instance_id)
-    if status is WorkflowStatus.COMPLETED:
-        snapshot.mark_completed(b"done")
-        backend.save_snapshot(snapshot)
-    elif status is WorkflowStatus.FAILED:
-        snapshot.mark_failed("boom")
-        backend.save_snapshot(snapshot)
-    elif status is WorkflowStatus.CANCELLED:
-        _apply_signal(backend, instance_id, SignalKind.CANCEL)
-    elif status is WorkflowStatus.PAUSED:
-        _apply_signal(backend, instance_id, SignalKind.PAUSE)
-    assert backend.load_snapshot(instance_id).status is status
-
-
-def _assert_utc(value: datetime | None) -> None:
-    assert isinstance(value, datetime)
-    assert value.tzinfo is not None
-    assert value.utcoffset() == timedelta(0), f"{value!r} is not UTC"
-
-
-def _assert_same_state(loaded: WorkflowSnapshot, expected: WorkflowSnapshot) -> None:
-    """Every field equal, except those the store sets (``version``, ``updated_at``)."""
-    for field in dataclasses.fields(WorkflowSnapshot):
-        if field.name not in ("version", "updated_at"):
-            assert getattr(loaded, field.name) == getattr(expected, field.name), field.name
-
-
-def _pairs(tasks: Iterable[AvailableTask]) -> list[tuple[str, str]]:
-    return [(task.instance_id, task.task_id) for task in tasks]
-
-
-def _offered(
-    backend: PersistentBackend,
-    via: str,
-    *,
-    tags: Iterable[str] = (),
-    limit: int = 1000,
-    aging_interval: timedelta = DEFAULT_AGING_INTERVAL,
-) -> list[AvailableTask]:
-    """Tasks handed to a worker by ``find_available_tasks`` or ``claim_available_tasks``."""
-    if via == "find":
-        return backend.find_available_tasks(WORKER, limit, tags=tags, aging_interval=aging_interval)
-    claimed = backend.claim_available_tasks(
-        WORKER, limit, LONG_TTL, tags=tags, aging_interval=aging_interval
-    )
-    return [item.task for item in claimed]
-
-
-def _in_threads(count: int, work: Callable[[int], T]) -> list[T]:
-    """Run ``work(0..count-1)`` on ``count`` threads released together; their results."""
-    barrier = threading.Barrier(count)
-
-    def run(index: int) -> T:
-        barrier.wait(timeout=60)
-        return work(index)
-
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        futures = [pool.submit(run, index) for index in range(count)]
-        return [future.result() for future in futures]
-
-
-#: Methods by which a worker is offered tasks; the selection tests run with both.
-OFFER_METHODS = pytest.mark.parametrize("via", ["find", "claim"])
-TERMINAL = [WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED]
-NOT_IN_PROGRESS = [*TERMINAL, WorkflowStatus.PAUSED]
-FINISHED = [WorkflowStatus.COMPLETED, WorkflowStatus.FAILED]
-
-# Ids that differ only where lax collations (case-insensitive, PAD SPACE, Unicode-normalizing,
-# UTF-16 ordered) would confuse or misorder them. Code point order is plain ``sorted``.
-AWKWARD_IDS = ["a", "A", "a ", "B", "é", "e\u0301", "z", "\uff21", "日本", "😀", "a%", "a_"]
-
-# A 255-character id with quotes, SQL wildcards and separators, emoji and accents.
-LONGEST_ID = ("😀'\"%_;\\é-" * 30)[:255]
-
-
-# -- argument validation cases -----------------------------------------------------------------
-# Each call is made with one bad argument; "existing" is a stored workflow at AtTask("t1") and
-# "ghost" an absent one (validation comes before lookup, so never NotFoundError).
-
-_InvalidCall = Callable[[PersistentBackend], object]
-
-
-def _bad_snapshot(**changes: Any) -> WorkflowSnapshot:
-    return dataclasses.replace(_snapshot("existing"), **changes)
-
-
-def _oversized(backend: PersistentBackend) -> bytes:
-    return bytes(backend.max_payload_bytes + 1)
-
-
-INVALID_CALLS: list[Any] = [
-    # ids: empty, too long, not a str, NUL, lone surrogate
-    pytest.param(lambda b: b.load_snapshot(""), "instance_id", id="id-empty"),
-    pytest.param(lambda b: b.load_snapshot("x" * 256), "instance_id", id="id-256-chars"),
-    pytest.param(lambda b: b.load_snapshot(BAD_INT), "instance_id", id="id-not-str"),
-    pytest.param(lambda b: b.load_snapshot("a\x00b"), "instance_id", id="id-nul"),
-    pytest.param(lambda b: b.load_snapshot("a\ud800"), "instance_id", id="id-lone-surrogate"),
-    pytest.param(lambda b: b.delete_snapshot("ghost\x00"), "instance_id", id="delete-id-nul"),
-    pytest.param(
-        lambda b: b.save_snapshot(_bad_snapshot(instance_id="")), "instance_id", id="save-id"
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot(_bad_snapshot(definition_hash="")),
-        "definition_hash",
-        id="save-definition-hash",
-    ),
-    pytest.param(
-        lambda b: b.claim_task("ghost", "", WORKER, LONG_TTL), "task_id", id="claim-task-id"
-    ),
-    pytest.param(
-        lambda b: b.claim_task("ghost", "t1", "w" * 256, LONG_TTL),
-        "worker_id",
-        id="claim-worker-id",
-    ),
-    pytest.param(
-        lambda b: b.release_task_claim("ghost", "t1", ""), "worker_id", id="release-worker-id"
-    ),
-    pytest.param(
-        lambda b: b.save_task_result("ghost", "", b"x"), "task_id", id="task-result-task-id"
-    ),
-    pytest.param(
-        lambda b: b.load_task_result("ghost", BAD_INT), "task_id", id="load-result-task-id"
-    ),
-    pytest.param(lambda b: b.send_event("ghost", "", b"x"), "name", id="send-event-name"),
-    pytest.param(lambda b: b.consume_event("ghost", "n\x00"), "name", id="consume-event-name"),
-    pytest.param(
-        lambda b: b.store_signal("x" * 256, SignalKind.CANCEL, _request()),
-        "instance_id",
-        id="store-signal-id",
-    ),
-    pytest.param(lambda b: b.list_snapshots(after=""), "after", id="list-after"),
-    pytest.param(lambda b: b.find_available_tasks("", 1), "worker_id", id="find-worker-id"),
-    pytest.param(lambda b: b.find_available_tasks(WORKER, 1, tags=[""]), "tags", id="tag-empty"),
-    pytest.param(
-        lambda b: b.find_available_tasks(WORKER, 1, tags="gpu"), "tags", id="tags-bare-str"
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot_fenced(_snapshot("existing"), "", WORKER),
-        "task_id",
-        id="fenced-task-id",
-    ),
-    # payloads: not bytes, above max_payload_bytes
-    pytest.param(
-        lambda b: b.save_task_result("existing", "t1", BAD_STR), "output", id="output-str"
-    ),
-    pytest.param(
-        lambda b: b.save_task_result("existing", "t1", _oversized(b)),
-        "output",
-        id="output-too-big",
-    ),
-    pytest.param(lambda b: b.send_event("existing", "e", BAD_STR), "payload", id="event-str"),
-    pytest.param(
-        lambda b: b.send_event("existing", "e", _oversized(b)), "payload", id="event-too-big"
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot(_bad_snapshot(initial_input=_oversized(b))),
-        "initial_input",
-        id="snapshot-input-too-big",
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot(_bad_snapshot(completed_tasks={"t0": BAD_STR})),
-        "completed_tasks",
-        id="snapshot-result-str",
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot(_bad_snapshot(output=BAD_STR)), "output", id="snapshot-output"
-    ),
-    # ttl: zero, negative, not a timedelta
-    pytest.param(lambda b: b.claim_task("ghost", "t1", WORKER, timedelta(0)), "ttl", id="ttl-zero"),
-    pytest.param(
-        lambda b: b.claim_task("ghost", "t1", WORKER, timedelta(seconds=-1)),
-        "ttl",
-        id="ttl-negative",
-    ),
-    pytest.param(lambda b: b.claim_task("ghost", "t1", WORKER, BAD_INT), "ttl", id="ttl-int"),
-    pytest.param(
-        lambda b: b.extend_task_claim("ghost", "t1", WORKER, timedelta(0)),
-        "ttl",
-        id="extend-ttl-zero",
-    ),
-    pytest.param(
-        lambda b: b.claim_available_tasks(WORKER, 1, timedelta(seconds=-1)),
-        "ttl",
-        id="claim-available-ttl",
-    ),
-    # limits: zero, bool
-    pytest.param(lambda b: b.find_available_tasks(WORKER, 0), "limit", id="find-limit-0"),
-    pytest.param(lambda b: b.find_available_tasks(WORKER, True), "limit", id="find-limit-bool"),
-    pytest.param(
-        lambda b: b.claim_available_tasks(WORKER, 0, LONG_TTL), "limit", id="claim-limit-0"
-    ),
-    pytest.param(lambda b: b.list_snapshots(limit=0), "limit", id="list-limit-0"),
-    pytest.param(lambda b: b.list_snapshots(limit=True), "limit", id="list-limit-bool"),
-    # priority
-    pytest.param(lambda b: b.save_snapshot(_bad_snapshot(priority=0)), "priority", id="prio-0"),
-    pytest.param(lambda b: b.save_snapshot(_bad_snapshot(priority=6)), "priority", id="prio-6"),
-    # naive datetimes
-    pytest.param(
-        lambda b: b.store_signal("existing", SignalKind.CANCEL, SignalRequest(requested_at=NAIVE)),
-        "requested_at",
-        id="signal-naive",
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot(_bad_snapshot(pause_request=SignalRequest(requested_at=NAIVE))),
-        "requested_at",
-        id="snapshot-request-naive",
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot(_bad_snapshot(created_at=NAIVE)),
-        "created_at",
-        id="snapshot-created-naive",
-    ),
-    # other arguments
-    pytest.param(
-        lambda b: b.find_available_tasks(WORKER, 1, aging_interval=timedelta(0)),
-        "aging_interval",
-        id="aging-interval-zero",
-    ),
-    pytest.param(
-        lambda b: b.save_snapshot(_snapshot("existing"), expected_version=-1),
-        "expected_version",
-        id="expected-version-negative",
-    ),
-    pytest.param(
-        lambda b: b.release_task_claim("ghost", "t1", WORKER, token=-1), "token", id="token"
-    ),
-    pytest.param(lambda b: b.store_signal("ghost", BAD_KIND, _request()), "kind", id="kind"),
-    pytest.param(lambda b: b.list_snapshots(status=BAD_KIND), "status", id="status"),
-]
-
-INVALID_MODEL_VALUES: list[Any] = [
-    pytest.param(lambda: WorkflowSnapshot.new("", HASH), "instance_id", id="new-id-empty"),
-    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, priority=0), "priority", id="prio-0"),
-    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, priority=6), "priority", id="prio-6"),
-    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, initial_input=BAD_STR), "initial_input"),
-    pytest.param(lambda: AtTask(""), "task_id", id="at-task-empty"),
-    pytest.param(lambda: AtFork("f", ("a", "b" * 256)), "branch_task_ids", id="fork-branch"),
-    pytest.param(lambda: AtDelay("d", NAIVE, "t2"), "wake_at", id="delay-naive"),
-    pytest.param(lambda: AtSignal("s", "go", NAIVE, "t2"), "wake_at", id="signal-naive"),
-]
-
-
-# -- hostile input -----------------------------------------------------------------------------
-
-#: Ids a careless store would execute, truncate, mangle or misread: SQL injection attempts,
-#: quoting and placeholder characters of every DBAPI paramstyle, control characters, emoji
-#: with joiners, bidirectional overrides. All are valid ids and must come back verbatim.
-HOSTILE_IDS = [
-    "'; DROP TABLE sayiir_workflows; --",
-    'x"); DELETE FROM sayiir_task_claims; --',
-    "' OR '1'='1",
-    "100%",
-    "%s",
-    "%(name)s",
-    ":name",
-    "?",
-    "$1",
-    "\\",
-    "\\'",
-    "`backtick`",
-    "a;b;c",
-    "line\nbreak\ttab\r",
-    "\x01\x1f\x7f",
-    "emoji 😀🧨👩\u200d💻",
-    "\u202eright-to-left",
-    " ",
-]
-
-#: Wrong values per kind of argument: each must raise ``InvalidInputError`` naming the argument.
-_OVER_LONG = "x" * 1000
-_WRONG_BY_KIND: dict[str, list[Any]] = {
-    "id": [_OVER_LONG, "", "nul\x00", b"bytes", 42, 1.5, None, object(), ["a"]],
-    "optional_id": [_OVER_LONG, "", 42, b"bytes"],
-    "payload": ["text", 42, None, ["a"], object()],
-    "ttl": [
-        timedelta(0),
-        timedelta(seconds=-1),
-        timedelta.max,
-        timedelta(days=365 * 1000),
-        60,
-        "1h",
-        1.5,
-    ],
-    "limit": [0, -1, True, 1.5, "3", 2**63],
-    "optional_limit": [0, -1, True, 1.5, "3", 10**30],
-    "token": [-1, "1", 1.5, True, 2**63],
-    "expected_version": [-1, "1", 1.5, True, 2**63],
-    "kind": ["bogus", 1, None],
-    "status": ["bogus", 1],
-    "tags": ["gpu", [1], [""], [_OVER_LONG], [None], 42],
-    "interval": [timedelta(0), timedelta(seconds=-1), 60, None],
-    "snapshot": [None, {"instance_id": "existing"}, "existing"],
-    "request": [None, "cancel it", {"reason": "x"}],
-}
-
-#: ``(method, arguments, keyword arguments)`` of one valid call per public method, with the
-#: kind of each argument (its name as the error message must say it).
-_VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
-    ("load_snapshot", {"instance_id": ("id", "existing")}),
-    ("delete_snapshot", {"instance_id": ("id", "existing")}),
-    (
-        "list_snapshots",
-        {
-            "status": ("status", None),
-            "after": ("optional_id", None),
-            "limit": ("optional_limit", None),
-        },
-    ),
-    (
-        "save_snapshot",
-        {"snapshot": ("snapshot", None), "expected_version": ("expected_version", None)},
-    ),
-    (
-        "save_snapshot_fenced",
-        {
-            "snapshot": ("snapshot", None),
-            "task_id": ("id", "t1"),
-            "worker_id": ("id", WORKER),
-            "token": ("token", None),
-        },
-    ),
-    (
-        "save_task_result",
-        {"instance_id": ("id", "existing"), "task_id": ("id", "t1"), "output": ("payload", b"")},
-    ),
-    ("load_task_result", {"instance_id": ("id", "existing"), "task_id": ("id", "t1")}),
-    (
-        "claim_task",
-        {
-            "instance_id": ("id", "existing"),
-            "task_id": ("id", "t1"),
-            "worker_id": ("id", WORKER),
-            "ttl": ("ttl", LONG_TTL),
-        },
-    ),
-    (
-        "release_task_claim",
-        {
-            "instance_id": ("id", "existing"),
-            "task_id": ("id", "t1"),
-            "worker_id": ("id", WORKER),
-            "token": ("token", None),
-        },
-    ),
-    (
-        "extend_task_claim",
-        {
-            "instance_id": ("id", "existing"),
-            "task_id": ("id", "t1"),
-            "worker_id": ("id", WORKER),
-            "ttl": ("ttl", LONG_TTL),
-            "token": ("token", None),
-        },
-    ),
-    (
-        "find_available_tasks",
-        {
-            "worker_id": ("id", WORKER),
-            "limit": ("limit", 1),
-            "tags": ("tags", ()),
-            "aging_interval": ("interval", DEFAULT_AGING_INTERVAL),
-        },
-    ),
-    (
-        "claim_available_tasks",
-        {
-            "worker_id": ("id", WORKER),
-            "limit": ("limit", 1),
-            "ttl": ("ttl", LONG_TTL),
-            "tags": ("tags", ()),
-            "aging_interval": ("interval", DEFAULT_AGING_INTERVAL),
-        },
-    ),
-    (
-        "store_signal",
-        {
-            "instance_id": ("id", "existing"),
-            "kind": ("kind", SignalKind.CANCEL),
-            "request": ("request", None),
-        },
-    ),
-    ("get_signal", {"instance_id": ("id", "existing"), "kind": ("kind", SignalKind.CANCEL)}),
-    ("clear_signal", {"instance_id": ("id", "existing"), "kind": ("kind", SignalKind.CANCEL)}),
-    ("check_and_cancel", {"instance_id": ("id", "existing")}),
-    ("check_and_pause", {"instance_id": ("id", "existing")}),
-    ("unpause", {"instance_id": ("id", "existing")}),
-    (
-        "send_event",
-        {"instance_id": ("id", "existing"), "name": ("id", "e"), "payload": ("payload", b"")},
-    ),
-    ("consume_event", {"instance_id": ("id", "existing"), "name": ("id", "e")}),
-]
-
-# Arguments whose valid value is built per call (a fresh snapshot or request).
-_FRESH: dict[str, Callable[[], object]] = {
-    "snapshot": lambda: _snapshot("existing"),
-    "request": _request,
-}
-
-#: One case per (method, argument): every wrong value of the argument's kind is tried.
-WRONG_ARGUMENTS: list[Any] = [
-    pytest.param(method, argument, id=f"{method}-{argument}")
-    for method, arguments in _VALID_CALLS
-    for argument in arguments
-]
-
-
-def _valid_arguments(method: str) -> dict[str, Any]:
-    arguments = dict(_VALID_CALLS)[method]
-    return {
-        name: _FRESH[kind]() if kind in _FRESH else value
-        for name, (kind, value) in arguments.items()
-    }
-
-
-def _wrong_values(method: str, argument: str) -> list[Any]:
-    kind = dict(_VALID_CALLS)[method][argument][0]
-    return _WRONG_BY_KIND[kind]
-
-
-#: Snapshot fields of the wrong type or out of range (``save_snapshot`` names the field).
-_WRONG_FIELD_VALUES: dict[str, list[Any]] = {
-    "instance_id": [_OVER_LONG, 42],
-    "definition_hash": [_OVER_LONG, None],
-    "status": ["bogus", None],
-    "position": ["t1", None, ("t1",)],
-    "completed_tasks": [[("t0", b"")], {"t0": "text"}, {_OVER_LONG: b""}, {42: b""}],
-    "last_completed_task_id": [_OVER_LONG, 42],
-    "initial_input": ["text", 42],
-    "output": ["text"],
-    "error": [42, b"bytes"],
-    "cancel_request": ["now", 42],
-    "pause_request": [SignalRequest(requested_at=NAIVE)],
-    "priority": ["3", 3.0, True, 0, 6, None],
-    "tags": ["gpu", frozenset({42}), frozenset({_OVER_LONG}), None],
-    "created_at": [NAIVE, "2030-01-01", None],
-    "updated_at": [NAIVE, 0],
-    "version": [-1, "1", 1.5, None, 2**63],
-}
-WRONG_SNAPSHOT_FIELDS: list[Any] = [
-    pytest.param(field, value, id=f"{field}-{label}")
-    for field, values in _WRONG_FIELD_VALUES.items()
-    for label, value in enumerate(values)
-]
-
-# -- fenced save scenarios: set up a claim state on ("wf", "t1"), return (worker, token) -------
-
-_FenceScenario = Callable[
-    ["BackendContract", PersistentBackend, ContractClock], tuple[str, int | None]
-]
-
-
-def _fence_expired_and_taken_over(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
-) -> tuple[str, int | None]:
-    assert backend.claim_task("wf", "t1", WORKER, contract.short_ttl) is not None
-    contract.wait_past_short_ttl(clock)
-    assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
-    return WORKER, None
-
-
-def _fence_own_claim_expired(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
-) -> tuple[str, int | None]:
-    assert backend.claim_task("wf", "t1", WORKER, contract.short_ttl) is not None
-    contract.wait_past_short_ttl(clock)
-    return WORKER, None
-
-
-def _fence_wrong_token(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
-) -> tuple[str, int | None]:
-    claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
-    assert claim is not None
-    return WORKER, claim.token + 1
-
-
-def _fence_stale_token_same_worker(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
-) -> tuple[str, int | None]:
-    first = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
-    assert first is not None
-    backend.release_task_claim("wf", "t1", WORKER)
-    assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
-    return WORKER, first.token
-
-
-def _fence_other_worker(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
-) -> tuple[str, int | None]:
-    assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
-    return WORKER, None
-
-
-def _fence_released(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
-) -> tuple[str, int | None]:
-    assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
-    backend.release_task_claim("wf", "t1", WORKER)
-    return WORKER, None
-
-
-def _fence_never_claimed(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
-) -> tuple[str, int | None]:
-    return WORKER, None
-
-
-FENCE_FAILURES: list[Any] = [
-    pytest.param(_fence_expired_and_taken_over, id="expired-and-taken-over"),
-    pytest.param(_fence_own_claim_expired, id="own-claim-expired"),
-    pytest.param(_fence_wrong_token, id="wrong-token"),
-    pytest.param(_fence_stale_token_same_worker, id="stale-token-same-worker"),
-    pytest.param(_fence_other_worker, id="other-worker"),
-    pytest.param(_fence_released, id="released"),
-    pytest.param(_fence_never_claimed, id="never-claimed"),
-]
-
-
-# -- claim_task on a task that is not runnable: store "wf" and return the task id to claim ----
-
-_UnrunnableSetup = Callable[[PersistentBackend, ContractClock], str]
-
-
-def _unrunnable_other_task(backend: PersistentBackend, clock: ContractClock) -> str:
-    _new_saved(backend, "wf", first_task="t1")
-    return "t2"
-
-
-def _unrunnable_completed_task(backend: PersistentBackend, clock: ContractClock) -> str:
-    _saved_at(backend, "wf", AtFork("f", ("a", "b")))
-    backend.save_task_result("wf", "a", b"A")
-    return "a"
-
-
-def _unrunnable_not_started(backend: PersistentBackend, clock: ContractClock) -> str:
-    _new_saved(backend, "wf", first_task=None)
-    return "t1"
-
-
-def _unrunnable_at_signal(backend: PersistentBackend, clock: ContractClock) -> str:
-    # Even once its wake_at has passed: only a matching event moves it on.
-    _saved_at(backend, "wf", AtSignal("s", "go", clock.now() - timedelta(minutes=1), "t1"))
-    return "t1"
-
-
-def _unrunnable_delay_before_wake(backend: PersistentBackend, clock: ContractClock) -> str:
-    _saved_at(backend, "wf", AtDelay("d", clock.now() + LONG_TTL, "t1"))
-    return "t1"
-
-
-def _unrunnable_delay_without_next_task(backend: PersistentBackend, clock: ContractClock) -> str:
-    _saved_at(backend, "wf", AtDelay("d", clock.now() - timedelta(minutes=1), None))
-    return "d"
-
-
-UNRUNNABLE: list[Any] = [
-    pytest.param(_unrunnable_other_task, id="other-task"),
-    pytest.param(_unrunnable_completed_task, id="completed-task"),
-    pytest.param(_unrunnable_not_started, id="not-started"),
-    pytest.param(_unrunnable_at_signal, id="at-signal"),
-    pytest.param(_unrunnable_delay_before_wake, id="delay-before-wake"),
-    pytest.param(_unrunnable_delay_without_next_task, id="delay-without-next-task"),
-]
 
 
 # ============================================================================================
@@ -800,7 +178,7 @@ class BackendContract:
 
     def assert_now(self, clock: ContractClock, value: datetime | None) -> None:
         """``value`` is aware UTC and is the store's current time."""
-        _assert_utc(value)
+        assert_utc(value)
         assert value is not None
         if clock.exact:
             assert value == clock.now()
@@ -827,8 +205,8 @@ class BackendContract:
         assert snapshot.initial_input is None
         assert (snapshot.output, snapshot.error) == (None, None)
         assert (snapshot.cancel_request, snapshot.pause_request) == (None, None)
-        _assert_utc(snapshot.created_at)
-        _assert_utc(snapshot.updated_at)
+        assert_utc(snapshot.created_at)
+        assert_utc(snapshot.updated_at)
 
     def test_snapshot_new_without_first_task_is_not_started(self) -> None:
         assert WorkflowSnapshot.new("wf", HASH).position == NotStarted()
@@ -855,7 +233,7 @@ class BackendContract:
     def test_snapshot_mutators_raise_invalid_state_unless_in_progress(
         self, status: WorkflowStatus, mutate: Callable[[WorkflowSnapshot], None]
     ) -> None:
-        snapshot = _snapshot("wf")
+        snapshot = make_snapshot("wf")
         snapshot.status = status
         before = dataclasses.replace(snapshot, completed_tasks=dict(snapshot.completed_tasks))
         with pytest.raises(InvalidStateError):
@@ -863,19 +241,19 @@ class BackendContract:
         assert snapshot == before
 
     def test_snapshot_mutators_record_results_and_outcomes(self) -> None:
-        snapshot = _snapshot("wf")
+        snapshot = make_snapshot("wf")
         snapshot.mark_task_completed("t1", b"one")
         assert snapshot.completed_tasks == {"t1": b"one"}
         assert snapshot.last_completed_task_id == "t1"
         snapshot.mark_completed(b"result")
         assert (snapshot.status, snapshot.output) == (WorkflowStatus.COMPLETED, b"result")
 
-        failed = _snapshot("wf2")
+        failed = make_snapshot("wf2")
         failed.mark_failed("boom")
         assert (failed.status, failed.error) == (WorkflowStatus.FAILED, "boom")
 
     def test_move_to_makes_last_completed_output_the_position_input(self) -> None:
-        snapshot = _snapshot("wf", initial_input=b"initial")
+        snapshot = make_snapshot("wf", initial_input=b"initial")
         assert snapshot.input_for_position == b"initial"
         snapshot.mark_task_completed("t1", b"one")
         snapshot.move_to(AtTask("t2"))
@@ -906,22 +284,22 @@ class BackendContract:
     def test_runnable_task_ids_by_position(
         self, position: Position, expected: tuple[str, ...]
     ) -> None:
-        snapshot = _snapshot("wf", first_task=None)
+        snapshot = make_snapshot("wf", first_task=None)
         snapshot.move_to(position)
         assert snapshot.runnable_task_ids(now=T0) == expected
 
     def test_runnable_task_ids_never_include_completed_tasks(self) -> None:
-        snapshot = _snapshot("wf", first_task=None)
+        snapshot = make_snapshot("wf", first_task=None)
         snapshot.move_to(AtFork("f", ("a", "b")))
         snapshot.mark_task_completed("a", b"A")
         assert snapshot.runnable_task_ids(now=T0) == ("b",)
-        at_task = _snapshot("wf2")
+        at_task = make_snapshot("wf2")
         at_task.mark_task_completed("t1", b"one")
         assert at_task.runnable_task_ids(now=T0) == ()
 
     @pytest.mark.parametrize("status", NOT_IN_PROGRESS)
     def test_runnable_task_ids_empty_unless_in_progress(self, status: WorkflowStatus) -> None:
-        snapshot = _snapshot("wf")
+        snapshot = make_snapshot("wf")
         snapshot.status = status
         assert snapshot.runnable_task_ids(now=T0) == ()
 
@@ -965,13 +343,13 @@ class BackendContract:
         assert backend.find_available_tasks(WORKER, 10) == []
 
     def test_save_snapshot_first_save_returns_version_1(self, backend: PersistentBackend) -> None:
-        snapshot = _snapshot("wf")
+        snapshot = make_snapshot("wf")
         assert backend.save_snapshot(snapshot) == 1
         assert snapshot.version == 1
         assert backend.load_snapshot("wf").version == 1
 
     def test_save_snapshot_each_save_increments_version(self, backend: PersistentBackend) -> None:
-        snapshot = _snapshot("wf")
+        snapshot = make_snapshot("wf")
         assert [backend.save_snapshot(snapshot) for _ in range(3)] == [1, 2, 3]
         assert snapshot.version == 3
         assert backend.load_snapshot("wf").version == 3
@@ -991,7 +369,7 @@ class BackendContract:
     def test_save_snapshot_round_trips_every_field(
         self, backend: PersistentBackend, position: Position
     ) -> None:
-        snapshot = _snapshot(
+        snapshot = make_snapshot(
             "wf", first_task=None, initial_input=b"\x00in\xff", priority=2, tags=("gpu", "eu")
         )
         snapshot.mark_task_completed("t0", b"")  # an empty output is not "no output"
@@ -1002,34 +380,34 @@ class BackendContract:
         version = backend.save_snapshot(snapshot)
 
         loaded = backend.load_snapshot("wf")
-        _assert_same_state(loaded, snapshot)
+        assert_same_state(loaded, snapshot)
         assert loaded.version == version
         assert type(loaded.position) is type(position)
         assert isinstance(loaded.status, WorkflowStatus)
         assert isinstance(loaded.tags, frozenset)
         assert all(type(output) is bytes for output in loaded.completed_tasks.values())
-        _assert_utc(loaded.created_at)
-        _assert_utc(loaded.updated_at)
+        assert_utc(loaded.created_at)
+        assert_utc(loaded.updated_at)
         assert loaded.cancel_request is not None
-        _assert_utc(loaded.cancel_request.requested_at)
+        assert_utc(loaded.cancel_request.requested_at)
         if isinstance(loaded.position, AtDelay | AtSignal) and loaded.position.wake_at:
-            _assert_utc(loaded.position.wake_at)
+            assert_utc(loaded.position.wake_at)
 
     @pytest.mark.parametrize("status", FINISHED)
     def test_save_snapshot_round_trips_outcome(
         self, backend: PersistentBackend, status: WorkflowStatus
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         if status is WorkflowStatus.COMPLETED:
             snapshot.mark_completed(b"result\x00")
         else:
             snapshot.mark_failed("boom: ünïcode\nsecond line")
         backend.save_snapshot(snapshot)
-        _assert_same_state(backend.load_snapshot("wf"), snapshot)
+        assert_same_state(backend.load_snapshot("wf"), snapshot)
 
     def test_save_snapshot_returns_timestamps_in_utc(self, backend: PersistentBackend) -> None:
         plus_two = timezone(timedelta(hours=2))
-        snapshot = _snapshot("wf")
+        snapshot = make_snapshot("wf")
         snapshot.created_at = datetime(2030, 1, 1, 14, 0, tzinfo=plus_two)
         snapshot.cancel_request = SignalRequest(
             "r", None, datetime(2030, 1, 1, 7, 0, tzinfo=timezone(timedelta(hours=-5)))
@@ -1037,15 +415,15 @@ class BackendContract:
         backend.save_snapshot(snapshot)
         loaded = backend.load_snapshot("wf")
         assert loaded.created_at == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-        _assert_utc(loaded.created_at)
+        assert_utc(loaded.created_at)
         assert loaded.cancel_request is not None
         assert loaded.cancel_request.requested_at == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-        _assert_utc(loaded.cancel_request.requested_at)
+        assert_utc(loaded.cancel_request.requested_at)
 
     def test_save_snapshot_stamps_updated_at_with_store_clock(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         first = backend.load_snapshot("wf").updated_at
         self.assert_now(clock, first)
         clock.advance(timedelta(milliseconds=20))
@@ -1055,7 +433,7 @@ class BackendContract:
         assert second > first
 
     def test_save_and_load_do_not_share_mutable_state(self, backend: PersistentBackend) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         snapshot.completed_tasks["t1"] = b"not saved"
         snapshot.move_to(AtTask("t2"))
         loaded = backend.load_snapshot("wf")
@@ -1065,7 +443,7 @@ class BackendContract:
         assert backend.load_snapshot("wf").completed_tasks == {}
 
     def test_save_snapshot_expected_version_match_saves(self, backend: PersistentBackend) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         snapshot.move_to(AtTask("t2"))
         assert backend.save_snapshot(snapshot, expected_version=1) == 2
         assert backend.load_snapshot("wf").position == AtTask("t2")
@@ -1074,7 +452,7 @@ class BackendContract:
     def test_save_snapshot_expected_version_mismatch_conflicts_and_writes_nothing(
         self, backend: PersistentBackend, expected_version: int
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         before = backend.load_snapshot("wf")
         snapshot.mark_task_completed("t1", b"one")
         snapshot.move_to(AtTask("t2"))
@@ -1085,16 +463,16 @@ class BackendContract:
     def test_save_snapshot_expected_version_0_creates_only_if_absent(
         self, backend: PersistentBackend
     ) -> None:
-        assert backend.save_snapshot(_snapshot("wf", first_task="t1"), expected_version=0) == 1
+        assert backend.save_snapshot(make_snapshot("wf", first_task="t1"), expected_version=0) == 1
         with pytest.raises(ConflictError):
-            backend.save_snapshot(_snapshot("wf", first_task="other"), expected_version=0)
+            backend.save_snapshot(make_snapshot("wf", first_task="other"), expected_version=0)
         assert backend.load_snapshot("wf").position == AtTask("t1")
 
     def test_save_snapshot_expected_version_on_absent_instance_conflicts(
         self, backend: PersistentBackend
     ) -> None:
         with pytest.raises(ConflictError):
-            backend.save_snapshot(_snapshot("wf"), expected_version=1)
+            backend.save_snapshot(make_snapshot("wf"), expected_version=1)
         assert backend.list_snapshots() == []
 
     @pytest.mark.parametrize("status", TERMINAL)
@@ -1102,18 +480,18 @@ class BackendContract:
     def test_save_snapshot_over_terminal_workflow_raises_workflow_terminal_error(
         self, backend: PersistentBackend, status: WorkflowStatus, with_expected_version: bool
     ) -> None:
-        _saved_with_status(backend, "wf", status)
+        save_with_status(backend, "wf", status)
         before = backend.load_snapshot("wf")
         expected = before.version if with_expected_version else None
         with pytest.raises(WorkflowTerminalError) as raised:
-            backend.save_snapshot(_snapshot("wf", first_task="t2"), expected_version=expected)
+            backend.save_snapshot(make_snapshot("wf", first_task="t2"), expected_version=expected)
         assert isinstance(raised.value, ConflictError)
         assert backend.load_snapshot("wf") == before
 
     def test_save_snapshot_over_paused_workflow_is_allowed(
         self, backend: PersistentBackend
     ) -> None:
-        _saved_with_status(backend, "wf", WorkflowStatus.PAUSED)
+        save_with_status(backend, "wf", WorkflowStatus.PAUSED)
         paused = backend.load_snapshot("wf")
         stored_version = paused.version
         assert backend.save_snapshot(paused) == stored_version + 1
@@ -1122,7 +500,7 @@ class BackendContract:
     # -- save_task_result -----------------------------------------------------------------
 
     def test_save_task_result_merges_parallel_branches(self, backend: PersistentBackend) -> None:
-        _saved_at(backend, "wf", AtFork("f", ("a", "b")), completed={"t0": b"zero"})
+        save_at(backend, "wf", AtFork("f", ("a", "b")), completed={"t0": b"zero"})
         assert backend.save_task_result("wf", "a", b"A") == 2
         assert backend.save_task_result("wf", "b", b"B") == 3
         loaded = backend.load_snapshot("wf")
@@ -1132,11 +510,11 @@ class BackendContract:
         assert loaded.runnable_task_ids() == ()
 
     def test_save_task_result_task_no_longer_runnable(self, backend: PersistentBackend) -> None:
-        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        save_at(backend, "wf", AtFork("f", ("a", "b")))
         backend.save_task_result("wf", "a", b"A")
         assert backend.load_snapshot("wf").runnable_task_ids() == ("b",)
         assert backend.claim_task("wf", "a", WORKER, LONG_TTL) is None
-        assert _pairs(backend.find_available_tasks(WORKER, 10)) == [("wf", "b")]
+        assert task_pairs(backend.find_available_tasks(WORKER, 10)) == [("wf", "b")]
 
     def test_save_task_result_absent_instance_not_found(self, backend: PersistentBackend) -> None:
         with pytest.raises(NotFoundError):
@@ -1147,7 +525,7 @@ class BackendContract:
     def test_save_task_result_on_terminal_workflow_raises(
         self, backend: PersistentBackend, status: WorkflowStatus
     ) -> None:
-        _saved_with_status(backend, "wf", status)
+        save_with_status(backend, "wf", status)
         with pytest.raises(WorkflowTerminalError):
             backend.save_task_result("wf", "t1", b"late")
         assert backend.load_task_result("wf", "t1") is None
@@ -1155,7 +533,7 @@ class BackendContract:
     def test_save_snapshot_keeps_results_stored_by_save_task_result(
         self, backend: PersistentBackend
     ) -> None:
-        stale = _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        stale = save_at(backend, "wf", AtFork("f", ("a", "b")))
         backend.save_task_result("wf", "a", b"A")
         stale.mark_task_completed("b", b"B")  # a worker that never saw "a"
         backend.save_snapshot(stale)
@@ -1165,7 +543,7 @@ class BackendContract:
     def test_save_snapshot_does_not_rewrite_a_stored_result(
         self, backend: PersistentBackend
     ) -> None:
-        stale = _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        stale = save_at(backend, "wf", AtFork("f", ("a", "b")))
         backend.save_task_result("wf", "a", b"first")
         stale.mark_task_completed("a", b"second")
         backend.save_snapshot(stale)
@@ -1181,7 +559,7 @@ class BackendContract:
     def test_load_task_result_still_answers_after_workflow_finished(
         self, backend: PersistentBackend, status: WorkflowStatus
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         backend.save_task_result("wf", "t1", b"one")
         snapshot = backend.load_snapshot("wf")
         if status is WorkflowStatus.COMPLETED:
@@ -1192,7 +570,7 @@ class BackendContract:
         assert backend.load_task_result("wf", "t1") == b"one"
 
     def test_load_task_result_unknown_task_is_none(self, backend: PersistentBackend) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         assert backend.load_task_result("wf", "t1") is None
 
     def test_load_task_result_absent_instance_not_found(self, backend: PersistentBackend) -> None:
@@ -1200,8 +578,8 @@ class BackendContract:
             backend.load_task_result("ghost", "t1")
 
     def test_delete_snapshot_removes_instance(self, backend: PersistentBackend) -> None:
-        _new_saved(backend, "wf")
-        _new_saved(backend, "keep")
+        save_new(backend, "wf")
+        save_new(backend, "keep")
         backend.delete_snapshot("wf")
         assert backend.list_snapshots() == ["keep"]
         with pytest.raises(NotFoundError):
@@ -1213,15 +591,15 @@ class BackendContract:
     def test_delete_snapshot_removes_claims_results_signals_events(
         self, backend: PersistentBackend
     ) -> None:
-        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        save_at(backend, "wf", AtFork("f", ("a", "b")))
         assert backend.claim_task("wf", "b", WORKER, LONG_TTL) is not None
         backend.save_task_result("wf", "a", b"A")
-        backend.store_signal("wf", SignalKind.PAUSE, _request())
+        backend.store_signal("wf", SignalKind.PAUSE, make_request())
         backend.send_event("wf", "ev", b"buffered")
         backend.delete_snapshot("wf")
 
         # The same id created again starts from nothing.
-        assert backend.save_snapshot(_snapshot("wf", first_task="b"), expected_version=0) == 1
+        assert backend.save_snapshot(make_snapshot("wf", first_task="b"), expected_version=0) == 1
         assert backend.load_task_result("wf", "a") is None
         assert backend.load_snapshot("wf").completed_tasks == {}
         assert backend.get_signal("wf", SignalKind.PAUSE) is None
@@ -1236,13 +614,13 @@ class BackendContract:
 
     def test_list_snapshots_ascending_code_point_order(self, backend: PersistentBackend) -> None:
         for instance_id in reversed(AWKWARD_IDS):
-            _new_saved(backend, instance_id)
+            save_new(backend, instance_id)
         assert backend.list_snapshots() == sorted(AWKWARD_IDS)
 
     def test_list_snapshots_status_filter(self, backend: PersistentBackend) -> None:
         for status in WorkflowStatus:
-            _saved_with_status(backend, f"wf-{status.value}", status)
-        _new_saved(backend, "wf-zz-second-in-progress")
+            save_with_status(backend, f"wf-{status.value}", status)
+        save_new(backend, "wf-zz-second-in-progress")
         assert backend.list_snapshots(status=WorkflowStatus.IN_PROGRESS) == [
             "wf-in_progress",
             "wf-zz-second-in-progress",
@@ -1255,7 +633,7 @@ class BackendContract:
         self, backend: PersistentBackend
     ) -> None:
         for instance_id in AWKWARD_IDS:
-            _new_saved(backend, instance_id)
+            save_new(backend, instance_id)
         pages: list[list[str]] = []
         after: str | None = None
         while page := backend.list_snapshots(after=after, limit=5):
@@ -1273,18 +651,18 @@ class BackendContract:
     ) -> None:
         fork = AtFork("f", ("a", "b"))
         done = {"a": b"A", "b": b"B"}
-        _saved_at(backend, "stalled-2", fork, completed=done)
-        _saved_at(backend, "stalled-1", fork, completed=done)
-        _saved_at(backend, "one-branch-left", fork, completed={"a": b"A"})
-        _saved_at(backend, "at-task", AtTask("t2"), completed={"t1": b"1"})
-        _saved_at(backend, "at-signal", AtSignal("s", "go", None, "t2"))
-        _saved_at(backend, "paused", fork, completed=done)
-        _apply_signal(backend, "paused", SignalKind.PAUSE)
-        _saved_at(backend, "completed", fork, completed=done)
+        save_at(backend, "stalled-2", fork, completed=done)
+        save_at(backend, "stalled-1", fork, completed=done)
+        save_at(backend, "one-branch-left", fork, completed={"a": b"A"})
+        save_at(backend, "at-task", AtTask("t2"), completed={"t1": b"1"})
+        save_at(backend, "at-signal", AtSignal("s", "go", None, "t2"))
+        save_at(backend, "paused", fork, completed=done)
+        apply_signal(backend, "paused", SignalKind.PAUSE)
+        save_at(backend, "completed", fork, completed=done)
         finished = backend.load_snapshot("completed")
         finished.mark_completed(b"B")
         backend.save_snapshot(finished)
-        _saved_at(backend, "joined-by-results", fork, completed={"a": b"A"})
+        save_at(backend, "joined-by-results", fork, completed={"a": b"A"})
         backend.save_task_result("joined-by-results", "b", b"B")
 
         assert backend.list_stalled_forks() == ["joined-by-results", "stalled-1", "stalled-2"]
@@ -1299,7 +677,7 @@ class BackendContract:
     def test_list_snapshots_paging_combines_with_status(self, backend: PersistentBackend) -> None:
         for index in range(6):
             status = WorkflowStatus.PAUSED if index % 2 else WorkflowStatus.IN_PROGRESS
-            _saved_with_status(backend, f"wf-{index}", status)
+            save_with_status(backend, f"wf-{index}", status)
         assert backend.list_snapshots(status=WorkflowStatus.PAUSED, after="wf-1", limit=1) == [
             "wf-3"
         ]
@@ -1310,20 +688,20 @@ class BackendContract:
     def test_claim_task_returns_claim_with_worker_token_and_expiry(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
         assert claim is not None
         assert (claim.instance_id, claim.task_id, claim.worker_id) == ("wf", "t1", WORKER)
         assert claim.token >= 1
         assert claim.pending_signals == frozenset()
         self.assert_now(clock, claim.claimed_at)
-        _assert_utc(claim.expires_at)
+        assert_utc(claim.expires_at)
         assert claim.expires_at == claim.claimed_at + LONG_TTL
 
     def test_claim_task_second_claimer_gets_none_while_live(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
         assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None
         assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None  # even the holder
@@ -1331,7 +709,7 @@ class BackendContract:
     def test_claim_task_fork_branches_are_claimed_independently(
         self, backend: PersistentBackend
     ) -> None:
-        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        save_at(backend, "wf", AtFork("f", ("a", "b")))
         a = backend.claim_task("wf", "a", WORKER, LONG_TTL)
         b = backend.claim_task("wf", "b", OTHER, LONG_TTL)
         assert a is not None and b is not None
@@ -1340,7 +718,7 @@ class BackendContract:
     def test_claim_task_expired_claim_is_taken_over_with_greater_token(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         first = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
         assert first is not None
         self.wait_past_short_ttl(clock)
@@ -1353,7 +731,7 @@ class BackendContract:
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
         self.require_exact(clock)
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         ttl = timedelta(seconds=30)
         assert backend.claim_task("wf", "t1", WORKER, ttl) is not None
         clock.advance(ttl - timedelta(microseconds=1))
@@ -1364,7 +742,7 @@ class BackendContract:
     def test_claim_task_release_then_reclaim_gives_greater_token(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         first = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
         assert first is not None
         backend.release_task_claim("wf", "t1", WORKER)
@@ -1379,7 +757,7 @@ class BackendContract:
     def test_claim_task_without_ttl_never_expires(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, None)
         assert claim is not None
         assert claim.expires_at is None
@@ -1390,7 +768,7 @@ class BackendContract:
 
     @pytest.mark.parametrize("setup", UNRUNNABLE)
     def test_claim_task_none_when_task_not_runnable(
-        self, backend: PersistentBackend, clock: ContractClock, setup: _UnrunnableSetup
+        self, backend: PersistentBackend, clock: ContractClock, setup: UnrunnableSetup
     ) -> None:
         task_id = setup(backend, clock)
         assert backend.claim_task("wf", task_id, WORKER, LONG_TTL) is None
@@ -1399,22 +777,22 @@ class BackendContract:
     def test_claim_task_none_unless_workflow_in_progress(
         self, backend: PersistentBackend, status: WorkflowStatus
     ) -> None:
-        _saved_with_status(backend, "wf", status)
+        save_with_status(backend, "wf", status)
         assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None
 
     @pytest.mark.parametrize("kind", list(SignalKind))
     def test_claim_task_none_when_signal_pending(
         self, backend: PersistentBackend, kind: SignalKind
     ) -> None:
-        _new_saved(backend, "wf")
-        backend.store_signal("wf", kind, _request())
+        save_new(backend, "wf")
+        backend.store_signal("wf", kind, make_request())
         assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None
 
     def test_claim_task_delay_past_wake_at_counts_as_next_task(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
         delay = AtDelay("d", clock.now() - timedelta(minutes=1), "t2")
-        _saved_at(backend, "wf", delay)
+        save_at(backend, "wf", delay)
         claim = backend.claim_task("wf", "t2", WORKER, LONG_TTL)
         assert claim is not None
         assert claim.task_id == "t2"
@@ -1424,7 +802,7 @@ class BackendContract:
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
         self.require_exact(clock)
-        _saved_at(backend, "wf", AtDelay("d", clock.now() + timedelta(seconds=10), "t2"))
+        save_at(backend, "wf", AtDelay("d", clock.now() + timedelta(seconds=10), "t2"))
         clock.advance(timedelta(seconds=10) - timedelta(microseconds=1))
         assert backend.claim_task("wf", "t2", WORKER, LONG_TTL) is None
         clock.advance(timedelta(microseconds=1))
@@ -1441,7 +819,7 @@ class BackendContract:
         self, backend: PersistentBackend, state: str
     ) -> None:
         if state != "absent-instance":
-            _new_saved(backend, "wf")
+            save_new(backend, "wf")
         if state == "already-released":
             assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
             backend.release_task_claim("wf", "t1", WORKER)
@@ -1451,7 +829,7 @@ class BackendContract:
     def test_release_task_claim_held_by_other_worker_claim_lost(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
         with pytest.raises(ClaimLostError):
             backend.release_task_claim("wf", "t1", WORKER)
@@ -1460,7 +838,7 @@ class BackendContract:
     def test_release_task_claim_stale_token_after_takeover_by_same_worker_claim_lost(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         first = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
         assert first is not None
         self.wait_past_short_ttl(clock)
@@ -1474,7 +852,7 @@ class BackendContract:
     def test_release_task_claim_own_expired_claim_succeeds(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
         assert claim is not None
         self.wait_past_short_ttl(clock)
@@ -1487,14 +865,14 @@ class BackendContract:
     def test_extend_task_claim_is_absolute_renewal(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         ttl = timedelta(minutes=10)
         claim = backend.claim_task("wf", "t1", WORKER, ttl)
         assert claim is not None and claim.expires_at is not None
         clock.advance(timedelta(milliseconds=50))
         extended = backend.extend_task_claim("wf", "t1", WORKER, ttl, token=claim.token)
         assert extended.expires_at is not None
-        _assert_utc(extended.expires_at)
+        assert_utc(extended.expires_at)
         assert (extended.worker_id, extended.token) == (WORKER, claim.token)
         if clock.exact:
             assert extended.expires_at == clock.now() + ttl
@@ -1506,7 +884,7 @@ class BackendContract:
     def test_extend_task_claim_can_shorten_and_make_permanent(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
         backend.extend_task_claim("wf", "t1", WORKER, self.short_ttl)
         self.wait_past_short_ttl(clock)
@@ -1520,7 +898,7 @@ class BackendContract:
     def test_extend_task_claim_own_expired_claim_not_taken_over_succeeds(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
         assert claim is not None
         self.wait_past_short_ttl(clock)
@@ -1531,7 +909,7 @@ class BackendContract:
     def test_extend_task_claim_after_takeover_claim_lost(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
         assert claim is not None
         self.wait_past_short_ttl(clock)
@@ -1544,7 +922,7 @@ class BackendContract:
     def test_extend_task_claim_stale_token_after_takeover_by_same_worker_claim_lost(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         first = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
         assert first is not None
         self.wait_past_short_ttl(clock)
@@ -1557,7 +935,7 @@ class BackendContract:
         self, backend: PersistentBackend, state: str
     ) -> None:
         if state != "absent-instance":
-            _new_saved(backend, "wf")
+            save_new(backend, "wf")
         if state == "released":
             assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
             backend.release_task_claim("wf", "t1", WORKER)
@@ -1567,7 +945,7 @@ class BackendContract:
     def test_extend_task_claim_held_by_other_worker_claim_lost(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
         with pytest.raises(ClaimLostError):
             backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
@@ -1576,10 +954,10 @@ class BackendContract:
     def test_extend_task_claim_returns_pending_signals(
         self, backend: PersistentBackend, kind: SignalKind
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
         assert backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL).pending_signals == set()
-        backend.store_signal("wf", kind, _request())
+        backend.store_signal("wf", kind, make_request())
         extended = backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
         assert extended.pending_signals == frozenset({kind})
 
@@ -1589,7 +967,7 @@ class BackendContract:
     def test_save_snapshot_fenced_succeeds_with_live_claim(
         self, backend: PersistentBackend, with_token: bool
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
         assert claim is not None
         snapshot.mark_task_completed("t1", b"one")
@@ -1603,9 +981,9 @@ class BackendContract:
 
     @pytest.mark.parametrize("scenario", FENCE_FAILURES)
     def test_save_snapshot_fenced_without_live_claim_returns_false_and_writes_nothing(
-        self, backend: PersistentBackend, clock: ContractClock, scenario: _FenceScenario
+        self, backend: PersistentBackend, clock: ContractClock, scenario: FenceScenario
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         worker_id, token = scenario(self, backend, clock)
         before = backend.load_snapshot("wf")
         snapshot.mark_task_completed("t1", b"one")
@@ -1616,7 +994,7 @@ class BackendContract:
     def test_save_snapshot_fenced_after_renewing_own_expired_claim_succeeds(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, self.short_ttl)
         assert claim is not None
         self.wait_past_short_ttl(clock)
@@ -1627,7 +1005,7 @@ class BackendContract:
     def test_save_snapshot_fenced_on_terminal_workflow_raises(
         self, backend: PersistentBackend
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
+        snapshot = save_new(backend, "wf")
         claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
         assert claim is not None
         finished = backend.load_snapshot("wf")
@@ -1645,9 +1023,9 @@ class BackendContract:
     def test_available_tasks_carry_workflow_details(
         self, backend: PersistentBackend, via: str
     ) -> None:
-        snapshot = _new_saved(backend, "wf", initial_input=b"in", priority=2, tags=["gpu"])
+        snapshot = save_new(backend, "wf", initial_input=b"in", priority=2, tags=["gpu"])
         backend.save_snapshot(snapshot)
-        [task] = _offered(backend, via, tags=["gpu", "eu"])
+        [task] = offered_tasks(backend, via, tags=["gpu", "eu"])
         assert task == AvailableTask(
             instance_id="wf",
             task_id="t1",
@@ -1664,43 +1042,43 @@ class BackendContract:
     ) -> None:
         past, future = clock.now() - timedelta(minutes=1), clock.now() + LONG_TTL
         for status in NOT_IN_PROGRESS:
-            _saved_with_status(backend, f"x-{status.value}", status)
+            save_with_status(backend, f"x-{status.value}", status)
         for kind in SignalKind:
-            _new_saved(backend, f"x-{kind.value}-pending")
-            backend.store_signal(f"x-{kind.value}-pending", kind, _request())
-        _new_saved(backend, "x-not-started", first_task=None)
-        _saved_at(backend, "x-at-signal", AtSignal("s", "go", past, "t1"))
-        _saved_at(backend, "x-delay-pending", AtDelay("d", future, "t1"))
-        _saved_at(backend, "x-delay-without-next", AtDelay("d", past))
-        _new_saved(backend, "x-claimed")
+            save_new(backend, f"x-{kind.value}-pending")
+            backend.store_signal(f"x-{kind.value}-pending", kind, make_request())
+        save_new(backend, "x-not-started", first_task=None)
+        save_at(backend, "x-at-signal", AtSignal("s", "go", past, "t1"))
+        save_at(backend, "x-delay-pending", AtDelay("d", future, "t1"))
+        save_at(backend, "x-delay-without-next", AtDelay("d", past))
+        save_new(backend, "x-claimed")
         assert backend.claim_task("x-claimed", "t1", OTHER, LONG_TTL) is not None
-        _new_saved(backend, "x-task-done")
+        save_new(backend, "x-task-done")
         backend.save_task_result("x-task-done", "t1", b"one")
-        _saved_at(backend, "y-fork", AtFork("f", ("a", "b")))
+        save_at(backend, "y-fork", AtFork("f", ("a", "b")))
         backend.save_task_result("y-fork", "a", b"A")
-        _new_saved(backend, "z-runnable")
-        offered = _pairs(_offered(backend, via))
+        save_new(backend, "z-runnable")
+        offered = task_pairs(offered_tasks(backend, via))
         assert sorted(offered) == [("y-fork", "b"), ("z-runnable", "t1")]
 
     @OFFER_METHODS
     def test_available_tasks_fork_gives_all_branches_the_same_input(
         self, backend: PersistentBackend, via: str
     ) -> None:
-        _saved_at(backend, "wf", AtFork("f", ("a", "b", "c")), completed={"t1": b"one"})
+        save_at(backend, "wf", AtFork("f", ("a", "b", "c")), completed={"t1": b"one"})
         backend.save_task_result("wf", "c", b"C")  # a finished sibling changes no input
-        tasks = _offered(backend, via)
-        assert sorted(_pairs(tasks)) == [("wf", "a"), ("wf", "b")]
+        tasks = offered_tasks(backend, via)
+        assert sorted(task_pairs(tasks)) == [("wf", "a"), ("wf", "b")]
         assert [task.input for task in tasks] == [b"one", b"one"]
 
     @OFFER_METHODS
     def test_available_tasks_input_is_initial_input_then_previous_output(
         self, backend: PersistentBackend, via: str
     ) -> None:
-        _new_saved(backend, "first", initial_input=b"initial")
-        _saved_at(backend, "moved", AtTask("t1"), initial_input=b"initial")
-        _saved_at(backend, "second", AtTask("t2"), completed={"t1": b"one"}, initial_input=b"in")
-        _new_saved(backend, "no-input")
-        inputs = {task.instance_id: task.input for task in _offered(backend, via)}
+        save_new(backend, "first", initial_input=b"initial")
+        save_at(backend, "moved", AtTask("t1"), initial_input=b"initial")
+        save_at(backend, "second", AtTask("t2"), completed={"t1": b"one"}, initial_input=b"in")
+        save_new(backend, "no-input")
+        inputs = {task.instance_id: task.input for task in offered_tasks(backend, via)}
         assert inputs == {
             "first": b"initial",
             "moved": b"initial",
@@ -1713,8 +1091,8 @@ class BackendContract:
         self, backend: PersistentBackend, clock: ContractClock, via: str
     ) -> None:
         delay = AtDelay("d", clock.now() - timedelta(minutes=1), "t2")
-        _saved_at(backend, "wf", delay, completed={"t1": b"one"})
-        [task] = _offered(backend, via)
+        save_at(backend, "wf", delay, completed={"t1": b"one"})
+        [task] = offered_tasks(backend, via)
         assert (task.task_id, task.input) == ("t2", b"one")
         assert backend.load_snapshot("wf").position == delay
 
@@ -1722,11 +1100,11 @@ class BackendContract:
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
         self.require_exact(clock)
-        _saved_at(backend, "wf", AtDelay("d", clock.now() + timedelta(seconds=10), "t2"))
+        save_at(backend, "wf", AtDelay("d", clock.now() + timedelta(seconds=10), "t2"))
         clock.advance(timedelta(seconds=10) - timedelta(microseconds=1))
         assert backend.find_available_tasks(WORKER, 10) == []
         clock.advance(timedelta(microseconds=1))
-        assert _pairs(backend.find_available_tasks(WORKER, 10)) == [("wf", "t2")]
+        assert task_pairs(backend.find_available_tasks(WORKER, 10)) == [("wf", "t2")]
 
     @OFFER_METHODS
     @pytest.mark.parametrize(
@@ -1745,10 +1123,10 @@ class BackendContract:
         worker_tags: tuple[str, ...],
         expected: list[str],
     ) -> None:
-        _new_saved(backend, "untagged")
-        _new_saved(backend, "gpu", tags=["gpu"])
-        _new_saved(backend, "gpu-eu", tags=["gpu", "eu"])
-        offered = sorted(task.instance_id for task in _offered(backend, via, tags=worker_tags))
+        save_new(backend, "untagged")
+        save_new(backend, "gpu", tags=["gpu"])
+        save_new(backend, "gpu-eu", tags=["gpu", "eu"])
+        offered = sorted(task.instance_id for task in offered_tasks(backend, via, tags=worker_tags))
         assert offered == expected
 
     @OFFER_METHODS
@@ -1756,27 +1134,33 @@ class BackendContract:
         self, backend: PersistentBackend, via: str
     ) -> None:
         for instance_id, priority in [("p5", 5), ("p1", 1), ("p3", 3), ("p2", 2), ("p4", 4)]:
-            _new_saved(backend, instance_id, priority=priority)
-        assert [t.instance_id for t in _offered(backend, via)] == ["p1", "p2", "p3", "p4", "p5"]
+            save_new(backend, instance_id, priority=priority)
+        assert [t.instance_id for t in offered_tasks(backend, via)] == [
+            "p1",
+            "p2",
+            "p3",
+            "p4",
+            "p5",
+        ]
 
     @OFFER_METHODS
     def test_available_tasks_same_priority_older_update_first(
         self, backend: PersistentBackend, clock: ContractClock, via: str
     ) -> None:
         for instance_id in ("c", "b", "a"):
-            _new_saved(backend, instance_id)
+            save_new(backend, instance_id)
             clock.advance(timedelta(milliseconds=10))
-        assert [task.instance_id for task in _offered(backend, via)] == ["c", "b", "a"]
+        assert [task.instance_id for task in offered_tasks(backend, via)] == ["c", "b", "a"]
 
     @OFFER_METHODS
     def test_available_tasks_exact_ties_by_instance_id_then_task_id(
         self, backend: PersistentBackend, clock: ContractClock, via: str
     ) -> None:
         self.require_exact(clock)
-        _new_saved(backend, "b")
-        _saved_at(backend, "c", AtFork("f", ("z", "x", "y")))
-        _new_saved(backend, "a")
-        assert _pairs(_offered(backend, via)) == [
+        save_new(backend, "b")
+        save_at(backend, "c", AtFork("f", ("z", "x", "y")))
+        save_new(backend, "a")
+        assert task_pairs(offered_tasks(backend, via)) == [
             ("a", "t1"),
             ("b", "t1"),
             ("c", "x"),
@@ -1789,16 +1173,16 @@ class BackendContract:
         self, backend: PersistentBackend, clock: ContractClock, via: str
     ) -> None:
         aging_interval = self.short_ttl / 8
-        _new_saved(backend, "old", priority=5)
+        save_new(backend, "old", priority=5)
         clock.advance(self.short_ttl)  # 8 intervals: 5 - 8 < 1 - 0
-        _new_saved(backend, "fresh", priority=1)
+        save_new(backend, "fresh", priority=1)
         # With the default (long) aging interval the waited time hardly matters...
         assert [t.instance_id for t in backend.find_available_tasks(WORKER, 10)] == [
             "fresh",
             "old",
         ]
         # ...with a short one the old task has aged past the fresh one.
-        offered = _offered(backend, via, aging_interval=aging_interval)
+        offered = offered_tasks(backend, via, aging_interval=aging_interval)
         assert [task.instance_id for task in offered] == ["old", "fresh"]
 
     @OFFER_METHODS
@@ -1820,24 +1204,24 @@ class BackendContract:
     ) -> None:
         self.require_exact(clock)
         aging_interval = timedelta(minutes=1)
-        _new_saved(backend, "old", priority=3)
+        save_new(backend, "old", priority=3)
         clock.advance(2 * aging_interval + waited_past_two_intervals)
-        _new_saved(backend, "fresh", priority=1)
+        save_new(backend, "fresh", priority=1)
         clock.advance(timedelta(hours=7))  # the order does not depend on when one asks
-        offered = _offered(backend, via, aging_interval=aging_interval)
+        offered = offered_tasks(backend, via, aging_interval=aging_interval)
         assert [task.instance_id for task in offered] == expected
 
     @OFFER_METHODS
     def test_available_tasks_respect_limit(self, backend: PersistentBackend, via: str) -> None:
         for index in range(5):
-            _new_saved(backend, f"wf-{index}", priority=5 - index)
-        offered = _offered(backend, via, limit=2)
+            save_new(backend, f"wf-{index}", priority=5 - index)
+        offered = offered_tasks(backend, via, limit=2)
         assert [task.instance_id for task in offered] == ["wf-4", "wf-3"]
 
     # -- find_available_tasks --------------------------------------------------------------
 
     def test_find_available_tasks_does_not_claim(self, backend: PersistentBackend) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         first = backend.find_available_tasks(WORKER, 10)
         assert backend.find_available_tasks(OTHER, 10) == first
         assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
@@ -1848,7 +1232,7 @@ class BackendContract:
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
         for index in range(12):
-            _new_saved(backend, f"wf-{index:02d}", priority=1 + index % 5)
+            save_new(backend, f"wf-{index:02d}", priority=1 + index % 5)
             clock.advance(timedelta(milliseconds=2))
         found = backend.find_available_tasks(WORKER, 8)
         claimed = backend.claim_available_tasks(WORKER, 8, LONG_TTL)
@@ -1857,7 +1241,7 @@ class BackendContract:
     def test_claim_available_tasks_returns_claim_with_task(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf", initial_input=b"in")
+        save_new(backend, "wf", initial_input=b"in")
         [found] = backend.find_available_tasks(WORKER, 10)
         [item] = backend.claim_available_tasks(WORKER, 10, LONG_TTL)
         assert item.task == found
@@ -1873,7 +1257,7 @@ class BackendContract:
     def test_claim_available_tasks_without_ttl_never_expires(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         [item] = backend.claim_available_tasks(WORKER, 1, None)
         assert item.claim.expires_at is None
         self.wait_past_short_ttl(clock)
@@ -1883,10 +1267,10 @@ class BackendContract:
         self, backend: PersistentBackend
     ) -> None:
         for index in range(5):
-            _new_saved(backend, f"wf-{index}")
+            save_new(backend, f"wf-{index}")
         first = backend.claim_available_tasks(WORKER, 3, LONG_TTL)
         claimed = {(item.task.instance_id, item.task.task_id) for item in first}
-        remaining = set(_pairs(backend.find_available_tasks(OTHER, 10)))
+        remaining = set(task_pairs(backend.find_available_tasks(OTHER, 10)))
         assert len(claimed) == 3
         assert claimed.isdisjoint(remaining)
         assert len(remaining) == 2
@@ -1897,11 +1281,11 @@ class BackendContract:
     def test_claim_available_tasks_expired_claims_available_again(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         [first] = backend.claim_available_tasks(WORKER, 1, self.short_ttl)
         assert backend.find_available_tasks(OTHER, 1) == []
         self.wait_past_short_ttl(clock)
-        assert _pairs(backend.find_available_tasks(OTHER, 1)) == [("wf", "t1")]
+        assert task_pairs(backend.find_available_tasks(OTHER, 1)) == [("wf", "t1")]
         [again] = backend.claim_available_tasks(OTHER, 1, LONG_TTL)
         assert again.claim.worker_id == OTHER
         assert again.claim.token > first.claim.token
@@ -1911,7 +1295,7 @@ class BackendContract:
 
     @pytest.mark.parametrize("kind", list(SignalKind))
     def test_store_signal_get_and_clear(self, backend: PersistentBackend, kind: SignalKind) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         request = SignalRequest("maintenance", "ops", T0)
         other = SignalKind.PAUSE if kind is SignalKind.CANCEL else SignalKind.CANCEL
         assert backend.get_signal("wf", kind) is None
@@ -1919,7 +1303,7 @@ class BackendContract:
         stored = backend.get_signal("wf", kind)
         assert stored == request
         assert stored is not None
-        _assert_utc(stored.requested_at)
+        assert_utc(stored.requested_at)
         assert backend.get_signal("wf", other) is None
         backend.clear_signal("wf", kind)
         assert backend.get_signal("wf", kind) is None
@@ -1928,26 +1312,26 @@ class BackendContract:
     def test_store_signal_already_pending_keeps_first_request(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
-        backend.store_signal("wf", SignalKind.CANCEL, _request("first"))
-        backend.store_signal("wf", SignalKind.CANCEL, _request("second"))
+        save_new(backend, "wf")
+        backend.store_signal("wf", SignalKind.CANCEL, make_request("first"))
+        backend.store_signal("wf", SignalKind.CANCEL, make_request("second"))
         stored = backend.get_signal("wf", SignalKind.CANCEL)
         assert stored is not None
         assert stored.reason == "first"
 
     def test_store_signal_returns_requested_at_in_utc(self, backend: PersistentBackend) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         local = datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
         backend.store_signal("wf", SignalKind.PAUSE, SignalRequest(None, None, local))
         stored = backend.get_signal("wf", SignalKind.PAUSE)
         assert stored is not None
         assert stored.requested_at == local
-        _assert_utc(stored.requested_at)
+        assert_utc(stored.requested_at)
 
     def test_store_signal_naive_requested_at_invalid_input(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         with pytest.raises(InvalidInputError, match="requested_at"):
             backend.store_signal("wf", SignalKind.CANCEL, SignalRequest(requested_at=NAIVE))
         assert backend.get_signal("wf", SignalKind.CANCEL) is None
@@ -1956,18 +1340,18 @@ class BackendContract:
     def test_store_cancel_on_finished_workflow_raises_cannot_cancel(
         self, backend: PersistentBackend, status: WorkflowStatus
     ) -> None:
-        _saved_with_status(backend, "wf", status)
+        save_with_status(backend, "wf", status)
         with pytest.raises(CannotCancelError):
-            backend.store_signal("wf", SignalKind.CANCEL, _request())
+            backend.store_signal("wf", SignalKind.CANCEL, make_request())
         assert backend.get_signal("wf", SignalKind.CANCEL) is None
 
     @pytest.mark.parametrize("status", TERMINAL)
     def test_store_pause_on_terminal_workflow_raises_cannot_pause(
         self, backend: PersistentBackend, status: WorkflowStatus
     ) -> None:
-        _saved_with_status(backend, "wf", status)
+        save_with_status(backend, "wf", status)
         with pytest.raises(CannotPauseError):
-            backend.store_signal("wf", SignalKind.PAUSE, _request())
+            backend.store_signal("wf", SignalKind.PAUSE, make_request())
         assert backend.get_signal("wf", SignalKind.PAUSE) is None
 
     @pytest.mark.parametrize(
@@ -1980,9 +1364,9 @@ class BackendContract:
     def test_store_signal_on_workflow_already_in_that_state_is_idempotent(
         self, backend: PersistentBackend, status: WorkflowStatus, kind: SignalKind
     ) -> None:
-        _saved_with_status(backend, "wf", status)
+        save_with_status(backend, "wf", status)
         before = backend.load_snapshot("wf")
-        backend.store_signal("wf", kind, _request("again"))
+        backend.store_signal("wf", kind, make_request("again"))
         assert backend.load_snapshot("wf") == before
         assert backend.get_signal("wf", kind) is None
 
@@ -1992,7 +1376,7 @@ class BackendContract:
     def test_check_and_apply_in_progress_applies_signal_and_drops_claims(
         self, backend: PersistentBackend, kind: SignalKind
     ) -> None:
-        _saved_at(backend, "wf", AtFork("f", ("a", "b")))
+        save_at(backend, "wf", AtFork("f", ("a", "b")))
         assert backend.claim_task("wf", "a", WORKER, LONG_TTL) is not None
         assert backend.claim_task("wf", "b", OTHER, None) is not None
         request = SignalRequest(f"{kind.value} please", "ops", T0)
@@ -2012,8 +1396,8 @@ class BackendContract:
         assert apply("wf") is False  # applied once
 
     def test_check_and_cancel_applies_to_paused_workflow(self, backend: PersistentBackend) -> None:
-        _saved_with_status(backend, "wf", WorkflowStatus.PAUSED)
-        request = _request("stop it")
+        save_with_status(backend, "wf", WorkflowStatus.PAUSED)
+        request = make_request("stop it")
         backend.store_signal("wf", SignalKind.CANCEL, request)
         assert backend.check_and_cancel("wf") is True
         loaded = backend.load_snapshot("wf")
@@ -2024,17 +1408,17 @@ class BackendContract:
     def test_check_and_apply_without_pending_signal_is_false(
         self, backend: PersistentBackend, kind: SignalKind
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         other = SignalKind.PAUSE if kind is SignalKind.CANCEL else SignalKind.CANCEL
-        backend.store_signal("wf", other, _request())  # the other kind does not count
+        backend.store_signal("wf", other, make_request())  # the other kind does not count
         before = backend.load_snapshot("wf")
         apply = backend.check_and_cancel if kind is SignalKind.CANCEL else backend.check_and_pause
         assert apply("wf") is False
         assert backend.load_snapshot("wf") == before
 
     def test_check_and_pause_on_paused_workflow_is_false(self, backend: PersistentBackend) -> None:
-        _saved_with_status(backend, "wf", WorkflowStatus.PAUSED)
-        backend.store_signal("wf", SignalKind.PAUSE, _request("again"))
+        save_with_status(backend, "wf", WorkflowStatus.PAUSED)
+        backend.store_signal("wf", SignalKind.PAUSE, make_request("again"))
         before = backend.load_snapshot("wf")
         assert backend.check_and_pause("wf") is False
         assert backend.load_snapshot("wf") == before
@@ -2042,9 +1426,9 @@ class BackendContract:
     def test_check_and_pause_on_cancelled_workflow_is_false(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
-        backend.store_signal("wf", SignalKind.PAUSE, _request())
-        backend.store_signal("wf", SignalKind.CANCEL, _request())
+        save_new(backend, "wf")
+        backend.store_signal("wf", SignalKind.PAUSE, make_request())
+        backend.store_signal("wf", SignalKind.CANCEL, make_request())
         assert backend.check_and_cancel("wf") is True
         assert backend.check_and_pause("wf") is False
         assert backend.load_snapshot("wf").status is WorkflowStatus.CANCELLED
@@ -2053,8 +1437,8 @@ class BackendContract:
     def test_check_and_apply_on_workflow_finished_since_signal_is_false(
         self, backend: PersistentBackend, kind: SignalKind
     ) -> None:
-        snapshot = _new_saved(backend, "wf")
-        backend.store_signal("wf", kind, _request())
+        snapshot = save_new(backend, "wf")
+        backend.store_signal("wf", kind, make_request())
         snapshot.mark_completed(b"done")  # the worker finished before seeing the signal
         backend.save_snapshot(snapshot)
         apply = backend.check_and_cancel if kind is SignalKind.CANCEL else backend.check_and_pause
@@ -2065,10 +1449,10 @@ class BackendContract:
     def test_unpause_resumes_workflow_and_tasks_are_claimable_again(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         held = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
         assert held is not None
-        _apply_signal(backend, "wf", SignalKind.PAUSE)
+        apply_signal(backend, "wf", SignalKind.PAUSE)
         assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is None
         assert backend.find_available_tasks(OTHER, 10) == []
 
@@ -2076,7 +1460,7 @@ class BackendContract:
         assert resumed.status is WorkflowStatus.IN_PROGRESS
         assert resumed.pause_request is None
         assert backend.load_snapshot("wf") == resumed
-        assert _pairs(backend.find_available_tasks(OTHER, 10)) == [("wf", "t1")]
+        assert task_pairs(backend.find_available_tasks(OTHER, 10)) == [("wf", "t1")]
         claim = backend.claim_task("wf", "t1", OTHER, LONG_TTL)
         assert claim is not None
         assert claim.token > held.token  # the dropped claim's holder is fenced off
@@ -2087,7 +1471,7 @@ class BackendContract:
     def test_unpause_not_paused_raises_cannot_pause(
         self, backend: PersistentBackend, status: WorkflowStatus
     ) -> None:
-        _saved_with_status(backend, "wf", status)
+        save_with_status(backend, "wf", status)
         before = backend.load_snapshot("wf")
         with pytest.raises(CannotPauseError):
             backend.unpause("wf")
@@ -2097,7 +1481,8 @@ class BackendContract:
         "call",
         [
             pytest.param(
-                lambda b: b.store_signal("ghost", SignalKind.CANCEL, _request()), id="store_signal"
+                lambda b: b.store_signal("ghost", SignalKind.CANCEL, make_request()),
+                id="store_signal",
             ),
             pytest.param(lambda b: b.get_signal("ghost", SignalKind.CANCEL), id="get_signal"),
             pytest.param(lambda b: b.clear_signal("ghost", SignalKind.PAUSE), id="clear_signal"),
@@ -2109,9 +1494,9 @@ class BackendContract:
         ],
     )
     def test_signal_and_event_calls_on_absent_instance_not_found(
-        self, backend: PersistentBackend, call: _InvalidCall
+        self, backend: PersistentBackend, call: InvalidCall
     ) -> None:
-        _new_saved(backend, "other")
+        save_new(backend, "other")
         with pytest.raises(NotFoundError):
             call(backend)
         assert backend.list_snapshots() == ["other"]
@@ -2122,7 +1507,7 @@ class BackendContract:
     def test_send_event_wakes_matching_signal_and_moves_to_next_task(
         self, backend: PersistentBackend
     ) -> None:
-        _saved_at(
+        save_at(
             backend, "wf", AtSignal("approval", "approved", None, "t2"), completed={"t1": b"one"}
         )
         backend.send_event("wf", "approved", b"yes")
@@ -2138,7 +1523,7 @@ class BackendContract:
     def test_send_event_completes_workflow_when_no_next_task(
         self, backend: PersistentBackend
     ) -> None:
-        _saved_at(backend, "wf", AtSignal("approval", "approved"))
+        save_at(backend, "wf", AtSignal("approval", "approved"))
         backend.send_event("wf", "approved", b"final")
         loaded = backend.load_snapshot("wf")
         assert (loaded.status, loaded.output) == (WorkflowStatus.COMPLETED, b"final")
@@ -2154,7 +1539,7 @@ class BackendContract:
     def test_send_event_not_awaited_is_buffered(
         self, backend: PersistentBackend, position: Position
     ) -> None:
-        _saved_at(backend, "wf", position)
+        save_at(backend, "wf", position)
         before = backend.load_snapshot("wf")
         backend.send_event("wf", "other-event", b"payload")
         assert backend.load_snapshot("wf") == before
@@ -2163,15 +1548,15 @@ class BackendContract:
     def test_send_event_to_paused_workflow_at_signal_is_buffered(
         self, backend: PersistentBackend
     ) -> None:
-        _saved_at(backend, "wf", AtSignal("approval", "approved", None, "t2"))
-        _apply_signal(backend, "wf", SignalKind.PAUSE)
+        save_at(backend, "wf", AtSignal("approval", "approved", None, "t2"))
+        apply_signal(backend, "wf", SignalKind.PAUSE)
         backend.send_event("wf", "approved", b"yes")
         assert backend.load_snapshot("wf").position == AtSignal("approval", "approved", None, "t2")
         assert backend.consume_event("wf", "approved") == b"yes"
 
     def test_consume_event_fifo_per_name(self, backend: PersistentBackend) -> None:
-        _new_saved(backend, "wf")
-        _new_saved(backend, "wf-2")
+        save_new(backend, "wf")
+        save_new(backend, "wf-2")
         for payload in (b"1", b"2", b"3"):
             backend.send_event("wf", "ev", payload)
         backend.send_event("wf", "other", b"x")
@@ -2181,7 +1566,7 @@ class BackendContract:
         assert backend.consume_event("wf-2", "ev") == b"elsewhere"
 
     def test_consume_event_empty_is_none(self, backend: PersistentBackend) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         assert backend.consume_event("wf", "ev") is None
 
     # ========================================================================================
@@ -2189,9 +1574,9 @@ class BackendContract:
 
     @pytest.mark.parametrize(("call", "argument"), INVALID_CALLS)
     def test_invalid_argument_raises_invalid_input_naming_it_and_stores_nothing(
-        self, backend: PersistentBackend, call: _InvalidCall, argument: str
+        self, backend: PersistentBackend, call: InvalidCall, argument: str
     ) -> None:
-        _new_saved(backend, "existing")
+        save_new(backend, "existing")
         before = backend.load_snapshot("existing")
         with pytest.raises(InvalidInputError, match=argument):
             call(backend)
@@ -2232,7 +1617,7 @@ class BackendContract:
         self, backend: PersistentBackend
     ) -> None:
         for index, instance_id in enumerate(AWKWARD_IDS):
-            _new_saved(backend, instance_id, first_task=f"t{index}")
+            save_new(backend, instance_id, first_task=f"t{index}")
         for index, instance_id in enumerate(AWKWARD_IDS):
             assert backend.load_snapshot(instance_id).position == AtTask(f"t{index}")
         backend.delete_snapshot("a")
@@ -2244,7 +1629,7 @@ class BackendContract:
             backend.max_payload_bytes % 256
         )
         assert len(largest) == backend.max_payload_bytes
-        _saved_at(backend, "wf", AtFork("f", ("empty", "binary", "largest")), initial_input=b"")
+        save_at(backend, "wf", AtFork("f", ("empty", "binary", "largest")), initial_input=b"")
         for task_id, payload in (
             ("empty", b""),
             ("binary", bytes(range(256))),
@@ -2275,10 +1660,10 @@ class BackendContract:
     def test_wrong_type_or_range_of_any_argument_is_refused_naming_it(
         self, backend: PersistentBackend, method: str, argument: str
     ) -> None:
-        _new_saved(backend, "existing")
+        save_new(backend, "existing")
         before = backend.load_snapshot("existing")
-        for wrong in _wrong_values(method, argument):
-            arguments = {**_valid_arguments(method), argument: wrong}
+        for wrong in wrong_values(method, argument):
+            arguments = {**valid_arguments(method), argument: wrong}
             with pytest.raises(InvalidInputError, match=argument):
                 getattr(backend, method)(**arguments)
         self.assert_untouched(backend, before)
@@ -2287,7 +1672,7 @@ class BackendContract:
     def test_wrong_snapshot_field_is_refused_naming_it(
         self, backend: PersistentBackend, field: str, value: Any
     ) -> None:
-        _new_saved(backend, "existing")
+        save_new(backend, "existing")
         before = backend.load_snapshot("existing")
         for fenced in (False, True):
             snapshot = dataclasses.replace(backend.load_snapshot("existing"))
@@ -2303,7 +1688,7 @@ class BackendContract:
     def test_hostile_ids_are_stored_verbatim_through_every_call(
         self, backend: PersistentBackend, hostile: str
     ) -> None:
-        _new_saved(backend, "bystander")
+        save_new(backend, "bystander")
         branch = f"{hostile}-branch"
         snapshot = WorkflowSnapshot.new(hostile, hostile, first_task=None, tags=[hostile])
         snapshot.move_to(AtFork(hostile, (hostile, branch)))
@@ -2319,11 +1704,11 @@ class BackendContract:
             frozenset({hostile}),
         )
         # Tagged with the hostile id: only a worker with that very tag gets its tasks.
-        assert _pairs(backend.find_available_tasks(hostile, 10, tags=["other"])) == [
+        assert task_pairs(backend.find_available_tasks(hostile, 10, tags=["other"])) == [
             ("bystander", "t1")
         ]
         offered = backend.find_available_tasks(hostile, 10, tags=[hostile])
-        assert sorted(_pairs(offered)) == sorted(
+        assert sorted(task_pairs(offered)) == sorted(
             [(hostile, hostile), (hostile, branch), ("bystander", "t1")]
         )
         claim = backend.claim_task(hostile, hostile, hostile, LONG_TTL)
@@ -2356,7 +1741,7 @@ class BackendContract:
     def test_payload_of_50_mb_is_refused_whole_or_stored_whole(
         self, backend: PersistentBackend
     ) -> None:
-        _saved_at(backend, "existing", AtTask("t1"))
+        save_at(backend, "existing", AtTask("t1"))
         before = backend.load_snapshot("existing")
         huge = bytes(range(256)) * (50 * 1024 * 1024 // 256)
         if len(huge) <= backend.max_payload_bytes:  # a backend configured for it stores it
@@ -2382,7 +1767,7 @@ class BackendContract:
     def test_longest_ttl_is_kept_and_a_longer_one_refused(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         longest = timedelta(days=365 * 100)
         claim = backend.claim_task("wf", "t1", WORKER, longest)
         assert claim is not None and claim.expires_at is not None
@@ -2400,14 +1785,14 @@ class BackendContract:
         threads, tasks = self.scaled(32), self.scaled(50)
         instance_ids = [f"wf-{index:04d}" for index in range(tasks)]
         for instance_id in instance_ids:
-            _new_saved(backend, instance_id)
+            save_new(backend, instance_id)
 
         def race(index: int) -> list[str]:
             order = instance_ids[:]
             random.Random(index).shuffle(order)
             return [i for i in order if backend.claim_task(i, "t1", f"w{index}", LONG_TTL)]
 
-        won = Counter(i for wins in _in_threads(threads, race) for i in wins)
+        won = Counter(i for wins in run_in_threads(threads, race) for i in wins)
         assert won == Counter(instance_ids)
 
     def test_concurrent_claim_available_tasks_hands_out_each_task_once(
@@ -2416,11 +1801,11 @@ class BackendContract:
         threads = self.scaled(16)
         expected: list[tuple[str, str]] = []
         for index in range(self.scaled(1000)):
-            _new_saved(backend, f"single-{index:05d}")
+            save_new(backend, f"single-{index:05d}")
             expected.append((f"single-{index:05d}", "t1"))
         branches = tuple(f"b{branch}" for branch in range(10))
         for index in range(self.scaled(100)):
-            _saved_at(backend, f"fork-{index:05d}", AtFork("f", branches))
+            save_at(backend, f"fork-{index:05d}", AtFork("f", branches))
             expected.extend((f"fork-{index:05d}", branch) for branch in branches)
 
         def drain(index: int) -> list[tuple[str, str]]:
@@ -2433,19 +1818,19 @@ class BackendContract:
                         item.task.instance_id,
                         item.task.task_id,
                     )
-                got.extend(_pairs(item.task for item in claimed))
+                got.extend(task_pairs(item.task for item in claimed))
                 if not claimed and not backend.find_available_tasks(worker_id, 1):
                     return got
 
-        handed_out = Counter(pair for got in _in_threads(threads, drain) for pair in got)
+        handed_out = Counter(pair for got in run_in_threads(threads, drain) for pair in got)
         assert handed_out == Counter(expected)
 
     def test_concurrent_save_task_result_keeps_every_branch(
         self, backend: PersistentBackend
     ) -> None:
         branches = [f"b{index:02d}" for index in range(self.scaled(16))]
-        _saved_at(backend, "wf", AtFork("f", tuple(branches)))
-        versions = _in_threads(
+        save_at(backend, "wf", AtFork("f", tuple(branches)))
+        versions = run_in_threads(
             len(branches),
             lambda index: backend.save_task_result("wf", branches[index], branches[index].encode()),
         )
@@ -2458,18 +1843,18 @@ class BackendContract:
     def test_concurrent_save_snapshot_with_expected_version_one_winner(
         self, backend: PersistentBackend
     ) -> None:
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         threads = self.scaled(16)
 
         def save(index: int) -> bool:
-            snapshot = _snapshot("wf", first_task=f"t-{index}")
+            snapshot = make_snapshot("wf", first_task=f"t-{index}")
             try:
                 backend.save_snapshot(snapshot, expected_version=1)
             except ConflictError:
                 return False
             return True
 
-        results = _in_threads(threads, save)
+        results = run_in_threads(threads, save)
         assert results.count(True) == 1
         winner = results.index(True)
         loaded = backend.load_snapshot("wf")
@@ -2479,7 +1864,7 @@ class BackendContract:
         self, backend: PersistentBackend
     ) -> None:
         events = self.scaled(500)
-        _new_saved(backend, "wf")
+        save_new(backend, "wf")
         for index in range(events):
             backend.send_event("wf", "ev", b"%d" % index)
 
@@ -2489,7 +1874,7 @@ class BackendContract:
                 got.append(int(payload))
             return got
 
-        per_thread = _in_threads(self.scaled(16), consume)
+        per_thread = run_in_threads(self.scaled(16), consume)
         for got in per_thread:
             assert got == sorted(got)  # FIFO: each consumer sees increasing positions
         assert sorted(i for got in per_thread for i in got) == list(range(events))
