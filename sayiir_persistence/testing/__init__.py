@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, ClassVar
 
@@ -43,16 +43,12 @@ import pytest
 
 from ..backend import PersistentBackend
 from ..errors import (
-    BackendUnavailableError,
     CannotCancelError,
     CannotPauseError,
     ClaimLostError,
     ConflictError,
     InvalidInputError,
-    InvalidStateError,
     NotFoundError,
-    PersistenceError,
-    SchemaError,
     WorkflowTerminalError,
 )
 from ..model import (
@@ -65,7 +61,6 @@ from ..model import (
     Position,
     SignalKind,
     SignalRequest,
-    TaskClaim,
     WorkflowSnapshot,
     WorkflowStatus,
 )
@@ -98,7 +93,6 @@ from .cases import (
     FENCE_FAILURES,
     HOSTILE_IDS,
     INVALID_CALLS,
-    INVALID_MODEL_VALUES,
     UNRUNNABLE,
     WRONG_ARGUMENTS,
     WRONG_SNAPSHOT_FIELDS,
@@ -189,151 +183,6 @@ class BackendContract:
     def require_exact(clock: ContractClock) -> None:
         if not clock.exact:
             pytest.skip("needs a controllable clock")
-
-    # ========================================================================================
-    # Data model (no store involved)
-
-    def test_snapshot_new_defaults_in_progress_at_first_task(self) -> None:
-        snapshot = WorkflowSnapshot.new("wf", HASH, first_task="t1")
-        assert snapshot.status is WorkflowStatus.IN_PROGRESS
-        assert snapshot.position == AtTask("t1")
-        assert snapshot.priority == 3
-        assert snapshot.version == 0
-        assert snapshot.tags == frozenset()
-        assert snapshot.completed_tasks == {}
-        assert snapshot.last_completed_task_id is None
-        assert snapshot.initial_input is None
-        assert (snapshot.output, snapshot.error) == (None, None)
-        assert (snapshot.cancel_request, snapshot.pause_request) == (None, None)
-        assert_utc(snapshot.created_at)
-        assert_utc(snapshot.updated_at)
-
-    def test_snapshot_new_without_first_task_is_not_started(self) -> None:
-        assert WorkflowSnapshot.new("wf", HASH).position == NotStarted()
-
-    def test_snapshot_new_keeps_input_priority_and_tags(self) -> None:
-        snapshot = WorkflowSnapshot.new(
-            "wf", HASH, initial_input=b"in", first_task="t1", priority=1, tags=["gpu", "eu"]
-        )
-        assert snapshot.initial_input == b"in"
-        assert snapshot.priority == 1
-        assert snapshot.tags == frozenset({"gpu", "eu"})
-        assert isinstance(snapshot.tags, frozenset)
-
-    @pytest.mark.parametrize("status", NOT_IN_PROGRESS)
-    @pytest.mark.parametrize(
-        "mutate",
-        [
-            pytest.param(lambda s: s.mark_task_completed("t1", b"x"), id="mark_task_completed"),
-            pytest.param(lambda s: s.move_to(AtTask("t2")), id="move_to"),
-            pytest.param(lambda s: s.mark_completed(b"x"), id="mark_completed"),
-            pytest.param(lambda s: s.mark_failed("boom"), id="mark_failed"),
-        ],
-    )
-    def test_snapshot_mutators_raise_invalid_state_unless_in_progress(
-        self, status: WorkflowStatus, mutate: Callable[[WorkflowSnapshot], None]
-    ) -> None:
-        snapshot = make_snapshot("wf")
-        snapshot.status = status
-        before = dataclasses.replace(snapshot, completed_tasks=dict(snapshot.completed_tasks))
-        with pytest.raises(InvalidStateError):
-            mutate(snapshot)
-        assert snapshot == before
-
-    def test_snapshot_mutators_record_results_and_outcomes(self) -> None:
-        snapshot = make_snapshot("wf")
-        snapshot.mark_task_completed("t1", b"one")
-        assert snapshot.completed_tasks == {"t1": b"one"}
-        assert snapshot.last_completed_task_id == "t1"
-        snapshot.mark_completed(b"result")
-        assert (snapshot.status, snapshot.output) == (WorkflowStatus.COMPLETED, b"result")
-
-        failed = make_snapshot("wf2")
-        failed.mark_failed("boom")
-        assert (failed.status, failed.error) == (WorkflowStatus.FAILED, "boom")
-
-    def test_move_to_makes_last_completed_output_the_position_input(self) -> None:
-        snapshot = make_snapshot("wf", initial_input=b"initial")
-        assert snapshot.input_for_position == b"initial"
-        snapshot.mark_task_completed("t1", b"one")
-        snapshot.move_to(AtTask("t2"))
-        assert snapshot.position == AtTask("t2")
-        assert snapshot.input_for_position == b"one"
-        # A branch finishing does not change the input of its siblings until the next move.
-        snapshot.mark_task_completed("t2", b"two")
-        snapshot.move_to(AtFork("f", ("a", "b")))
-        snapshot.mark_task_completed("a", b"A")
-        assert snapshot.input_for_position == b"two"
-
-    @pytest.mark.parametrize(
-        ("position", "expected"),
-        [
-            pytest.param(NotStarted(), (), id="not-started"),
-            pytest.param(AtTask("t1"), ("t1",), id="at-task"),
-            pytest.param(AtFork("f", ("a", "b", "c")), ("a", "b", "c"), id="at-fork"),
-            pytest.param(
-                AtDelay("d", T0 + timedelta(microseconds=1), "t2"), (), id="delay-before-wake"
-            ),
-            pytest.param(AtDelay("d", T0, "t2"), ("t2",), id="delay-exactly-at-wake"),
-            pytest.param(AtDelay("d", T0 - timedelta(hours=1), "t2"), ("t2",), id="delay-woken"),
-            pytest.param(AtDelay("d", T0 - timedelta(hours=1)), (), id="delay-without-next"),
-            pytest.param(AtSignal("s", "go", None, "t2"), (), id="signal"),
-            pytest.param(AtSignal("s", "go", T0 - timedelta(hours=1), "t2"), (), id="signal-woken"),
-        ],
-    )
-    def test_runnable_task_ids_by_position(
-        self, position: Position, expected: tuple[str, ...]
-    ) -> None:
-        snapshot = make_snapshot("wf", first_task=None)
-        snapshot.move_to(position)
-        assert snapshot.runnable_task_ids(now=T0) == expected
-
-    def test_runnable_task_ids_never_include_completed_tasks(self) -> None:
-        snapshot = make_snapshot("wf", first_task=None)
-        snapshot.move_to(AtFork("f", ("a", "b")))
-        snapshot.mark_task_completed("a", b"A")
-        assert snapshot.runnable_task_ids(now=T0) == ("b",)
-        at_task = make_snapshot("wf2")
-        at_task.mark_task_completed("t1", b"one")
-        assert at_task.runnable_task_ids(now=T0) == ()
-
-    @pytest.mark.parametrize("status", NOT_IN_PROGRESS)
-    def test_runnable_task_ids_empty_unless_in_progress(self, status: WorkflowStatus) -> None:
-        snapshot = make_snapshot("wf")
-        snapshot.status = status
-        assert snapshot.runnable_task_ids(now=T0) == ()
-
-    def test_task_claim_is_expired_from_exactly_expires_at(self) -> None:
-        claim = TaskClaim("wf", "t1", WORKER, T0, T0 + timedelta(seconds=30), 1)
-        assert not claim.is_expired(T0 + timedelta(seconds=30, microseconds=-1))
-        assert claim.is_expired(T0 + timedelta(seconds=30))
-        assert claim.is_expired(T0 + timedelta(seconds=31))
-
-    def test_task_claim_without_expiry_never_expires(self) -> None:
-        claim = TaskClaim("wf", "t1", WORKER, T0, None, 1)
-        assert not claim.is_expired(datetime.max.replace(tzinfo=UTC))
-        assert not claim.is_expired()
-
-    # ========================================================================================
-    # Errors
-
-    def test_error_hierarchy(self) -> None:
-        for error in (
-            NotFoundError,
-            ClaimLostError,
-            ConflictError,
-            WorkflowTerminalError,
-            InvalidStateError,
-            CannotCancelError,
-            CannotPauseError,
-            InvalidInputError,
-            SchemaError,
-            BackendUnavailableError,
-        ):
-            assert issubclass(error, PersistenceError), error
-        assert issubclass(NotFoundError, LookupError)
-        assert issubclass(InvalidInputError, ValueError)
-        assert issubclass(WorkflowTerminalError, ConflictError)
 
     # ========================================================================================
     # Snapshots: save_snapshot
@@ -1583,13 +1432,6 @@ class BackendContract:
         self.assert_untouched(backend, before)
         with pytest.raises(NotFoundError):
             backend.load_snapshot("ghost")
-
-    @pytest.mark.parametrize(("make", "argument"), INVALID_MODEL_VALUES)
-    def test_invalid_model_value_raises_invalid_input_naming_it(
-        self, make: Callable[[], object], argument: str
-    ) -> None:
-        with pytest.raises(InvalidInputError, match=argument):
-            make()
 
     def test_longest_id_with_special_characters_round_trips(
         self, backend: PersistentBackend

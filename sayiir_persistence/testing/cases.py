@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..backend import DEFAULT_AGING_INTERVAL, PersistentBackend
-from ..model import AtDelay, AtFork, AtSignal, AtTask, SignalKind, SignalRequest, WorkflowSnapshot
+from ..model import AtDelay, AtFork, AtSignal, SignalKind, SignalRequest, WorkflowSnapshot
 from .builders import (
     BAD_INT,
     BAD_KIND,
     BAD_STR,
-    HASH,
     LONG_TTL,
     NAIVE,
     OTHER,
@@ -189,17 +188,6 @@ INVALID_CALLS: list[Any] = [
     ),
     pytest.param(lambda b: b.store_signal("ghost", BAD_KIND, make_request()), "kind", id="kind"),
     pytest.param(lambda b: b.list_snapshots(status=BAD_KIND), "status", id="status"),
-]
-
-INVALID_MODEL_VALUES: list[Any] = [
-    pytest.param(lambda: WorkflowSnapshot.new("", HASH), "instance_id", id="new-id-empty"),
-    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, priority=0), "priority", id="prio-0"),
-    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, priority=6), "priority", id="prio-6"),
-    pytest.param(lambda: WorkflowSnapshot.new("w", HASH, initial_input=BAD_STR), "initial_input"),
-    pytest.param(lambda: AtTask(""), "task_id", id="at-task-empty"),
-    pytest.param(lambda: AtFork("f", ("a", "b" * 256)), "branch_task_ids", id="fork-branch"),
-    pytest.param(lambda: AtDelay("d", NAIVE, "t2"), "wake_at", id="delay-naive"),
-    pytest.param(lambda: AtSignal("s", "go", NAIVE, "t2"), "wake_at", id="signal-naive"),
 ]
 
 
