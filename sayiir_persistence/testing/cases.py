@@ -32,7 +32,7 @@ from .builders import (
 from .clocks import ContractClock
 
 if TYPE_CHECKING:
-    from . import BackendContract
+    from .contract.base import ContractBase
 
 
 # -- argument validation cases -----------------------------------------------------------------
@@ -396,13 +396,11 @@ WRONG_SNAPSHOT_FIELDS: list[Any] = [
 
 # -- fenced save scenarios: set up a claim state on ("wf", "t1"), return (worker, token) -------
 
-FenceScenario = Callable[
-    ["BackendContract", PersistentBackend, ContractClock], tuple[str, int | None]
-]
+FenceScenario = Callable[["ContractBase", PersistentBackend, ContractClock], tuple[str, int | None]]
 
 
 def _fence_expired_and_taken_over(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+    contract: ContractBase, backend: PersistentBackend, clock: ContractClock
 ) -> tuple[str, int | None]:
     assert backend.claim_task("wf", "t1", WORKER, contract.short_ttl) is not None
     contract.wait_past_short_ttl(clock)
@@ -411,7 +409,7 @@ def _fence_expired_and_taken_over(
 
 
 def _fence_own_claim_expired(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+    contract: ContractBase, backend: PersistentBackend, clock: ContractClock
 ) -> tuple[str, int | None]:
     assert backend.claim_task("wf", "t1", WORKER, contract.short_ttl) is not None
     contract.wait_past_short_ttl(clock)
@@ -419,7 +417,7 @@ def _fence_own_claim_expired(
 
 
 def _fence_wrong_token(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+    contract: ContractBase, backend: PersistentBackend, clock: ContractClock
 ) -> tuple[str, int | None]:
     claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
     assert claim is not None
@@ -427,7 +425,7 @@ def _fence_wrong_token(
 
 
 def _fence_stale_token_same_worker(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+    contract: ContractBase, backend: PersistentBackend, clock: ContractClock
 ) -> tuple[str, int | None]:
     first = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
     assert first is not None
@@ -437,14 +435,14 @@ def _fence_stale_token_same_worker(
 
 
 def _fence_other_worker(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+    contract: ContractBase, backend: PersistentBackend, clock: ContractClock
 ) -> tuple[str, int | None]:
     assert backend.claim_task("wf", "t1", OTHER, LONG_TTL) is not None
     return WORKER, None
 
 
 def _fence_released(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+    contract: ContractBase, backend: PersistentBackend, clock: ContractClock
 ) -> tuple[str, int | None]:
     assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is not None
     backend.release_task_claim("wf", "t1", WORKER)
@@ -452,7 +450,7 @@ def _fence_released(
 
 
 def _fence_never_claimed(
-    contract: BackendContract, backend: PersistentBackend, clock: ContractClock
+    contract: ContractBase, backend: PersistentBackend, clock: ContractClock
 ) -> tuple[str, int | None]:
     return WORKER, None
 
