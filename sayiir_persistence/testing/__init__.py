@@ -1,9 +1,9 @@
 """Conformance suite for ``PersistentBackend`` implementations, and clocks to drive it.
 
-Every behaviour of the public contract (SPEC.md) is a test of :class:`BackendContract`, a pytest
-test class without the ``Test`` prefix: subclass it in your test suite, provide a ``backend``
-fixture that yields a fresh, **empty** backend for each test, and pytest runs the whole contract
-against it::
+Every rule of the public contract that involves a backend (docs/contract.md, the source of
+truth) is a test of :class:`BackendContract`, a pytest test class without the ``Test`` prefix:
+subclass it in your test suite, provide a ``backend`` fixture that yields a fresh, **empty**
+backend for each test, and pytest runs the whole contract against it::
 
     from collections.abc import Iterator
 
@@ -27,7 +27,11 @@ keeps the default ``clock`` fixture, a :class:`RealClock`: the expiry tests then
 (``short_ttl`` plus a margin; lower ``short_ttl`` to go faster, raise it on a slow database),
 and the few tests that need exact control of time skip themselves.
 
-This module imports pytest: import it from tests only (pytest is not a runtime dependency).
+``BackendContract`` is one class composed of one mixin per area of docs/contract.md (snapshots,
+claims, available tasks, signals and events, input validation, concurrency), in
+:mod:`sayiir_persistence.testing.contract`; docs/contract.md, "Conformance suite", lists them.
+
+This package imports pytest: import it from tests only (pytest is not a runtime dependency).
 """
 
 from __future__ import annotations

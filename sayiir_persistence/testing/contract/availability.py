@@ -30,7 +30,8 @@ from .base import ContractBase
 class AvailabilityContract(ContractBase):
     """Available tasks: selection, tags, priority and aging order, limits, claiming in bulk.
 
-    Checks docs/contract.md, section "Available tasks" (``#available-tasks``).
+    Checks docs/contract.md, section "Available tasks" (``#available-tasks``), and section
+    "Timers and parked workflows" (``#timers-and-parked-workflows``) for the available tasks.
     """
 
     # -- selection (find_available_tasks and claim_available_tasks alike) -------------------

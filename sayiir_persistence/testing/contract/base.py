@@ -21,7 +21,7 @@ class ContractBase:
 
     Not a test class on its own: :class:`~sayiir_persistence.testing.BackendContract` composes
     the mixins. Its fixtures and attributes are documented there and in docs/contract.md,
-    "Conformance suite".
+    section "Conformance suite" (``#conformance-suite``).
     """
 
     short_ttl: ClassVar[timedelta] = timedelta(milliseconds=400)

@@ -28,7 +28,8 @@ from .base import ContractBase
 class ClaimContract(ContractBase):
     """Claims: claim, release and renew one task; expiry, takeover, fencing tokens.
 
-    Checks docs/contract.md, section "Claims" (``#claims``).
+    Checks docs/contract.md, section "Claims" (``#claims``), and section "Timers and parked
+    workflows" (``#timers-and-parked-workflows``) for ``claim_task``.
     """
 
     # -- claim_task -------------------------------------------------------------------------

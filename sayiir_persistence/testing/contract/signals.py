@@ -33,7 +33,8 @@ class SignalEventContract(ContractBase):
     """Signals and events: store, apply and clear cancel/pause requests; unpause; send and
     consume events, and the events that wake a workflow at ``AtSignal``.
 
-    Checks docs/contract.md, section "Signals and events" (``#signals-and-events``).
+    Checks docs/contract.md, section "Signals and events" (``#signals-and-events``), and
+    section "Timers and parked workflows" (``#timers-and-parked-workflows``) for ``send_event``.
     """
 
     # -- store_signal, get_signal, clear_signal ---------------------------------------------

@@ -39,7 +39,8 @@ class InputValidationContract(ContractBase):
     """Input validation: every bad argument and snapshot field refused (naming it) before any
     write; longest, awkward and hostile ids and largest payloads stored verbatim.
 
-    Checks docs/contract.md, section "Input validation" (``#input-validation``).
+    Checks docs/contract.md, section "Input validation" (``#input-validation``), and the id and
+    payload rules of section "General rules" (``#general-rules``).
     """
 
     # -- bad arguments ----------------------------------------------------------------------
