@@ -4,6 +4,7 @@ The public methods validate their arguments (one place for every backend, see
 :mod:`sayiir_persistence.validation`) and then call the matching ``_``-prefixed abstract
 hook with clean values. A custom backend subclasses this class and implements the hooks;
 ``sayiir_persistence.testing.BackendContract`` then checks it behaves like the others.
+Every backend follows the contract of docs/contract.md, which that suite checks.
 
 Every backend is synchronous and thread-safe: one object is shared by all the threads of
 a worker process.
@@ -52,6 +53,7 @@ DEFAULT_AGING_INTERVAL = timedelta(minutes=5)
 
 class PersistentBackend(ABC):
     """Durable store of workflow snapshots, task claims, signals and events.
+    Rules: docs/contract.md (``max_payload_bytes``: docs/contract.md#general-rules).
 
     Args:
         max_payload_bytes: largest accepted payload (initial input, task output, workflow
@@ -92,6 +94,7 @@ class PersistentBackend(ABC):
         ``snapshot.version``. Task results already stored are kept: a save never removes a
         completed task's output, and an output already stored is not rewritten (use
         :meth:`save_task_result` to replace one).
+        Contract: docs/contract.md#save_snapshot.
 
         Raises:
             ConflictError: ``expected_version`` is given and differs from the stored version
@@ -119,6 +122,7 @@ class PersistentBackend(ABC):
         The claim (and ``token``, when given) is checked in the same atomic step as the
         write. Returns ``False`` and writes nothing when the claim is absent, expired,
         released or held by someone else.
+        Contract: docs/contract.md#save_snapshot_fenced.
 
         Raises:
             WorkflowTerminalError: the stored workflow is completed, failed or cancelled.
@@ -141,6 +145,7 @@ class PersistentBackend(ABC):
         Parallel branches never overwrite each other's results. The task becomes the
         snapshot's ``last_completed_task_id`` and is no longer runnable. Returns the new
         version.
+        Contract: docs/contract.md#save_task_result.
 
         Raises:
             NotFoundError: the instance is absent.
@@ -152,7 +157,8 @@ class PersistentBackend(ABC):
         return self._save_task_result(instance_id, task_id, output)
 
     def load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
-        """The stored snapshot. Raises ``NotFoundError`` if absent."""
+        """The stored snapshot. Raises ``NotFoundError`` if absent.
+        Contract: docs/contract.md#load_snapshot."""
         check_id(instance_id, "instance_id")
         return self._load_snapshot(instance_id)
 
@@ -161,6 +167,7 @@ class PersistentBackend(ABC):
 
         Still answers after the workflow completed or failed. Raises ``NotFoundError`` if
         the instance is absent.
+        Contract: docs/contract.md#load_task_result.
         """
         check_id(instance_id, "instance_id")
         check_id(task_id, "task_id")
@@ -168,7 +175,8 @@ class PersistentBackend(ABC):
 
     def delete_snapshot(self, instance_id: str) -> None:
         """Remove the instance and everything attached to it (claims, results, signals,
-        events). Raises ``NotFoundError`` if absent."""
+        events). Raises ``NotFoundError`` if absent.
+        Contract: docs/contract.md#delete_snapshot."""
         check_id(instance_id, "instance_id")
         self._delete_snapshot(instance_id)
 
@@ -180,6 +188,7 @@ class PersistentBackend(ABC):
         limit: int | None = None,
     ) -> list[str]:
         """Instance ids in ascending order (code point order), keyset-paged.
+        Contract: docs/contract.md#list_snapshots.
 
         Args:
             status: only instances with this status.
@@ -203,6 +212,7 @@ class PersistentBackend(ABC):
         This default pages through :meth:`list_snapshots` and loads every in-progress
         workflow (its cost grows with the store); backends override it with a query.
         Not part of the contract's fixed names: an extension of this library.
+        Contract: docs/contract.md#list_stalled_forks.
         """
         check_limit(limit)
         found: list[str] = []
@@ -231,6 +241,7 @@ class PersistentBackend(ABC):
         pause is pending, or when the task is not runnable (workflow not in progress, task
         not among ``runnable_task_ids()`` by the store's clock). An expired claim is taken
         over with a greater fencing token. ``ttl=None``: the claim never expires.
+        Contract: docs/contract.md#claim_task.
 
         Raises:
             NotFoundError: the instance is absent.
@@ -245,6 +256,7 @@ class PersistentBackend(ABC):
         self, instance_id: str, task_id: str, worker_id: str, *, token: int | None = None
     ) -> None:
         """Give up a claim (also one that expired but was not taken over).
+        Contract: docs/contract.md#release_task_claim.
 
         Raises:
             NotFoundError: there is no claim on this task.
@@ -270,6 +282,7 @@ class PersistentBackend(ABC):
 
         Renewing your own claim that expired but was not taken over succeeds. The returned
         claim carries ``pending_signals``.
+        Contract: docs/contract.md#extend_task_claim.
 
         Raises:
             NotFoundError: there is no claim on this task.
@@ -297,6 +310,7 @@ class PersistentBackend(ABC):
         Ordered by effective priority ``priority - waited / aging_interval`` ascending
         (``waited``: time since the snapshot was last saved), then ``updated_at``, then
         ``instance_id`` (then ``task_id``). Does not claim.
+        Contract: docs/contract.md#find_available_tasks.
         """
         check_id(worker_id, "worker_id")
         check_limit(limit)
@@ -318,6 +332,7 @@ class PersistentBackend(ABC):
         Same selection and order as :meth:`find_available_tasks`. Concurrent callers never
         receive the same task, and a caller is not blocked by rows another caller is
         claiming (it skips them, so it may return fewer than are available).
+        Contract: docs/contract.md#claim_available_tasks.
         """
         check_id(worker_id, "worker_id")
         check_limit(limit)
@@ -335,6 +350,7 @@ class PersistentBackend(ABC):
 
         Idempotent: a cancel on a cancelled workflow, a pause on a paused one, or a request
         of a kind already pending succeeds and changes nothing.
+        Contract: docs/contract.md#store_signal.
 
         Raises:
             NotFoundError: the instance is absent.
@@ -348,12 +364,14 @@ class PersistentBackend(ABC):
         self._store_signal(instance_id, checked_kind, checked_request)
 
     def get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
-        """The pending request of that kind, if any. ``NotFoundError`` if absent."""
+        """The pending request of that kind, if any. ``NotFoundError`` if absent.
+        Contract: docs/contract.md#get_signal."""
         check_id(instance_id, "instance_id")
         return self._get_signal(instance_id, check_enum(kind, SignalKind, "kind"))
 
     def clear_signal(self, instance_id: str, kind: SignalKind) -> None:
-        """Drop a pending request (no error if none). ``NotFoundError`` if absent."""
+        """Drop a pending request (no error if none). ``NotFoundError`` if absent.
+        Contract: docs/contract.md#clear_signal."""
         check_id(instance_id, "instance_id")
         self._clear_signal(instance_id, check_enum(kind, SignalKind, "kind"))
 
@@ -364,13 +382,15 @@ class PersistentBackend(ABC):
         cancelled, the request is recorded as ``cancel_request``, the instance's claims are
         dropped and the signal is cleared. Returns ``False`` when no cancel is pending or it
         does not apply. ``NotFoundError`` if absent.
+        Contract: docs/contract.md#check_and_cancel.
         """
         check_id(instance_id, "instance_id")
         return self._check_and_apply(instance_id, SignalKind.CANCEL)
 
     def check_and_pause(self, instance_id: str) -> bool:
         """Apply a pending pause atomically (in-progress workflows only); as
-        :meth:`check_and_cancel`, recording ``pause_request``."""
+        :meth:`check_and_cancel`, recording ``pause_request``.
+        Contract: docs/contract.md#check_and_pause."""
         check_id(instance_id, "instance_id")
         return self._check_and_apply(instance_id, SignalKind.PAUSE)
 
@@ -379,6 +399,7 @@ class PersistentBackend(ABC):
 
         ``pause_request`` is cleared. Raises ``CannotPauseError`` if not paused and
         ``NotFoundError`` if absent.
+        Contract: docs/contract.md#unpause.
         """
         check_id(instance_id, "instance_id")
         return self._unpause(instance_id)
@@ -390,6 +411,7 @@ class PersistentBackend(ABC):
         the payload becomes the result of ``signal_id`` and the workflow moves to
         ``AtTask(next_task_id)`` (or completes with the payload as output). Any other event
         is buffered for :meth:`consume_event`. ``NotFoundError`` if absent.
+        Contract: docs/contract.md#send_event.
         """
         check_id(instance_id, "instance_id")
         check_id(name, "name")
@@ -401,6 +423,7 @@ class PersistentBackend(ABC):
 
         Each event is consumed exactly once across all consumers. ``NotFoundError`` if the
         instance is absent.
+        Contract: docs/contract.md#consume_event.
         """
         check_id(instance_id, "instance_id")
         check_id(name, "name")

@@ -4,11 +4,11 @@ A Hypothesis ``RuleBasedStateMachine`` drives random sequences of the contract's
 (snapshot saves with and without an expected version, fenced saves, task results, claims and
 their release and heartbeat with and without fencing tokens, find/claim of available tasks,
 cancel/pause signals, events, deletes, loads, clock advances) against a backend and against
-``reference_model.ReferenceModel``, a few plain dictionaries written from SPEC.md. After every
-step the whole observable state is compared as well: the instance list, every stored snapshot
-and the tasks available to a worker that fits every tag. Any divergence in a return value, the
-class of a raised error, a stored field, a claim's holder or token (which must strictly
-increase), or the FIFO order of events fails the test.
+``reference_model.ReferenceModel``, a few plain dictionaries written from docs/contract.md.
+After every step the whole observable state is compared as well: the instance list, every
+stored snapshot and the tasks available to a worker that fits every tag. Any divergence in a
+return value, the class of a raised error, a stored field, a claim's holder or token (which
+must strictly increase), or the FIFO order of events fails the test.
 
 The world is kept small so that sequences collide often: three instances, three task ids (plus
 a signal id that can also carry a result), three workers, two tags, two event names, and the

@@ -1,8 +1,8 @@
-"""A small reference model of the store contract (SPEC.md), for the model-based tests.
+"""A small reference model of the store contract (docs/contract.md), for the model-based tests.
 
 Plain dictionaries, written from the contract and nothing else (no code of the library's
-backends): each method does what SPEC.md says the matching ``PersistentBackend`` method does,
-raising the library's error classes, and leaves the model untouched when it raises.
+backends): each method does what docs/contract.md says the matching ``PersistentBackend``
+method does, raising the library's error classes, and leaves the model untouched when it raises.
 
 What is left out on purpose:
 

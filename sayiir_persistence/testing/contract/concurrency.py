@@ -1,0 +1,121 @@
+"""The contract's races: real threads released together against one backend."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from ...backend import PersistentBackend
+from ...errors import ConflictError
+from ...model import AtFork, AtTask
+from ..builders import LONG_TTL, make_snapshot, run_in_threads, save_at, save_new, task_pairs
+from .base import ContractBase
+
+
+class ConcurrencyContract(ContractBase):
+    """Concurrency (real threads; sizes scaled by ``concurrency_scale``): exactly one winner
+    per claimed task, tasks handed out once, no lost branch result, one winning versioned
+    save, each event consumed once.
+
+    Checks docs/contract.md, section "Concurrency" (``#concurrency``).
+    """
+
+    def test_concurrent_claim_task_exactly_one_winner_per_task(
+        self, backend: PersistentBackend
+    ) -> None:
+        threads, tasks = self.scaled(32), self.scaled(50)
+        instance_ids = [f"wf-{index:04d}" for index in range(tasks)]
+        for instance_id in instance_ids:
+            save_new(backend, instance_id)
+
+        def race(index: int) -> list[str]:
+            order = instance_ids[:]
+            random.Random(index).shuffle(order)
+            return [i for i in order if backend.claim_task(i, "t1", f"w{index}", LONG_TTL)]
+
+        won = Counter(i for wins in run_in_threads(threads, race) for i in wins)
+        assert won == Counter(instance_ids)
+
+    def test_concurrent_claim_available_tasks_hands_out_each_task_once(
+        self, backend: PersistentBackend
+    ) -> None:
+        threads = self.scaled(16)
+        expected: list[tuple[str, str]] = []
+        for index in range(self.scaled(1000)):
+            save_new(backend, f"single-{index:05d}")
+            expected.append((f"single-{index:05d}", "t1"))
+        branches = tuple(f"b{branch}" for branch in range(10))
+        for index in range(self.scaled(100)):
+            save_at(backend, f"fork-{index:05d}", AtFork("f", branches))
+            expected.extend((f"fork-{index:05d}", branch) for branch in branches)
+
+        def drain(index: int) -> list[tuple[str, str]]:
+            rng, worker_id, got = random.Random(index), f"w{index}", []
+            while True:
+                claimed = backend.claim_available_tasks(worker_id, rng.randint(1, 10), LONG_TTL)
+                for item in claimed:
+                    assert item.claim.worker_id == worker_id
+                    assert (item.claim.instance_id, item.claim.task_id) == (
+                        item.task.instance_id,
+                        item.task.task_id,
+                    )
+                got.extend(task_pairs(item.task for item in claimed))
+                if not claimed and not backend.find_available_tasks(worker_id, 1):
+                    return got
+
+        handed_out = Counter(pair for got in run_in_threads(threads, drain) for pair in got)
+        assert handed_out == Counter(expected)
+
+    def test_concurrent_save_task_result_keeps_every_branch(
+        self, backend: PersistentBackend
+    ) -> None:
+        branches = [f"b{index:02d}" for index in range(self.scaled(16))]
+        save_at(backend, "wf", AtFork("f", tuple(branches)))
+        versions = run_in_threads(
+            len(branches),
+            lambda index: backend.save_task_result("wf", branches[index], branches[index].encode()),
+        )
+        assert sorted(versions) == list(range(2, len(branches) + 2))
+        loaded = backend.load_snapshot("wf")
+        assert loaded.completed_tasks == {branch: branch.encode() for branch in branches}
+        assert loaded.version == len(branches) + 1
+        assert loaded.runnable_task_ids() == ()
+
+    def test_concurrent_save_snapshot_with_expected_version_one_winner(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")
+        threads = self.scaled(16)
+
+        def save(index: int) -> bool:
+            snapshot = make_snapshot("wf", first_task=f"t-{index}")
+            try:
+                backend.save_snapshot(snapshot, expected_version=1)
+            except ConflictError:
+                return False
+            return True
+
+        results = run_in_threads(threads, save)
+        assert results.count(True) == 1
+        winner = results.index(True)
+        loaded = backend.load_snapshot("wf")
+        assert (loaded.version, loaded.position) == (2, AtTask(f"t-{winner}"))
+
+    def test_concurrent_consume_event_each_event_exactly_once(
+        self, backend: PersistentBackend
+    ) -> None:
+        events = self.scaled(500)
+        save_new(backend, "wf")
+        for index in range(events):
+            backend.send_event("wf", "ev", b"%d" % index)
+
+        def consume(index: int) -> list[int]:
+            got = []
+            while (payload := backend.consume_event("wf", "ev")) is not None:
+                got.append(int(payload))
+            return got
+
+        per_thread = run_in_threads(self.scaled(16), consume)
+        for got in per_thread:
+            assert got == sorted(got)  # FIFO: each consumer sees increasing positions
+        assert sorted(i for got in per_thread for i in got) == list(range(events))
