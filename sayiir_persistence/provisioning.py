@@ -128,6 +128,8 @@ def upgrade(engine_or_url: Engine | str | URL, revision: str = "head") -> Migrat
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
             after = current_revision(connection)
+        with _translate_errors(engine, "migrate"), engine.connect() as connection:
+            dialect_class(engine.dialect.name).after_migration(connection)
     if before == after:
         logger.info("%s is already at revision %s", shown, after)
     else:

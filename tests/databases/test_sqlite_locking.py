@@ -563,3 +563,11 @@ def test_processes_hammering_one_file(sqlite_url: str, tmp_path: Path) -> None:
         f"\n[sqlite hammer] {HAMMER_PROCESSES}x{HAMMER_THREADS} threads for {HAMMER_SECONDS}s, "
         f"{bursts[0]} lock bursts: {dict(kinds)}; unavailable by cause {dict(causes)}"
     )
+
+
+def test_migrate_leaves_a_sqlite_file_in_wal_mode(sqlite_url: str) -> None:
+    """Worker processes opening a fresh file together must not each try to switch it to WAL
+    (a switch needs the file to itself: with a short busy timeout they failed at start)."""
+    migrate(sqlite_url)
+    with sqlite3.connect(_path(sqlite_url)) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

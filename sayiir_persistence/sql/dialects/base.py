@@ -235,6 +235,11 @@ class SqlDialect(ABC):
         :func:`sayiir_persistence.provisioning.migration_lock`)."""
         yield
 
+    @classmethod  # noqa: B027 - optional hook
+    def after_migration(cls, connection: Connection) -> None:
+        """Settings stored in the database that every backend will want (outside the
+        migration's transaction)."""
+
     @classmethod
     def classify(cls, error: BaseException) -> ErrorKind | None:
         """What a driver error means for the caller (``None``: nothing specific)."""

@@ -93,6 +93,12 @@ class SqliteDialect(SqlDialect):
         yield
 
     @classmethod
+    def after_migration(cls, connection: Connection) -> None:
+        # WAL is stored in the file: set it now, before workers open the file together (each
+        # would otherwise try to switch, and a switch needs the file to itself).
+        _use_wal(connection.connection.dbapi_connection)
+
+    @classmethod
     def classify(cls, error: BaseException) -> ErrorKind | None:
         text = str(error).lower()
         if "database is locked" in text or "database is busy" in text:
@@ -137,10 +143,11 @@ class SqliteDialect(SqlDialect):
             # Let SQLAlchemy's begin event, not the driver, decide when transactions start.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            # The busy timeout first: the pragmas below may meet another process's lock.
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+            _use_wal(dbapi_connection)
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
@@ -168,3 +175,14 @@ class SqliteDialect(SqlDialect):
         # The transaction holds the database's write lock: the candidates just read are
         # exactly what is available, and nobody else can claim them before we commit.
         return dict.fromkeys(keys[:limit], ClaimRow.UNKNOWN)
+
+
+def _use_wal(dbapi_connection: Any) -> None:
+    """Put the file in WAL mode unless it is already (WAL is stored in the file; a switch
+    needs the file to itself, which processes opening it together would fight over)."""
+    cursor = dbapi_connection.cursor()
+    try:
+        if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+            cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
