@@ -13,7 +13,7 @@ a worker process.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Self
@@ -23,9 +23,11 @@ from .model import (
     POSITION_TYPES,
     AvailableTask,
     ClaimedTask,
+    CompletionResult,
     SignalKind,
     SignalRequest,
     TaskClaim,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
 )
@@ -33,6 +35,7 @@ from .transitions import is_stalled_fork
 from .validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     check_aware,
+    check_count,
     check_enum,
     check_id,
     check_limit,
@@ -343,6 +346,45 @@ class PersistentBackend(ABC):
             worker_id, limit, checked_ttl, worker_tags, aging_interval
         )
 
+    # -- completions ----------------------------------------------------------------------
+
+    def complete_tasks(
+        self,
+        completions: Sequence[TaskCompletion],
+        *,
+        ttl: timedelta | None,
+        claim_next: int = 0,
+    ) -> list[CompletionResult]:
+        """Record finished tasks under their claims, in one atomic step.
+
+        Each completion is fenced on its own (docs/contract.md#complete_tasks): while its
+        worker holds a live claim with its token, the result is stored (or, with ``error``,
+        the workflow is failed), ``advance`` moves the workflow on, and the claim is
+        released. With ``claim_next``, up to that many of the completed workflows' newly
+        runnable tasks are claimed for the same worker, with ``ttl``, in the same step.
+
+        Returns one :class:`CompletionResult` per completion, in the order given.
+
+        Raises:
+            InvalidInputError: a completion, ``ttl`` or ``claim_next`` is malformed (names
+                it); nothing is read or written.
+            BackendUnavailableError: the store could not be reached; repeating the call is
+                safe (recorded completions released their claims: ``CLAIM_LOST``).
+        """
+        if isinstance(completions, str | bytes) or not isinstance(completions, Sequence):
+            raise InvalidInputError(
+                f"completions must be a sequence of TaskCompletion, got "
+                f"{type(completions).__name__}"
+            )
+        items = list(completions)
+        for index, completion in enumerate(items):
+            self._check_completion(completion, f"completions[{index}]")
+        checked_ttl = check_ttl(ttl)
+        check_count(claim_next, "claim_next")
+        if not items:
+            return []
+        return self._complete_tasks(items, checked_ttl, claim_next)
+
     # -- signals and events ---------------------------------------------------------------
 
     def store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
@@ -430,6 +472,23 @@ class PersistentBackend(ABC):
         return self._consume_event(instance_id, name)
 
     # -- validation shared by the snapshot-writing methods -----------------------------------
+
+    def _check_completion(self, completion: object, name: str) -> None:
+        if not isinstance(completion, TaskCompletion):
+            raise InvalidInputError(
+                f"{name} must be a TaskCompletion, got {type(completion).__name__}"
+            )
+        check_id(completion.instance_id, f"{name}.instance_id")
+        check_id(completion.task_id, f"{name}.task_id")
+        check_id(completion.worker_id, f"{name}.worker_id")
+        check_limit(completion.token, f"{name}.token")
+        if (completion.output is None) == (completion.error is None):
+            raise InvalidInputError(f"{name} must have exactly one of output and error")
+        if completion.output is not None:
+            check_payload(completion.output, f"{name}.output", self.max_payload_bytes)
+        check_text(completion.error, f"{name}.error")
+        if completion.advance is not None and not callable(completion.advance):
+            raise InvalidInputError(f"{name}.advance must be callable or None")
 
     def _check_request(self, request: object, name: str) -> SignalRequest:
         if not isinstance(request, SignalRequest):
@@ -548,6 +607,12 @@ class PersistentBackend(ABC):
         aging_interval: timedelta,
     ) -> list[ClaimedTask]:
         """See :meth:`claim_available_tasks`."""
+
+    @abstractmethod
+    def _complete_tasks(
+        self, completions: list[TaskCompletion], ttl: timedelta | None, claim_next: int
+    ) -> list[CompletionResult]:
+        """See :meth:`complete_tasks` (at least one completion)."""
 
     @abstractmethod
     def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:

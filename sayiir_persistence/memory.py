@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from . import transitions
 from .backend import PersistentBackend
+from .completions import apply_completion
 from .errors import (
     CannotPauseError,
     ClaimLostError,
@@ -26,9 +27,12 @@ from .errors import (
 from .model import (
     AvailableTask,
     ClaimedTask,
+    CompletionOutcome,
+    CompletionResult,
     SignalKind,
     SignalRequest,
     TaskClaim,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
     utc_now,
@@ -362,6 +366,73 @@ class InMemoryBackend(PersistentBackend):
                 )
                 for _, instance, task_id in chosen
             ]
+
+    # -- completions -------------------------------------------------------------------------
+
+    def _complete_tasks(
+        self, completions: list[TaskCompletion], ttl: timedelta | None, claim_next: int
+    ) -> list[CompletionResult]:
+        with self._lock:
+            now = self._now()
+            results = []
+            for completion in completions:
+                result = self._complete(completion, now)
+                if result.outcome is CompletionOutcome.RECORDED and claim_next > 0:
+                    instance = self._instances[completion.instance_id]
+                    next_tasks = self._claim_next(
+                        instance, completion.worker_id, ttl, now, claim_next
+                    )
+                    claim_next -= len(next_tasks)
+                    result = dataclasses.replace(result, next_tasks=next_tasks)
+                results.append(result)
+            return results
+
+    def _complete(self, completion: TaskCompletion, now: datetime) -> CompletionResult:
+        instance = self._instances.get(completion.instance_id)
+        claim = None if instance is None else instance.claims.get(completion.task_id)
+        held = (
+            claim is not None
+            and claim.is_live(now)
+            and claim.worker_id == completion.worker_id
+            and claim.token == completion.token
+        )
+        applied = apply_completion(
+            None if instance is None else instance.snapshot,
+            completion,
+            claim_held=held,
+            check_snapshot=self._check_snapshot,
+        )
+        if isinstance(applied, CompletionResult):
+            return applied
+        assert instance is not None and claim is not None
+        version = self._write_snapshot(applied, instance, now)
+        claim.released = True
+        return CompletionResult(CompletionOutcome.RECORDED, version=version)
+
+    def _claim_next(
+        self,
+        instance: _Instance,
+        worker_id: str,
+        ttl: timedelta | None,
+        now: datetime,
+        limit: int,
+    ) -> tuple[ClaimedTask, ...]:
+        if instance.signals:
+            return ()
+        claimed: list[ClaimedTask] = []
+        for task_id in instance.snapshot.runnable_task_ids(now):
+            claim = instance.claims.get(task_id)
+            if claim is not None and claim.is_live(now):
+                continue
+            if len(claimed) == limit:
+                break
+            claimed.append(
+                ClaimedTask(
+                    claim=self._take_claim(instance, task_id, worker_id, ttl, now),
+                    task=self._available_task(instance, task_id),
+                )
+            )
+        return tuple(claimed)
 
     # -- signals and events ------------------------------------------------------------------
 

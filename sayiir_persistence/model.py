@@ -6,6 +6,7 @@ rules); positions, claims and tasks are frozen. Timestamps are timezone-aware UT
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -326,3 +327,64 @@ class ClaimedTask:
 
     claim: TaskClaim
     task: AvailableTask
+
+
+# --- completions -----------------------------------------------------------------------------
+
+Advance = Callable[["WorkflowSnapshot"], None]
+"""Moves a snapshot past its current position when that position is finished.
+
+Called with the stored snapshot, the finished task's result already in ``completed_tasks``.
+It decides from the snapshot alone (``position`` and ``completed_tasks``): move on with
+``move_to`` / ``mark_completed`` / ``mark_failed`` when every task of the position is
+completed, do nothing otherwise. It must be quick and deterministic and must not call the
+backend (it may run inside the store's transaction).
+"""
+
+
+@dataclass(frozen=True)
+class TaskCompletion:
+    """A finished execution of a claimed task, for ``complete_tasks``.
+
+    Exactly one of ``output`` (the task's result) and ``error`` (the task failed: the
+    workflow is failed with this message) is given.
+    """
+
+    instance_id: str
+    task_id: str
+    worker_id: str
+    token: int
+    output: bytes | None = None
+    error: str | None = None
+    advance: Advance | None = None
+
+
+class CompletionOutcome(StrEnum):
+    """What ``complete_tasks`` did with one completion (docs/contract.md#complete_tasks)."""
+
+    RECORDED = "recorded"
+    """Result (or failure) recorded, the workflow advanced, the claim released."""
+    CLAIM_LOST = "claim_lost"
+    """The worker no longer held a live claim with that token: nothing written."""
+    NOT_IN_PROGRESS = "not_in_progress"
+    """The workflow is completed, failed, cancelled or paused: nothing written."""
+    NOT_RUNNABLE = "not_runnable"
+    """The task is no longer at the workflow's position, or its result is stored: nothing
+    written."""
+    NOT_FOUND = "not_found"
+    """The instance is absent."""
+    ADVANCE_FAILED = "advance_failed"
+    """The advance function raised or left an invalid snapshot: nothing written."""
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """The outcome of one completion, and the next tasks claimed with it."""
+
+    outcome: CompletionOutcome
+    version: int | None = None
+    """The workflow's new version when recorded."""
+    next_tasks: tuple[ClaimedTask, ...] = ()
+    """Tasks of the same workflow claimed for the same worker in the same step."""
+    error: str | None = None
+    """Why the advance function failed (``ADVANCE_FAILED``)."""

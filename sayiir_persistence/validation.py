@@ -141,6 +141,11 @@ def check_optional_limit(value: object, name: str = "limit") -> int | None:
     return None if value is None else check_limit(value, name)
 
 
+def check_count(value: object, name: str) -> int:
+    """A number of things: 0 or more."""
+    return _check_int(value, name, 0)
+
+
 def check_version(value: object, name: str) -> int:
     """A version or fencing token: 0 or more."""
     return _check_int(value, name, 0)

@@ -52,13 +52,14 @@ from ..errors import (
     WorkflowTerminalError,
 )
 from ..model import (
-    AtDelay,
     AtFork,
     AvailableTask,
     ClaimedTask,
+    CompletionResult,
     SignalKind,
     SignalRequest,
     TaskClaim,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
     position_task_ids,
@@ -67,8 +68,10 @@ from ..ordering import availability_key
 from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from . import codec
+from .completing import CompletionStatements, complete_tasks
 from .dialects import READ_ONLY_OPTION, ClaimRow, Locked, dialect_for
 from .errors import RetryableConflict, translated_errors
+from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
 from .schema import (
     events,
     ready_tasks,
@@ -177,6 +180,7 @@ class SqlBackend(PersistentBackend):
             raise InvalidInputError(str(error)) from None
         self._max_retries = max_retries
         self._sql = Statements(self._dialect)
+        self._completion_sql = CompletionStatements(self._dialect)
         with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
@@ -278,35 +282,13 @@ class SqlBackend(PersistentBackend):
         row = conn.execute(self._sql.lock_snapshot, {"p_instance_id": instance_id}).first()
         if row is None:
             raise NotFoundError(f"workflow instance {instance_id!r} not found")
-        snapshot = self._snapshot_from(row, self._results(conn, instance_id))
+        snapshot = snapshot_from_row(row, self._results(conn, instance_id))
         stored = _Stored(snapshot.version, snapshot.status, snapshot.tags, row.now)
         return snapshot, stored
 
     def _results(self, conn: Connection, instance_id: str) -> dict[str, bytes]:
         rows = conn.execute(self._sql.results, {"p_instance_id": instance_id})
         return {row.task_id: row.output for row in rows}
-
-    @staticmethod
-    def _snapshot_from(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnapshot:
-        return WorkflowSnapshot(
-            instance_id=row.instance_id,
-            definition_hash=row.definition_hash,
-            status=WorkflowStatus(row.status),
-            position=codec.decode_position(row.position),
-            completed_tasks=results,
-            last_completed_task_id=row.last_completed_task_id,
-            initial_input=row.initial_input,
-            output=row.output,
-            error=row.error,
-            cancel_request=codec.decode_request(row.cancel_request),
-            pause_request=codec.decode_request(row.pause_request),
-            priority=row.priority,
-            tags=codec.decode_tags(row.tags),
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            version=row.version,
-            input_task_id=row.input_task_id,
-        )
 
     def _exists(self, conn: Connection, instance_id: str) -> bool:
         row = conn.execute(self._sql.exists, {"p_instance_id": instance_id}).first()
@@ -332,21 +314,7 @@ class SqlBackend(PersistentBackend):
         """Write the locked (or absent) workflow row and everything derived from it."""
         instance_id = snapshot.instance_id
         tags = frozenset(snapshot.tags)
-        values = {
-            "definition_hash": snapshot.definition_hash,
-            "status": snapshot.status.value,
-            "position": codec.encode_position(snapshot.position),
-            "last_completed_task_id": snapshot.last_completed_task_id,
-            "input_task_id": snapshot.input_task_id,
-            "initial_input": snapshot.initial_input,
-            "output": snapshot.output,
-            "error": snapshot.error,
-            "cancel_request": codec.encode_request(snapshot.cancel_request),
-            "pause_request": codec.encode_request(snapshot.pause_request),
-            "priority": snapshot.priority,
-            "tags": codec.encode_tags(tags),
-            "updated_at": now,
-        }
+        values = workflow_values(snapshot, now)
         if stored is None:
             try:
                 conn.execute(
@@ -374,12 +342,7 @@ class SqlBackend(PersistentBackend):
                     select(task_results.c.task_id).where(task_results.c.instance_id == instance_id)
                 )
             )
-        # A save never rewrites nor removes a stored result (see save_snapshot).
-        missing = [
-            {"instance_id": instance_id, "task_id": task_id, "output": output, "completed_at": now}
-            for task_id, output in snapshot.completed_tasks.items()
-            if task_id not in stored_results
-        ]
+        missing = new_results(snapshot, stored_results, now)
         if missing:
             conn.execute(insert(task_results), missing)
         if stored is None or stored.tags != tags:
@@ -392,32 +355,10 @@ class SqlBackend(PersistentBackend):
                     insert(workflow_tags),
                     [{"instance_id": instance_id, "tag": tag} for tag in sorted(tags)],
                 )
-        if snapshot.status is WorkflowStatus.IN_PROGRESS:
-            completed = stored_results | snapshot.completed_tasks.keys()
-            self._insert_ready(conn, snapshot, completed, now)
+        ready = ready_rows(snapshot, stored_results | snapshot.completed_tasks.keys(), now)
+        if ready:
+            conn.execute(insert(ready_tasks), ready)
         return version
-
-    @staticmethod
-    def _insert_ready(
-        conn: Connection, snapshot: WorkflowSnapshot, completed: Iterable[str], now: datetime
-    ) -> None:
-        done = set(completed)
-        position = snapshot.position
-        wake_at = position.wake_at if isinstance(position, AtDelay) else None
-        rows = [
-            {
-                "instance_id": snapshot.instance_id,
-                "task_id": task_id,
-                "priority": snapshot.priority,
-                "updated_at": now,
-                "wake_at": wake_at,
-                "has_tags": bool(snapshot.tags),
-            }
-            for task_id in position_task_ids(position, None)
-            if task_id not in done
-        ]
-        if rows:
-            conn.execute(insert(ready_tasks), rows)
 
     # -- snapshots ---------------------------------------------------------------------------
 
@@ -507,7 +448,7 @@ class SqlBackend(PersistentBackend):
             row = conn.execute(self._sql.read_snapshot, {"p_instance_id": instance_id}).first()
             if row is None:
                 raise NotFoundError(f"workflow instance {instance_id!r} not found")
-            return self._snapshot_from(row, self._results(conn, instance_id))
+            return snapshot_from_row(row, self._results(conn, instance_id))
 
         return self._transaction(work, read_only=True)
 
@@ -792,6 +733,23 @@ class SqlBackend(PersistentBackend):
             ]
 
         return self._transaction(work)
+
+    # -- completions -------------------------------------------------------------------------
+
+    def _complete_tasks(
+        self, completions: list[TaskCompletion], ttl: timedelta | None, claim_next: int
+    ) -> list[CompletionResult]:
+        return self._transaction(
+            lambda conn: complete_tasks(
+                conn,
+                self._completion_sql,
+                self._dialect,
+                completions,
+                ttl,
+                claim_next,
+                self._check_snapshot,
+            )
+        )
 
     # -- signals and events ------------------------------------------------------------------
 

@@ -1,0 +1,303 @@
+"""``complete_tasks`` on SQL: many fenced completions in one transaction, set-based.
+
+Per call, whatever the number of completions (docs/contract.md#complete_tasks):
+
+1. lock the workflow rows, in id order (the global lock order starts there), reading the
+   database clock and whether a signal is pending;
+2. read their stored results;
+3. lock their ready rows, then the claim rows of the completed tasks (workflow -> ready ->
+   claims, the order every writer follows, so no wait forms a cycle);
+4. decide each completion in Python (``completions.apply_completion``, shared with the
+   in-memory backend), running the advance functions on the locked state;
+5. write what was recorded with a few multi-row statements, release the claims, and claim the
+   next tasks with the dialect's guarded claim statement.
+
+The claim check is made on claim rows locked ``FOR UPDATE`` in this transaction: nobody can
+take a claim over between the check and the commit (SQLite: the transaction holds the
+database's write lock).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    Row,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+
+from ..completions import apply_completion
+from ..model import (
+    AvailableTask,
+    ClaimedTask,
+    CompletionOutcome,
+    CompletionResult,
+    TaskClaim,
+    TaskCompletion,
+    WorkflowSnapshot,
+)
+from .dialects import SqlDialect, TaskKey
+from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
+from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
+
+
+class CompletionStatements:
+    """The statements of :func:`complete_tasks`, built once per backend."""
+
+    def __init__(self, dialect: SqlDialect) -> None:
+        now = dialect.now()
+        instance_ids: BindParameter[list[str]] = bindparam("p_instance_ids", expanding=True)
+        keys: BindParameter[list[TaskKey]] = bindparam("p_keys", expanding=True)
+        claim_key = tuple_(task_claims.c.instance_id, task_claims.c.task_id)
+        signalled = exists().where(signals.c.instance_id == workflows.c.instance_id)
+        self.lock_workflows = (
+            select(workflows, now.label("now"), signalled.label("signalled"))
+            .where(workflows.c.instance_id.in_(instance_ids))
+            .order_by(workflows.c.instance_id)
+            .with_for_update()
+        )
+        self.results = select(
+            task_results.c.instance_id, task_results.c.task_id, task_results.c.output
+        ).where(task_results.c.instance_id.in_(instance_ids))
+        self.lock_ready = (
+            select(ready_tasks.c.instance_id)
+            .where(ready_tasks.c.instance_id.in_(instance_ids))
+            .with_for_update()
+        )
+        self.lock_claims = (
+            select(task_claims, now.label("now")).where(claim_key.in_(keys)).with_for_update()
+        )
+        self.update_workflow = (
+            update(workflows)
+            .where(workflows.c.instance_id == bindparam("p_instance_id"))
+            .values({name: bindparam(f"p_{name}") for name in (*_WORKFLOW_COLUMNS, "version")})
+        )
+        self.clear_ready = delete(ready_tasks).where(ready_tasks.c.instance_id.in_(instance_ids))
+        self.release_claims = update(task_claims).where(claim_key.in_(keys)).values(released=True)
+        self.clear_tags = delete(workflow_tags).where(workflow_tags.c.instance_id.in_(instance_ids))
+
+
+# The columns a save writes (see rows.workflow_values), bound as p_<name> for executemany.
+_WORKFLOW_COLUMNS = (
+    "definition_hash",
+    "status",
+    "position",
+    "last_completed_task_id",
+    "input_task_id",
+    "initial_input",
+    "output",
+    "error",
+    "cancel_request",
+    "pause_request",
+    "priority",
+    "tags",
+    "updated_at",
+)
+
+
+@dataclass
+class _Locked:
+    """A locked workflow: its stored state and what this call has made of it so far."""
+
+    stored: WorkflowSnapshot
+    stored_results: frozenset[str]
+    signalled: bool
+    current: WorkflowSnapshot
+    written: bool = False
+
+
+def complete_tasks(
+    conn: Connection,
+    sql: CompletionStatements,
+    dialect: SqlDialect,
+    completions: Sequence[TaskCompletion],
+    ttl: timedelta | None,
+    claim_next: int,
+    check_snapshot: Callable[[WorkflowSnapshot], None],
+) -> list[CompletionResult]:
+    """Apply ``completions`` in ``conn``'s transaction; see the module documentation."""
+    locked, now = _lock_workflows(conn, sql, sorted({c.instance_id for c in completions}))
+    if not locked:
+        return [CompletionResult(CompletionOutcome.NOT_FOUND) for _ in completions]
+    conn.execute(sql.lock_ready, {"p_instance_ids": sorted(locked)})
+    keys = sorted({(c.instance_id, c.task_id) for c in completions if c.instance_id in locked})
+    claims = {
+        (row.instance_id, row.task_id): row
+        for row in conn.execute(sql.lock_claims, {"p_keys": keys})
+    }
+
+    results: list[CompletionResult] = []
+    released: dict[TaskKey, None] = {}  # in order
+    for completion in completions:
+        key = (completion.instance_id, completion.task_id)
+        workflow = locked.get(completion.instance_id)
+        claim = claims.get(key)
+        held = claim is not None and key not in released and _holds(claim, completion)
+        applied = apply_completion(
+            None if workflow is None else workflow.current,
+            completion,
+            claim_held=held,
+            check_snapshot=check_snapshot,
+        )
+        if isinstance(applied, CompletionResult):
+            results.append(applied)
+            continue
+        assert workflow is not None
+        applied.version = workflow.current.version + 1
+        applied.updated_at = now
+        workflow.current, workflow.written = applied, True
+        released[key] = None
+        results.append(CompletionResult(CompletionOutcome.RECORDED, version=applied.version))
+
+    written = {instance_id: w for instance_id, w in locked.items() if w.written}
+    if written:
+        _write(conn, sql, written, now)
+        conn.execute(sql.release_claims, {"p_keys": list(released)})
+    if claim_next > 0 and written:
+        results = _claim_next(conn, dialect, completions, results, written, ttl, claim_next, now)
+    return results
+
+
+def _lock_workflows(
+    conn: Connection, sql: CompletionStatements, instance_ids: list[str]
+) -> tuple[dict[str, _Locked], datetime]:
+    rows = conn.execute(sql.lock_workflows, {"p_instance_ids": instance_ids}).all()
+    if not rows:
+        return {}, datetime.min
+    results: dict[str, dict[str, bytes]] = defaultdict(dict)
+    for result in conn.execute(sql.results, {"p_instance_ids": [r.instance_id for r in rows]}):
+        results[result.instance_id][result.task_id] = result.output
+    locked = {}
+    for row in rows:
+        stored = snapshot_from_row(row, results[row.instance_id])
+        locked[row.instance_id] = _Locked(
+            stored=stored,
+            stored_results=frozenset(stored.completed_tasks),
+            signalled=bool(row.signalled),
+            current=stored,
+        )
+    now: datetime = rows[0].now
+    return locked, now
+
+
+def _holds(claim: Row[Any], completion: TaskCompletion) -> bool:
+    """The completion's worker holds this locked claim row, live by the database clock."""
+    return (
+        not claim.released
+        and claim.worker_id == completion.worker_id
+        and claim.token == completion.token
+        and (claim.expires_at is None or claim.now < claim.expires_at)
+    )
+
+
+def _write(
+    conn: Connection, sql: CompletionStatements, written: dict[str, _Locked], now: datetime
+) -> None:
+    """Save the final snapshot of each written workflow, as ``save_snapshot`` would."""
+    conn.execute(
+        sql.update_workflow,
+        [
+            {
+                "p_instance_id": instance_id,
+                "p_version": w.current.version,
+                **{f"p_{name}": value for name, value in workflow_values(w.current, now).items()},
+            }
+            for instance_id, w in written.items()
+        ],
+    )
+    instance_ids = sorted(written)
+    conn.execute(sql.clear_ready, {"p_instance_ids": instance_ids})
+    ready = [
+        row
+        for w in written.values()
+        for row in ready_rows(w.current, w.stored_results | w.current.completed_tasks.keys(), now)
+    ]
+    if ready:
+        conn.execute(insert(ready_tasks), ready)
+    results = [
+        row for w in written.values() for row in new_results(w.current, w.stored_results, now)
+    ]
+    if results:
+        conn.execute(insert(task_results), results)
+    retagged = sorted(i for i, w in written.items() if frozenset(w.current.tags) != w.stored.tags)
+    if retagged:
+        conn.execute(sql.clear_tags, {"p_instance_ids": retagged})
+        tags = [
+            {"instance_id": instance_id, "tag": tag}
+            for instance_id in retagged
+            for tag in sorted(written[instance_id].current.tags)
+        ]
+        if tags:
+            conn.execute(insert(workflow_tags), tags)
+
+
+def _claim_next(
+    conn: Connection,
+    dialect: SqlDialect,
+    completions: Sequence[TaskCompletion],
+    results: list[CompletionResult],
+    written: dict[str, _Locked],
+    ttl: timedelta | None,
+    limit: int,
+    now: datetime,
+) -> list[CompletionResult]:
+    """Claim up to ``limit`` runnable tasks of the completed workflows for their workers,
+    in the order of the completions; attach each to the last completion of its workflow."""
+    last_recorded: dict[str, int] = {}
+    for index, (completion, result) in enumerate(zip(completions, results, strict=True)):
+        if result.outcome is CompletionOutcome.RECORDED:
+            last_recorded[completion.instance_id] = index
+    wanted: dict[str, list[TaskKey]] = defaultdict(list)  # by worker
+    count = 0
+    for instance_id, index in sorted(last_recorded.items(), key=lambda item: item[1]):
+        workflow = written[instance_id]
+        if workflow.signalled:
+            continue
+        for task_id in workflow.current.runnable_task_ids(now):
+            if count == limit:
+                break
+            wanted[completions[index].worker_id].append((instance_id, task_id))
+            count += 1
+    expires_at = None if ttl is None else now + ttl
+    claimed: dict[str, list[ClaimedTask]] = defaultdict(list)
+    for worker_id, keys in wanted.items():
+        tokens = dialect.claim_many(
+            conn, dialect.claim_rows(conn, keys), worker_id, now, expires_at
+        )
+        for instance_id, task_id in keys:
+            token = tokens.get((instance_id, task_id))
+            if token is None:
+                continue  # a live claim of another worker
+            snapshot = written[instance_id].current
+            claimed[instance_id].append(
+                ClaimedTask(
+                    TaskClaim(instance_id, task_id, worker_id, now, expires_at, token),
+                    AvailableTask(
+                        instance_id=instance_id,
+                        task_id=task_id,
+                        definition_hash=snapshot.definition_hash,
+                        input=snapshot.input_for_position,
+                        priority=snapshot.priority,
+                        tags=frozenset(snapshot.tags),
+                        snapshot_version=snapshot.version,
+                    ),
+                )
+            )
+    return [
+        replace(result, next_tasks=tuple(claimed[instance_id]))
+        if last_recorded.get(instance_id := completion.instance_id) == index
+        else result
+        for index, (completion, result) in enumerate(zip(completions, results, strict=True))
+    ]

@@ -1,0 +1,97 @@
+"""A snapshot as table rows and back: the one mapping between the model and the schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row
+
+from ..model import AtDelay, WorkflowSnapshot, WorkflowStatus, position_task_ids
+from . import codec
+
+
+def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnapshot:
+    """The snapshot of a ``sayiir_workflows`` row and its stored results."""
+    return WorkflowSnapshot(
+        instance_id=row.instance_id,
+        definition_hash=row.definition_hash,
+        status=WorkflowStatus(row.status),
+        position=codec.decode_position(row.position),
+        completed_tasks=results,
+        last_completed_task_id=row.last_completed_task_id,
+        initial_input=row.initial_input,
+        output=row.output,
+        error=row.error,
+        cancel_request=codec.decode_request(row.cancel_request),
+        pause_request=codec.decode_request(row.pause_request),
+        priority=row.priority,
+        tags=codec.decode_tags(row.tags),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        version=row.version,
+        input_task_id=row.input_task_id,
+    )
+
+
+def workflow_values(snapshot: WorkflowSnapshot, now: datetime) -> dict[str, object]:
+    """The columns of ``sayiir_workflows`` a save writes (all but the id, creation time and
+    version)."""
+    return {
+        "definition_hash": snapshot.definition_hash,
+        "status": snapshot.status.value,
+        "position": codec.encode_position(snapshot.position),
+        "last_completed_task_id": snapshot.last_completed_task_id,
+        "input_task_id": snapshot.input_task_id,
+        "initial_input": snapshot.initial_input,
+        "output": snapshot.output,
+        "error": snapshot.error,
+        "cancel_request": codec.encode_request(snapshot.cancel_request),
+        "pause_request": codec.encode_request(snapshot.pause_request),
+        "priority": snapshot.priority,
+        "tags": codec.encode_tags(frozenset(snapshot.tags)),
+        "updated_at": now,
+    }
+
+
+def new_results(
+    snapshot: WorkflowSnapshot, stored_results: Iterable[str], now: datetime
+) -> list[dict[str, object]]:
+    """The ``sayiir_task_results`` rows a save adds: a save never rewrites nor removes a
+    stored result (docs/contract.md#save_snapshot)."""
+    stored = set(stored_results)
+    return [
+        {
+            "instance_id": snapshot.instance_id,
+            "task_id": task_id,
+            "output": output,
+            "completed_at": now,
+        }
+        for task_id, output in snapshot.completed_tasks.items()
+        if task_id not in stored
+    ]
+
+
+def ready_rows(
+    snapshot: WorkflowSnapshot, completed: Iterable[str], now: datetime
+) -> list[dict[str, object]]:
+    """The ``sayiir_ready_tasks`` rows of a saved snapshot: its position's tasks that are not
+    completed, while it is in progress."""
+    if snapshot.status is not WorkflowStatus.IN_PROGRESS:
+        return []
+    done = set(completed)
+    position = snapshot.position
+    wake_at = position.wake_at if isinstance(position, AtDelay) else None
+    return [
+        {
+            "instance_id": snapshot.instance_id,
+            "task_id": task_id,
+            "priority": snapshot.priority,
+            "updated_at": now,
+            "wake_at": wake_at,
+            "has_tags": bool(snapshot.tags),
+        }
+        for task_id in position_task_ids(position, None)
+        if task_id not in done
+    ]
