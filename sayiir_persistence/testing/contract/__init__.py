@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .availability import AvailabilityContract
 from .claims import ClaimContract
+from .completions import CompletionContract
 from .concurrency import ConcurrencyContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
@@ -22,6 +23,7 @@ class BackendContract(
     InputValidationContract,
     SignalEventContract,
     AvailabilityContract,
+    CompletionContract,
     ClaimContract,
     SnapshotContract,
 ):
