@@ -79,11 +79,13 @@ from helpers.databases import MEMORY, sql_params
 from helpers.isolated_db import isolated_database
 from helpers.reference_model import (
     Candidate,
+    Completion,
     Delay,
     Draft,
     ExpectedClaim,
     ModelPosition,
     ReferenceModel,
+    Step,
     Workflow,
 )
 from sayiir_persistence import (
@@ -101,6 +103,7 @@ from sayiir_persistence import (
     SignalRequest,
     SqlBackend,
     TaskClaim,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
     migrate,
@@ -305,6 +308,19 @@ progresses = st.builds(
     finish=st.sampled_from((None,) * 6 + ("complete", "fail")),
     keep_results=st.booleans(),
 )
+
+# What a completion's advance function does: nothing (no function), one of the steps.
+StepSpec = tuple[str, PositionSpec | None]
+step_specs: st.SearchStrategy[StepSpec | None] = st.none() | st.one_of(
+    st.tuples(st.just("move"), position_specs),
+    st.tuples(st.sampled_from(("complete", "fail", "raise", "keep")), st.none()),
+)
+completion_tokens = st.sampled_from(("stored", "stored", "stored", "behind", "ahead"))
+
+
+class AdvanceBroke(Exception):
+    """Raised by a drawn advance function of kind "raise"."""
+
 
 # -- stores ----------------------------------------------------------------------------------
 
@@ -952,6 +968,125 @@ class ContractMachine(RuleBasedStateMachine):
             assert expected is not None, f"{instance_id}/{task_id} was not claimable"
             self.check_claim(item.claim, expected, new=True)
             self.model.grant(instance_id, task_id, worker_id, ttl, item.claim.token)
+
+    # -- rules: completions ------------------------------------------------------------------
+
+    def advance_function(self, step: Step | None) -> Callable[[WorkflowSnapshot], None] | None:
+        """The real advance function doing what ``step`` says the model does."""
+        if step is None:
+            return None
+
+        def advance(snapshot: WorkflowSnapshot) -> None:
+            if step.kind == "move":
+                assert step.position is not None
+                snapshot.move_to(self.to_position(step.position))
+            elif step.kind == "complete":
+                snapshot.mark_completed(b"done")
+            elif step.kind == "fail":
+                snapshot.mark_failed("boom")
+            elif step.kind == "raise":
+                raise AdvanceBroke("drawn to fail")
+
+        return advance
+
+    def draw_completion(
+        self, data: st.DataObject, instance_id: str, task_id: str, worker_id: str, token: int
+    ) -> Completion:
+        failed = data.draw(st.integers(0, 5), label="failed") == 0
+        spec = data.draw(step_specs, label="advance")
+        step = None
+        if spec is not None:
+            kind, position = spec
+            resolved = None if position is None else resolve_position(position, self.model.now)
+            step = Step("none" if kind == "keep" else kind, resolved)
+        return Completion(
+            instance_id,
+            task_id,
+            worker_id,
+            max(1, token),
+            output=None if failed else data.draw(payloads, label="output"),
+            error="task failed" if failed else None,
+            step=step,
+        )
+
+    @rule(
+        data=st.data(),
+        later=laters,
+        count=st.integers(1, 3),
+        ttl=ttls,
+        claim_next=st.integers(0, 3),
+    )
+    def complete_tasks(
+        self, data: st.DataObject, later: int, count: int, ttl: int | None, claim_next: int
+    ) -> None:
+        """Completions of any claim: held, lost, stale, foreign, absent."""
+        self.advance_clock(later)
+        completions = []
+        for _ in range(count):
+            instance_id, task_id, worker_id = self.pick_claim(data)
+            choice = data.draw(completion_tokens, label="token")
+            token = self.token_for(choice, instance_id, task_id) or 1
+            completions.append(self.draw_completion(data, instance_id, task_id, worker_id, token))
+        self.run_completions(completions, ttl, claim_next)
+
+    @rule(
+        data=st.data(),
+        worker_id=worker_ids,
+        limit=limits,
+        ttl=ttls,
+        claim_next=st.integers(0, 3),
+    )
+    def claim_then_complete(
+        self, data: st.DataObject, worker_id: str, limit: int, ttl: int | None, claim_next: int
+    ) -> None:
+        """A worker's cycle: claim available tasks, then complete what it got (and, with
+        ``claim_next``, what that makes runnable)."""
+        self.claim_available_tasks(worker_id, limit, ttl, ALL_TAGS, INSPECTION_AGING)
+        held = sorted(
+            (instance_id, task_id, claim.token)
+            for instance_id, workflow in self.model.workflows.items()
+            for task_id, claim in workflow.claims.items()
+            if claim.worker_id == worker_id and claim.is_live(self.model.now)
+        )
+        if held:
+            completions = [
+                self.draw_completion(data, instance_id, task_id, worker_id, token)
+                for instance_id, task_id, token in held
+            ]
+            self.run_completions(completions, ttl, claim_next)
+
+    def run_completions(
+        self, completions: list[Completion], ttl: int | None, claim_next: int
+    ) -> None:
+        calls = [
+            TaskCompletion(
+                c.instance_id,
+                c.task_id,
+                c.worker_id,
+                c.token,
+                output=c.output,
+                error=c.error,
+                advance=self.advance_function(c.step),
+            )
+            for c in completions
+        ]
+        outcome = self.both(
+            "complete_tasks",
+            lambda: self.model.complete_tasks(completions, ttl, claim_next),
+            lambda: self.backend.complete_tasks(calls, ttl=_delta(ttl), claim_next=claim_next),
+        )
+        if outcome is None:
+            return
+        expected, actual = outcome
+        assert [r.outcome for r in actual] == [r.outcome for r in expected]
+        assert [r.version for r in actual] == [r.version for r in expected]
+        for want, got in zip(expected, actual, strict=True):
+            event(f"complete_tasks: {got.outcome.value}, {len(got.next_tasks)} next")
+            assert len(got.next_tasks) == len(want.next_claims), (got, want)
+            for (claim, task), claimed in zip(want.next_claims, got.next_tasks, strict=True):
+                self.check_claim(claimed.claim, claim, new=True)
+                self.check_task(claimed.task, task)
+                self.model.settle_token(claim.instance_id, claim.task_id, claimed.claim.token)
 
     # -- rules: signals and events -----------------------------------------------------------
 

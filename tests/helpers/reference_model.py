@@ -20,6 +20,7 @@ What is left out on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +32,7 @@ from sayiir_persistence import (
     CannotCancelError,
     CannotPauseError,
     ClaimLostError,
+    CompletionOutcome,
     ConflictError,
     NotFoundError,
     NotStarted,
@@ -168,6 +170,47 @@ class Candidate:
     rank: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class Step:
+    """What a completion's advance function does to the snapshot it is given."""
+
+    kind: str  # "move" (to ``position``), "complete" (output b"done"), "fail" ("boom"), "raise"
+    position: ModelPosition | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A ``TaskCompletion`` as the model sees it (``step=None``: no advance function)."""
+
+    instance_id: str
+    task_id: str
+    worker_id: str
+    token: int
+    output: bytes | None
+    error: str | None
+    step: Step | None
+
+
+@dataclass(frozen=True)
+class ExpectedCompletion:
+    outcome: CompletionOutcome
+    version: int | None = None
+    next_claims: tuple[tuple[ExpectedClaim, Candidate], ...] = ()
+
+
+def _position_tasks(position: ModelPosition) -> list[str]:
+    """A position's tasks, whatever the time (a delay's next task too)."""
+    match position:
+        case AtTask(task_id=task_id):
+            return [task_id]
+        case AtFork(branch_task_ids=branches):
+            return list(branches)
+        case Delay(next_task_id=str() as next_task_id):
+            return [next_task_id]
+        case _:
+            return []
+
+
 class ReferenceModel:
     def __init__(self) -> None:
         self.now = 0
@@ -299,6 +342,12 @@ class ReferenceModel:
             expires_at=None if ttl is None else self.now + ttl,
         )
 
+    def settle_token(self, instance_id: str, task_id: str, token: int) -> None:
+        """The store chose ``token`` for a claim recorded with its least acceptable token."""
+        claim = self.workflows[instance_id].claims[task_id]
+        assert token >= claim.token, "fencing token did not increase"
+        claim.token = token
+
     def _held(self, instance_id: str, task_id: str, worker_id: str, token: int | None) -> Claim:
         workflow = self.workflows.get(instance_id)
         claim = None if workflow is None else workflow.claims.get(task_id)
@@ -354,6 +403,92 @@ class ReferenceModel:
                     )
                 )
         return sorted(candidates, key=lambda c: (c.rank, c.instance_id, c.task_id))
+
+    # -- completions -------------------------------------------------------------------------
+
+    def complete_tasks(
+        self, completions: list[Completion], ttl: int | None, claim_next: int
+    ) -> list[ExpectedCompletion]:
+        """Records as the contract says; next claims are recorded with their least token
+        (:meth:`grant` corrects it to the store's)."""
+        expected = []
+        for completion in completions:
+            result = self._complete(completion)
+            if result.outcome is CompletionOutcome.RECORDED and claim_next > 0:
+                claims = self._claim_next(completion, ttl, claim_next)
+                claim_next -= len(claims)
+                result = dataclasses.replace(result, next_claims=claims)
+            expected.append(result)
+        return expected
+
+    def _complete(self, completion: Completion) -> ExpectedCompletion:
+        workflow = self.workflows.get(completion.instance_id)
+        if workflow is None:
+            return ExpectedCompletion(CompletionOutcome.NOT_FOUND)
+        claim = workflow.claims.get(completion.task_id)
+        if (
+            claim is None
+            or not claim.is_live(self.now)
+            or claim.worker_id != completion.worker_id
+            or claim.token != completion.token
+        ):
+            return ExpectedCompletion(CompletionOutcome.CLAIM_LOST)
+        if workflow.status is not WorkflowStatus.IN_PROGRESS:
+            return ExpectedCompletion(CompletionOutcome.NOT_IN_PROGRESS)
+        task_id = completion.task_id
+        if task_id in workflow.completed_tasks or task_id not in _position_tasks(workflow.position):
+            return ExpectedCompletion(CompletionOutcome.NOT_RUNNABLE)
+        step = completion.step
+        if completion.error is None and step is not None and step.kind == "raise":
+            return ExpectedCompletion(CompletionOutcome.ADVANCE_FAILED)
+        if completion.error is not None:
+            workflow.status = WorkflowStatus.FAILED
+            workflow.draft = dataclasses.replace(workflow.draft, error=completion.error)
+        else:
+            assert completion.output is not None
+            workflow.completed_tasks[task_id] = completion.output
+            workflow.last_completed_task_id = task_id
+            if step is not None and step.kind == "move":
+                assert step.position is not None
+                workflow.position = step.position
+                workflow.input_task_id = task_id
+            elif step is not None and step.kind == "complete":
+                workflow.status = WorkflowStatus.COMPLETED
+                workflow.output = b"done"
+            elif step is not None and step.kind == "fail":
+                workflow.status = WorkflowStatus.FAILED
+                workflow.draft = dataclasses.replace(workflow.draft, error="boom")
+        claim.released = True
+        return ExpectedCompletion(CompletionOutcome.RECORDED, version=workflow.bump(self.now))
+
+    def _claim_next(
+        self, completion: Completion, ttl: int | None, limit: int
+    ) -> tuple[tuple[ExpectedClaim, Candidate], ...]:
+        workflow = self.workflows[completion.instance_id]
+        if workflow.signals:
+            return ()
+        claims: list[tuple[ExpectedClaim, Candidate]] = []
+        for task_id in workflow.runnable_task_ids(self.now):
+            if len(claims) == limit:
+                break
+            expected = self.claim_task(completion.instance_id, task_id, completion.worker_id, ttl)
+            if expected is None:
+                continue
+            self.grant(
+                completion.instance_id, task_id, completion.worker_id, ttl, expected.min_token
+            )
+            task = Candidate(
+                instance_id=completion.instance_id,
+                task_id=task_id,
+                definition_hash=workflow.draft.definition_hash,
+                input=workflow.input_for_position,
+                priority=workflow.draft.priority,
+                tags=workflow.draft.tags,
+                snapshot_version=workflow.version,
+                rank=(0, 0),
+            )
+            claims.append((expected, task))
+        return tuple(claims)
 
     # -- signals and events ------------------------------------------------------------------
 
