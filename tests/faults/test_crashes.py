@@ -76,7 +76,6 @@ import multiprocessing
 import os
 import random
 import signal
-import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
@@ -108,7 +107,6 @@ from helpers.isolated_db import isolated_database
 from sayiir_persistence import SqlBackend, WorkflowSnapshot, WorkflowStatus, migrate
 from sayiir_persistence.sql.dialects import dialect_for
 from sayiir_persistence.sql.schema import task_claims, task_results, workflows
-from sayiir_persistence.worker import Pipeline, Worker
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(400)]
 
@@ -887,99 +885,3 @@ def test_sigkilled_reference_workers(sql_url: str, tmp_path: Path) -> None:
         f"{len(seeded)} workflows, {executions} executions, {takeovers} by takeover, "
         f"{heartbeats} heartbeats, {torn} torn journal lines",
     )
-
-
-class _Killed(BaseException):
-    """Ends a Worker's task thread on the spot, as a SIGKILL would (no handler catches it)."""
-
-
-class _BranchRaceBackend(SqlBackend):
-    """Forces the interleaving that leaves a fork stuck, then 'kills' the last saver.
-
-    Both branch executions load the snapshot before either saves (so neither sees the other
-    completed and neither moves past the join); the first saver's join check (``_settle``)
-    loads before the second saver saves (so it sees the other branch unfinished); the
-    second saver's task thread dies right after its fenced save committed, before its own
-    join check.
-    """
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self._lock = threading.Lock()
-        self._loads = self._saves = 0
-        self._both_loaded = threading.Barrier(2)
-        self._first_checked = threading.Event()
-        self.kills = 0
-        self.stuck = threading.Event()
-
-    def load_snapshot(self, *args: Any, **kwargs: Any) -> WorkflowSnapshot:
-        snapshot = super().load_snapshot(*args, **kwargs)
-        if threading.current_thread() is threading.main_thread():
-            return snapshot  # the test watching, not the Worker
-        with self._lock:
-            self._loads += 1
-            number = self._loads
-        if number <= 2:
-            self._both_loaded.wait(10)
-        elif number == 3:
-            self._first_checked.set()
-        return snapshot
-
-    def save_snapshot_fenced(self, *args: Any, **kwargs: Any) -> bool:
-        with self._lock:
-            self._saves += 1
-            number = self._saves
-        if number == 2:
-            self._first_checked.wait(10)
-        saved = super().save_snapshot_fenced(*args, **kwargs)
-        if number == 2:
-            self.kills += 1
-            self.stuck.set()
-            raise _Killed
-        return saved
-
-    def wait_until_stuck(self) -> WorkflowSnapshot:
-        """The workflow as the 'killed' saver left it."""
-        assert self.stuck.wait(10)
-        return super().load_snapshot("race")
-
-
-@pytest.mark.sqlite
-def test_worker_killed_between_last_branch_save_and_join_leaves_no_workflow_stuck(
-    sqlite_url: str,
-) -> None:
-    """The interleaving the random Worker test hit (found by it on SQLite): both branches
-    load before either saves, so neither passes the join; the first saver's join check runs
-    before the second saves; the second dies right after its fenced save. Nothing is
-    runnable then: the Worker's sweep for stalled forks must move the workflow on."""
-    migrate(sqlite_url)
-    backend = _BranchRaceBackend(sqlite_url)
-    pipeline = Pipeline(("b1", "b2"), "c")
-    try:
-        backend.save_snapshot(pipeline.start("race", "race-v1", initial_input=b"in"))
-        worker = Worker(
-            backend,
-            lambda ctx: ctx.task_id.encode(),
-            pipeline,
-            threads=2,
-            ttl=timedelta(seconds=0.5),
-            poll_interval=timedelta(milliseconds=20),
-            stall_sweep_every=timedelta(milliseconds=200),
-        )
-        with worker:
-            stuck = backend.wait_until_stuck()
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                if backend.load_snapshot("race").status is WorkflowStatus.COMPLETED:
-                    break
-                time.sleep(0.05)
-        stored = backend.load_snapshot("race")
-    finally:
-        backend.close()
-    # The scenario happened as intended: both branches recorded, the join not passed, the
-    # last saver gone; then a sweep moved the workflow on.
-    assert stuck.position == pipeline.position_of(0), stuck
-    assert set(stuck.completed_tasks) == {"b1", "b2"}
-    assert backend.kills == 1
-    assert stored.status is WorkflowStatus.COMPLETED, f"stuck at {stored.position}"
-    assert stored.completed_tasks == {"b1": b"b1", "b2": b"b2", "c": b"c"}

@@ -61,6 +61,7 @@ from sayiir_persistence import (
     BackendUnavailableError,
     ClaimedTask,
     ClaimLostError,
+    CompletionResult,
     NotFoundError,
     TaskClaim,
     WorkflowSnapshot,
@@ -80,7 +81,7 @@ CYCLE_KILL_POINTS: Final = (
     "work:during",
 )
 #: Where a Worker process can kill itself: around the backend calls the Worker makes.
-WORKER_CALLS: Final = ("claim", "extend", "load", "save", "release")
+WORKER_CALLS: Final = ("claim", "extend", "complete", "release")
 WORKER_KILL_POINTS: Final = tuple(
     f"{call}:{when}" for call in WORKER_CALLS for when in ("before", "during", "after")
 )
@@ -638,14 +639,9 @@ class SuicidalBackend(SqlBackend):
             )
         return claim
 
-    def load_snapshot(self, *args: Any, **kwargs: Any) -> WorkflowSnapshot:
+    def complete_tasks(self, *args: Any, **kwargs: Any) -> list[CompletionResult]:
         return self._around(
-            "load", lambda: super(SuicidalBackend, self).load_snapshot(*args, **kwargs)
-        )
-
-    def save_snapshot_fenced(self, *args: Any, **kwargs: Any) -> bool:
-        return self._around(
-            "save", lambda: super(SuicidalBackend, self).save_snapshot_fenced(*args, **kwargs)
+            "complete", lambda: super(SuicidalBackend, self).complete_tasks(*args, **kwargs)
         )
 
     def release_task_claim(self, *args: Any, **kwargs: Any) -> None:

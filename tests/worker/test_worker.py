@@ -7,7 +7,6 @@ save is refused, stop() hands claims back, signals reach running tasks.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -255,46 +254,28 @@ def test_chain_and_fork_workflows_complete_exactly_once(store: Store) -> None:
     assert mine == {TaskOutcome.RECORDED}  # (tasks of other tests in a shared database aside)
 
 
-class _RacingLoads(InMemoryBackend):
-    """Holds the first two snapshot loads until both happened: the two fork branches then
-    both see the other unfinished, and neither moves the workflow on by itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.barrier = threading.Barrier(2, timeout=5)
-        self.armed = False
-
-    def load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
-        snapshot = super().load_snapshot(instance_id)
-        if self.armed:
-            with contextlib.suppress(threading.BrokenBarrierError):
-                self.barrier.wait()
-        return snapshot
-
-
-def test_fork_branches_saved_concurrently_still_reach_the_join() -> None:
-    backend = _RacingLoads()
+def test_fork_branches_finishing_together_in_two_workers_reach_the_join(store: Store) -> None:
+    """Each branch runs in its own worker (so each is recorded in its own transaction) and
+    both finish at the same moment; no sweep runs (it would hide a stalled fork): the last
+    completion, which runs the advance function on the stored state, moves past the join."""
     pipeline = Pipeline(("left", "right"), "join")
-    backend.save_snapshot(pipeline.start("race", "def"), expected_version=0)
-    both_running = threading.Barrier(2, timeout=5)
+    [instance_id] = store.start(pipeline)
+    both_running = threading.Barrier(2, timeout=WAIT_SECONDS)
 
     def branch(ctx: TaskContext) -> bytes:
         if ctx.task_id != "join":
             both_running.wait()
-            backend.armed = True  # the next two loads are the branches' result loads
-        else:
-            backend.armed = False
-            backend.barrier.abort()
         return ctx.task_id.encode()
 
-    worker = Worker(backend, branch, pipeline, threads=2, poll_interval=FAST_POLL)
-    with worker:
-        wait_until(
-            lambda: backend.load_snapshot("race").status is WorkflowStatus.COMPLETED,
-            "the join to run",
-        )
-    assert backend.load_snapshot("race").output == b"join"
-    assert worker.stats.recorded == 3
+    no_sweep = {"stall_sweep_every": timedelta(hours=1), "claim_next": False}
+    first = store.worker(branch, pipeline, threads=1, **no_sweep)
+    second = store.worker(branch, pipeline, threads=1, **no_sweep)
+    with first, second:
+        wait_until(all_done(store, [instance_id]), "the join to run")
+    stored = store.backend.load_snapshot(instance_id)
+    assert stored.status is WorkflowStatus.COMPLETED
+    assert stored.output == b"join"
+    assert first.stats.recorded + second.stats.recorded == 3
 
 
 def test_a_failing_task_fails_the_workflow(store: Store) -> None:
