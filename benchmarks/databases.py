@@ -8,7 +8,8 @@ tables before it starts.
 
 Seeding writes with bulk Core inserts exactly the rows ``save_snapshot`` writes for a new
 workflow at ``AtTask("t")`` (``SqlBackend._write_snapshot`` / ``_insert_ready``), as
-``tests/databases/test_sql_query_plans.py`` does: 100,000 ``save_snapshot`` calls would take minutes.
+``tests/databases/test_sql_query_plans.py`` does: 100,000 ``save_snapshot`` calls would take
+minutes.
 """
 
 from __future__ import annotations

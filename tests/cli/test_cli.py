@@ -1,10 +1,10 @@
 """The operator commands of ``sayiir-persistence``, run as a real process.
 
 Every test starts the console script (``python -m sayiir_persistence``) in a subprocess against
-a database of its own (SQLite file; PostgreSQL schema, MySQL database: see ``helpers/isolated_db.py``),
-seeded through the Python API in the test process. Output is read as people see it (tables)
-and as scripts do (``--json`` parsed with ``json.loads``); error exits are checked for their
-status and their one line on stderr.
+a database of its own (SQLite file; PostgreSQL schema, MySQL database: see
+``helpers/isolated_db.py``), seeded through the Python API in the test process. Output is read
+as people see it (tables) and as scripts do (``--json`` parsed with ``json.loads``); error exits
+are checked for their status and their one line on stderr.
 """
 
 from __future__ import annotations
