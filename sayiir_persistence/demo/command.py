@@ -14,6 +14,8 @@ from types import FrameType
 
 from rich.console import Console
 
+from ..cli.arguments import positive_int
+from ..cli.program import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 from ..errors import PersistenceError
 from .run import run_demo
 
@@ -27,14 +29,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "Use a scratch database: SAYIIR_DATABASE_URL is deliberately not used",
     )
     parser.add_argument(
-        "--instances", type=_positive_int, default=200, help="orders to run (default: %(default)s)"
+        "--instances", type=positive_int, default=200, help="orders to run (default: %(default)s)"
     )
     parser.add_argument(
-        "--processes", type=_positive_int, default=3, help="worker processes (default: %(default)s)"
+        "--processes", type=positive_int, default=3, help="worker processes (default: %(default)s)"
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         help="threads per worker process (default: %(default)s)",
     )
@@ -85,7 +87,7 @@ def run_demo_command(args: argparse.Namespace, console: Console | None = None) -
             keep=args.keep,
             console=console,
         )
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_FAILURE
 
 
 @contextmanager
@@ -102,13 +104,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -136,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_demo_command(args)
     except PersistenceError as error:  # bad URL, database down: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except KeyboardInterrupt:  # the workers were stopped on the way out
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.table import Table
+
+from ..cli.render import record_table
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class DemoReport:
 
 
 def print_summary(report: DemoReport, console: Console) -> None:
-    table = Table(title="Demo summary", show_header=False, title_justify="left")
+    table = record_table("Demo summary")
     table.add_column("what", no_wrap=True)
     table.add_column("value", justify="right")
 
