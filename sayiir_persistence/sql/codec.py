@@ -17,31 +17,36 @@ def _parse_time(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
-def encode_position(position: Position) -> str:
-    data: dict[str, Any]
+def position_to_dict(position: Position) -> dict[str, Any]:
+    """The JSON object of a position: what ``encode_position`` stores, and what the command
+    line's ``show --json`` prints."""
     match position:
         case NotStarted():
-            data = {"kind": "not_started"}
+            return {"kind": "not_started"}
         case AtTask(task_id=task_id):
-            data = {"kind": "task", "task_id": task_id}
+            return {"kind": "task", "task_id": task_id}
         case AtFork(fork_id=fork_id, branch_task_ids=branches):
-            data = {"kind": "fork", "fork_id": fork_id, "branch_task_ids": list(branches)}
+            return {"kind": "fork", "fork_id": fork_id, "branch_task_ids": list(branches)}
         case AtDelay(delay_id=delay_id, wake_at=wake_at, next_task_id=next_task_id):
-            data = {
+            return {
                 "kind": "delay",
                 "delay_id": delay_id,
                 "wake_at": _time(wake_at),
                 "next_task_id": next_task_id,
             }
         case AtSignal():
-            data = {
+            return {
                 "kind": "signal",
                 "signal_id": position.signal_id,
                 "signal_name": position.signal_name,
                 "wake_at": _time(position.wake_at),
                 "next_task_id": position.next_task_id,
             }
-    return json.dumps(data, separators=(",", ":"))
+    raise AssertionError(f"unknown position {position!r}")  # pragma: no cover
+
+
+def encode_position(position: Position) -> str:
+    return json.dumps(position_to_dict(position), separators=(",", ":"))
 
 
 def decode_position(text: str) -> Position:
@@ -67,17 +72,20 @@ def decode_position(text: str) -> Position:
     raise ValueError(f"unknown stored position kind {kind!r}")
 
 
+def request_to_dict(request: SignalRequest) -> dict[str, Any]:
+    """The JSON object of a signal request: what ``encode_request`` stores, and what the
+    command line's ``--json`` output prints."""
+    return {
+        "reason": request.reason,
+        "requested_by": request.requested_by,
+        "requested_at": _time(request.requested_at),
+    }
+
+
 def encode_request(request: SignalRequest | None) -> str | None:
     if request is None:
         return None
-    return json.dumps(
-        {
-            "reason": request.reason,
-            "requested_by": request.requested_by,
-            "requested_at": _time(request.requested_at),
-        },
-        separators=(",", ":"),
-    )
+    return json.dumps(request_to_dict(request), separators=(",", ":"))
 
 
 def decode_request(text: str | None) -> SignalRequest | None:

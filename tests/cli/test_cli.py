@@ -2,10 +2,9 @@
 
 Every test starts the console script (``python -m sayiir_persistence``) in a subprocess against
 a database of its own (SQLite file; PostgreSQL schema, MySQL database: see
-``helpers/isolated_db.py``),
-seeded through the Python API in the test process. Output is read as people see it (tables)
-and as scripts do (``--json`` parsed with ``json.loads``); error exits are checked for their
-status and their one line on stderr.
+``helpers/isolated_db.py``), seeded through the Python API in the test process. Output is read
+as people see it (tables) and as scripts do (``--json`` parsed with ``json.loads``); error exits
+are checked for their status and their one line on stderr.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from sayiir_persistence import (
     cli,
     migrate,
 )
+from sayiir_persistence.cli import database as cli_database
 from sayiir_persistence.cli import format_duration, parse_duration
 from sayiir_persistence.inspection import StoreInspector
 from sayiir_persistence.provisioning import URL_ENV_VAR
@@ -429,7 +429,7 @@ def test_a_workflow_that_finishes_meanwhile_is_refused_and_left_clean(
             self.save_snapshot(snapshot)
             return super().check_and_cancel(instance_id)
 
-    monkeypatch.setattr(cli, "SqlBackend", CompletesFirst)
+    monkeypatch.setattr(cli_database, "SqlBackend", CompletesFirst)
     assert cli.main(["cancel", "order-3", "--url", store_url]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "cannot cancel: workflow 'order-3' is completed now" in line
