@@ -422,17 +422,21 @@ class Worker:
         """Block until a thread is idle or the worker stops; the idle threads now promised
         to the claim loop (0 when stopping)."""
         with self._changed:
-            self._changed.wait_for(lambda: self._stopping.is_set() or self._free() > 0)
-            # One claim call for several threads costs about as much as for one: when only
-            # some threads are idle, give the others a moment to finish too.
-            self._changed.wait_for(
-                lambda: self._stopping.is_set() or self._free() >= self.batch_size,
-                self.claim_batch_wait.total_seconds(),
-            )
-            self._work_hint = False
-            if self._stopping.is_set():
-                return 0
-            return self._reserve(self.batch_size)
+            while True:
+                self._changed.wait_for(lambda: self._stopping.is_set() or self._free() > 0)
+                # One claim call for several threads costs about as much as for one: when
+                # only some threads are idle, give the others a moment to finish too.
+                self._changed.wait_for(
+                    lambda: self._stopping.is_set() or self._free() >= self.batch_size,
+                    self.claim_batch_wait.total_seconds(),
+                )
+                if self._stopping.is_set():
+                    return 0
+                # The completion thread may have promised the idle threads meanwhile.
+                reserved = self._reserve(self.batch_size)
+                if reserved:
+                    self._work_hint = False
+                    return reserved
 
     def _idle_wait(self, seconds: float) -> None:
         # Nothing to claim: wait (with jitter, so that workers started together do not poll

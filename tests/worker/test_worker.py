@@ -254,6 +254,22 @@ def test_chain_and_fork_workflows_complete_exactly_once(store: Store) -> None:
     assert mine == {TaskOutcome.RECORDED}  # (tasks of other tests in a shared database aside)
 
 
+def test_claiming_goes_on_while_completions_take_the_idle_threads(store: Store) -> None:
+    """With ``claim_batch_wait`` the claim loop waits (lock released) for more idle threads;
+    meanwhile the completion thread may promise them to its next claims. The claim loop must
+    go back to waiting, not stop (it did: the workflows then never finished)."""
+    ids = store.start(ORDER, count=30, payload=b"order")
+
+    def slow(ctx: TaskContext) -> bytes:
+        time.sleep(0.005)
+        return b"x"
+
+    worker = store.worker(slow, ORDER, threads=3, claim_batch_wait=timedelta(milliseconds=50))
+    with worker:
+        wait_until(all_done(store, ids), "every workflow to finish")
+    assert worker.stats.recorded == 4 * len(ids)
+
+
 def test_fork_branches_finishing_together_in_two_workers_reach_the_join(store: Store) -> None:
     """Each branch runs in its own worker (so each is recorded in its own transaction) and
     both finish at the same moment; no sweep runs (it would hide a stalled fork): the last
