@@ -36,7 +36,7 @@ from sqlalchemy.pool import NullPool
 from .errors import InvalidInputError, SchemaError
 from .sql.dialects import dialect_class
 from .sql.errors import translated_errors
-from .urls import mask_url, parse_url, redact_passwords
+from .urls import mask_url, parse_url
 
 __all__ = [
     "MIGRATIONS_DIR",
@@ -47,10 +47,8 @@ __all__ = [
     "check_schema",
     "current_revision",
     "head_revision",
-    "mask_url",
     "migrate",
     "migration_lock",
-    "redact_passwords",
     "upgrade",
 ]
 

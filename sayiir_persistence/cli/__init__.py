@@ -41,8 +41,8 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import PersistenceError
+from ..urls import redact_passwords
 from .arguments import format_duration, parse_duration
-from .database import redact_passwords
 from .parser import build_parser
 from .program import EXIT_FAILURE, EXIT_USAGE, PROG, Command
 

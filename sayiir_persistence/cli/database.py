@@ -1,8 +1,4 @@
-"""The database an operator command works on: its URL checked, then the backend opened.
-
-The one place in the command line that imports the masking of passwords in URLs and messages
-(``mask_url``, ``redact_passwords``); the rest of ``cli`` takes them from here.
-"""
+"""The database an operator command works on: its URL checked, then the backend opened."""
 
 from __future__ import annotations
 
@@ -10,16 +6,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from ..errors import InvalidInputError, SchemaError
 from ..inspection import StoreInspector
-from ..provisioning import mask_url, redact_passwords
 from ..sql.backend import SqlBackend
+from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from .program import PROG
 
-__all__ = ["mask_url", "open_store", "redact_passwords"]
+__all__ = ["open_store"]
 
 
 @contextmanager
@@ -39,14 +32,11 @@ def _check_url(url: str) -> None:
     SQLite creates a missing file on connect: a typo in a read-only command would leave an
     empty database behind. An in-memory SQLite database would always be empty.
     """
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        raise InvalidInputError(f"not a valid database URL: {mask_url(url)}") from None
+    parsed = parse_url(url, "--url")
     if parsed.get_backend_name() != "sqlite":
         return
     database = parsed.database
-    if not database or database == ":memory:":
+    if database is None or is_in_memory_sqlite(parsed):
         raise InvalidInputError(
             "an in-memory SQLite database is empty in every new process: "
             "give the URL of a database file (sqlite:///path/to/file.db)"
