@@ -195,6 +195,8 @@ def throughput(contender: Contender, db: str, kind: str, count: int) -> dict[str
         "wall_s": wall,
         "workflows_per_s": count / wall,
         "startup_s": started["startup_s"],
+        # The same, the worker's start-up (connecting, launching) left out.
+        "workflows_per_s_after_startup": count / max(wall - started["startup_s"], 1e-9),
         "cpu_s": finished["cpu_s"],
         "cpu_ms_per_workflow": finished["cpu_s"] * 1000 / count if count else None,
         "enqueue_s": enqueued["seconds"],
