@@ -96,7 +96,8 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if "error" not in row:
             by_key.setdefault((row["db"], row["kind"], row["round"]), {})[row["contender"]] = row
     paired: dict[str, Any] = {}
-    for (db, kind, _), contenders in sorted(by_key.items()):
+    order = {kind: index for index, kind in enumerate(KIND_TITLES)}
+    for (db, kind, _), contenders in sorted(by_key.items(), key=lambda item: order[item[0][1]]):
         reference = next((contenders[name] for name in REFERENCE if name in contenders), None)
         if reference is None:
             continue
@@ -245,7 +246,7 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     width = 0.8 / max(1, len(names))
     for panel, data, metric, title in (
         (axes[0], groups, "workflows_per_s", "workflows/s (median, whiskers min-max)"),
-        (axes[1], [(db, "latency", c) for db, c in latency], "p50_ms", "chain latency p50 ms"),
+        (axes[1], [(db, "latency", c) for db, c in latency], "p50_ms", "chain p50 ms (log)"),
     ):
         for index, name in enumerate(names):
             xs, ys, low, high = [], [], [], []
@@ -262,6 +263,8 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
             range(len(data)), [f"{db}\n{KIND_TITLES[kind]}" for db, kind, _ in data], fontsize=8
         )
         panel.set_title(title, fontsize=10)
+        if metric == "p50_ms":
+            panel.set_yscale("log")
         panel.grid(True, axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle(

@@ -82,6 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "without it the tables are only printed",
     )
     parser.add_argument("--no-chart", action="store_true", help="do not draw peers.png")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: derive the tables and chart of an earlier results.json again "
+        "(into its folder)",
+    )
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
@@ -186,6 +193,15 @@ def one_run(contender: Contender, db: str, kind: str, args: argparse.Namespace) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        earlier: dict[str, Any] = json.loads(args.replot.read_text())
+        report.derive(earlier)
+        text = report.markdown(earlier)
+        print(text)
+        write_json(earlier, args.replot)
+        (args.replot.parent / "results.md").write_text(text)
+        log(f"chart: {report.chart(earlier, args.replot.parent / 'peers.png')}")
+        return 0
     contenders = available(args)
     if not contenders:
         log("no contender to run")
