@@ -55,3 +55,36 @@ def test_quick_benchmark_run_on_sqlite(tmp_path: Path) -> None:
     assert [row["workflows"] for row in sqlite["scaling"]] == sorted(
         row["workflows"] for row in sqlite["scaling"]
     )
+
+
+@pytest.mark.skipif(not (ROOT / "benchmarks" / "peers").is_dir(), reason="no benchmarks/peers")
+def test_quick_peers_run_of_ours_on_sqlite(tmp_path: Path) -> None:
+    """``python -m benchmarks.peers`` with our contender alone (no peer library needed)."""
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.peers",
+            "--quick",
+            "--contenders",
+            "ours",
+            "--db",
+            "sqlite",
+            "--output",
+            str(tmp_path),
+            "--no-chart",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = results["runs"]
+    assert {(row["db"], row["kind"]) for row in runs} == {("sqlite", "one"), ("sqlite", "chain")}
+    for row in runs:
+        assert "error" not in row, row
+        assert row["workflows_per_s"] > 0, row
+    assert "| sqlite | one-task workflows | ours |" in (tmp_path / "results.md").read_text()
