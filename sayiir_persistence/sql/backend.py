@@ -69,7 +69,8 @@ from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from . import codec
 from .completing import CompletionStatements, complete_tasks
-from .dialects import READ_ONLY_OPTION, ClaimRow, Locked, dialect_for
+from .dialects import READ_ONLY_OPTION, Locked, TaskKey, dialect_for
+from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
 from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
 from .schema import (
@@ -86,6 +87,10 @@ from .statements import Statements
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Rounds of find-and-claim in one claim call while available tasks are all taken by others
+# before they can be locked (see SqlBackend._claim_available_tasks).
+_LOCK_ATTEMPTS = 3
 
 _CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
 
@@ -542,9 +547,19 @@ class SqlBackend(PersistentBackend):
             token = self._dialect.claim(conn, instance_id, task_id, worker_id, now, expires_at)
             if token is None:
                 return None
+            self._mark_claimed(conn, [(instance_id, task_id)], expires_at)
             return TaskClaim(instance_id, task_id, worker_id, now, expires_at, token)
 
         return self._transaction(work)
+
+    def _mark_claimed(
+        self, conn: Connection, keys: list[TaskKey], expires_at: datetime | None
+    ) -> None:
+        """Copy the claims' expiry to their ready rows (the hint candidates are rechecked by)."""
+        if keys:
+            conn.execute(
+                self._sql.mark_claimed, {"p_keys": keys, "p_until": claimed_until(expires_at)}
+            )
 
     @staticmethod
     def _held_claim_parameters(
@@ -584,6 +599,7 @@ class SqlBackend(PersistentBackend):
             result = conn.execute(self._sql.release.for_token(token), parameters)
             if result.rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
+            conn.execute(self._sql.clear_claimed, parameters)
 
         self._transaction(work)
 
@@ -657,14 +673,6 @@ class SqlBackend(PersistentBackend):
         # Read more candidates than needed where rows can be skipped: some will be locked
         # or claimed by concurrent callers by the time we lock them.
         wanted = limit * 2 + 16 if self._dialect.skip_locked else limit
-        parameters = self._candidate_parameters(worker_tags, wanted)
-        if self._sql.find_and_lock is not None:
-            find_and_lock = self._sql.find_and_lock.for_tags(worker_tags)
-            parameters["p_aging_us"] = aging_interval // timedelta(microseconds=1)
-            parameters["p_take"] = limit
-            rows = self._best_first(conn.execute(find_and_lock, parameters), aging_interval)
-            keys = [(row.instance_id, row.task_id) for row in rows]
-            return dict.fromkeys(keys, ClaimRow.UNKNOWN), rows[0].now if rows else None
         candidates = self._candidates(conn, worker_tags, aging_interval, wanted)
         if not candidates:
             return {}, None
@@ -713,26 +721,92 @@ class SqlBackend(PersistentBackend):
         aging_interval: timedelta,
     ) -> list[ClaimedTask]:
         def work(conn: Connection) -> list[ClaimedTask]:
-            locked, now = self._find_and_lock(conn, tags, aging_interval, limit)
-            if now is None:
-                return []
-            expires_at = None if ttl is None else now + ttl
-            # The guarded claim, not the lock, decides: a row claimed and committed just
-            # before we locked it is refused here.
-            tokens = self._dialect.claim_many(conn, locked, worker_id, now, expires_at)
-            claimed = [key for key in locked if key in tokens]
-            tasks = self._available_tasks(conn, claimed)
-            return [
-                ClaimedTask(
-                    TaskClaim(
-                        task.instance_id, task.task_id, worker_id, now, expires_at, tokens[key]
-                    ),
-                    task,
-                )
-                for key, task in zip(claimed, tasks, strict=True)
-            ]
+            # Every candidate read may have been claimed by others before it could be locked
+            # (a reader slowed down while they committed): then, while tasks are still
+            # available, look again (a new statement sees their commits), so that a call
+            # comes back empty only when no task was free.
+            for _ in range(_LOCK_ATTEMPTS):
+                if self._sql.claim_available is not None:
+                    claimed = self._claim_in_one_statement(
+                        conn, worker_id, limit, ttl, tags, aging_interval
+                    )
+                else:
+                    claimed = self._claim_in_steps(
+                        conn, worker_id, limit, ttl, tags, aging_interval
+                    )
+                if claimed or not self._candidates(conn, tags, aging_interval, 1):
+                    return claimed
+            return []
 
         return self._transaction(work)
+
+    def _claim_in_one_statement(
+        self,
+        conn: Connection,
+        worker_id: str,
+        limit: int,
+        ttl: timedelta | None,
+        tags: frozenset[str],
+        aging_interval: timedelta,
+    ) -> list[ClaimedTask]:
+        assert self._sql.claim_available is not None
+        parameters = self._candidate_parameters(tags, limit * 2 + 16)
+        parameters |= {
+            "p_aging_us": aging_interval // timedelta(microseconds=1),
+            "p_take": limit,
+            "p_worker_id": worker_id,
+            "p_ttl": None if ttl is None else self._dialect.ttl_parameter(ttl),
+        }
+        rows = conn.execute(self._sql.claim_available.for_tags(tags), parameters)
+        return [
+            ClaimedTask(
+                TaskClaim(
+                    row.instance_id,
+                    row.task_id,
+                    worker_id,
+                    row.claimed_at,
+                    row.expires_at,
+                    row.token,
+                ),
+                AvailableTask(
+                    instance_id=row.instance_id,
+                    task_id=row.task_id,
+                    definition_hash=row.definition_hash,
+                    input=row.initial_input if row.input_task_id is None else row.input_output,
+                    priority=row.priority,
+                    tags=codec.decode_tags(row.tags),
+                    snapshot_version=row.version,
+                ),
+            )
+            for row in self._best_first(rows, aging_interval)
+        ]
+
+    def _claim_in_steps(
+        self,
+        conn: Connection,
+        worker_id: str,
+        limit: int,
+        ttl: timedelta | None,
+        tags: frozenset[str],
+        aging_interval: timedelta,
+    ) -> list[ClaimedTask]:
+        locked, now = self._find_and_lock(conn, tags, aging_interval, limit)
+        if now is None:
+            return []
+        expires_at = None if ttl is None else now + ttl
+        # The guarded claim, not the lock, decides: a row claimed and committed just
+        # before we locked it is refused here.
+        tokens = self._dialect.claim_many(conn, locked, worker_id, now, expires_at)
+        claimed = [key for key in locked if key in tokens]
+        self._mark_claimed(conn, claimed, expires_at)
+        tasks = self._available_tasks(conn, claimed)
+        return [
+            ClaimedTask(
+                TaskClaim(task.instance_id, task.task_id, worker_id, now, expires_at, tokens[key]),
+                task,
+            )
+            for key, task in zip(claimed, tasks, strict=True)
+        ]
 
     # -- completions -------------------------------------------------------------------------
 

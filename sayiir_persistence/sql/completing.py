@@ -49,8 +49,10 @@ from ..model import (
     WorkflowSnapshot,
 )
 from .dialects import SqlDialect, TaskKey
+from .dialects.base import claimed_until
 from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
 from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
+from .statements import mark_claimed
 
 
 class CompletionStatements:
@@ -87,6 +89,7 @@ class CompletionStatements:
         self.clear_ready = delete(ready_tasks).where(ready_tasks.c.instance_id.in_(instance_ids))
         self.release_claims = update(task_claims).where(claim_key.in_(keys)).values(released=True)
         self.clear_tags = delete(workflow_tags).where(workflow_tags.c.instance_id.in_(instance_ids))
+        self.mark_claimed = mark_claimed()
 
 
 # The columns a save writes (see rows.workflow_values), bound as p_<name> for executemany.
@@ -166,7 +169,9 @@ def complete_tasks(
         _write(conn, sql, written, now)
         conn.execute(sql.release_claims, {"p_keys": list(released)})
     if claim_next > 0 and written:
-        results = _claim_next(conn, dialect, completions, results, written, ttl, claim_next, now)
+        results = _claim_next(
+            conn, sql, dialect, completions, results, written, ttl, claim_next, now
+        )
     return results
 
 
@@ -245,6 +250,7 @@ def _write(
 
 def _claim_next(
     conn: Connection,
+    sql: CompletionStatements,
     dialect: SqlDialect,
     completions: Sequence[TaskCompletion],
     results: list[CompletionResult],
@@ -276,6 +282,9 @@ def _claim_next(
         tokens = dialect.claim_many(
             conn, dialect.claim_rows(conn, keys), worker_id, now, expires_at
         )
+        taken = [key for key in keys if key in tokens]
+        if taken:
+            conn.execute(sql.mark_claimed, {"p_keys": taken, "p_until": claimed_until(expires_at)})
         for instance_id, task_id in keys:
             token = tokens.get((instance_id, task_id))
             if token is None:

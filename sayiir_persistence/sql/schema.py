@@ -7,7 +7,8 @@ Layout (one row per ...):
   so parallel branches append results without rewriting one big value.
 - ``sayiir_ready_tasks``: task that is runnable by position in an in-progress workflow
   and not completed. Maintained by every write that changes status, position or results,
-  so finding work is one indexed scan instead of decoding every snapshot.
+  so finding work is one indexed scan instead of decoding every snapshot; its claim's expiry
+  is copied there by the claim (``claimed_until``).
 - ``sayiir_task_claims``: claim on a task. Released claims stay (``released``) so the
   fencing token of the next claim keeps increasing.
 - ``sayiir_signals``: pending cancel or pause request.
@@ -93,6 +94,10 @@ ready_tasks = Table(
     # Set for a delay's next task: runnable once the store's clock reaches it.
     Column("wake_at", UtcDateTime()),
     Column("has_tags", Boolean(create_constraint=False), nullable=False),
+    # When the task's claim expires (NULL: not claimed), written by the claim itself so that
+    # a claimer locking the row rechecks it (see the migration c4e9a1f07b2d). A hint: the
+    # claim row decides; released claims clear it, renewals need not update it.
+    Column("claimed_until", UtcDateTime()),
     # The order of find/claim_available_tasks within one priority: served by this index.
     Index(None, "priority", "updated_at", "instance_id", "task_id"),
     **_MYSQL,

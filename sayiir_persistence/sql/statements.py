@@ -27,6 +27,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    tuple_,
     union_all,
     update,
 )
@@ -34,6 +35,7 @@ from sqlalchemy import (
 from ..model import WorkflowStatus
 from ..validation import MAX_PRIORITY, MIN_PRIORITY
 from .dialects import SqlDialect, claim_key
+from .dialects.base import ready_is_free
 from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
 
 # Statuses in which a workflow's stored state may still change (not terminal).
@@ -100,6 +102,19 @@ def held_claim_filter(with_token: bool) -> ColumnElement[bool]:
     return condition
 
 
+def mark_claimed() -> Update:
+    """Set the claim hint of the ready rows ``p_keys`` (expanding) to ``p_until``."""
+    return (
+        update(ready_tasks)
+        .where(
+            tuple_(ready_tasks.c.instance_id, ready_tasks.c.task_id).in_(
+                bindparam("p_keys", expanding=True)
+            )
+        )
+        .values(claimed_until=bindparam("p_until"))
+    )
+
+
 def candidate_query(dialect: SqlDialect, worker_has_tags: bool) -> CompoundSelect[Any]:
     """The first ``:limit`` available tasks of each priority (``worker_tags``: expanding).
 
@@ -120,6 +135,7 @@ def candidate_query(dialect: SqlDialect, worker_has_tags: bool) -> CompoundSelec
             workflow_tags.c.tag.not_in(bindparam("worker_tags", expanding=True))
         )
     filters = [
+        ready_is_free(ready_tasks, now),
         or_(ready_tasks.c.wake_at.is_(None), ready_tasks.c.wake_at <= now),
         not_(signal_pending()),
         not_(live_claim),
@@ -151,15 +167,15 @@ class Statements:
             untagged=candidate_query(dialect, worker_has_tags=False),
             tagged=candidate_query(dialect, worker_has_tags=True),
         )
-        # PostgreSQL finds, orders and locks in one statement; elsewhere None.
-        find_and_lock = (
-            dialect.find_and_lock_query(self.candidates.untagged),
-            dialect.find_and_lock_query(self.candidates.tagged),
+        # PostgreSQL finds, locks, claims and describes in one statement; elsewhere None.
+        claim_available = (
+            dialect.claim_available_query(self.candidates.untagged),
+            dialect.claim_available_query(self.candidates.tagged),
         )
-        self.find_and_lock: ByWorkerTags[Select[Any]] | None = (
+        self.claim_available: ByWorkerTags[Select[Any]] | None = (
             None
-            if find_and_lock[0] is None or find_and_lock[1] is None
-            else ByWorkerTags(untagged=find_and_lock[0], tagged=find_and_lock[1])
+            if claim_available[0] is None or claim_available[1] is None
+            else ByWorkerTags(untagged=claim_available[0], tagged=claim_available[1])
         )
         input_result = task_results.alias("input_result")
         # What a claimed task hands out: its workflow's input (or its input task's output).
@@ -225,6 +241,9 @@ class Statements:
             .with_for_update()
         )
         self.delete_ready_task = delete(ready_tasks).where(_ready_key())
+        # The claim hint of ready rows: set by a claim, cleared by a release.
+        self.mark_claimed = mark_claimed()
+        self.clear_claimed = update(ready_tasks).where(_ready_key()).values(claimed_until=None)
         self.clear_ready_tasks = delete(ready_tasks).where(
             ready_tasks.c.instance_id == bindparam("p_instance_id")
         )

@@ -374,7 +374,7 @@ class MemoryStore:
 SHIFTED_COLUMNS = {
     workflows: ("updated_at",),
     task_results: ("completed_at",),
-    ready_tasks: ("updated_at", "wake_at"),
+    ready_tasks: ("updated_at", "wake_at", "claimed_until"),
     task_claims: ("claimed_at", "expires_at"),
     events: ("created_at",),
 }

@@ -22,7 +22,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, ClassVar, Self
 
@@ -32,6 +32,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     Executable,
+    FromClause,
     Select,
     Table,
     and_,
@@ -100,6 +101,22 @@ def claim_is_free(now: ColumnElement[datetime]) -> ColumnElement[bool]:
         task_claims.c.released.is_(True),
         and_(task_claims.c.expires_at.is_not(None), task_claims.c.expires_at <= now),
     )
+
+
+# The claimed_until of a claim that never expires (ttl=None): the latest time every database
+# stores.
+CLAIMED_FOREVER = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+def claimed_until(expires_at: datetime | None) -> datetime:
+    """The ``claimed_until`` hint of a claim expiring at ``expires_at``."""
+    return CLAIMED_FOREVER if expires_at is None else expires_at
+
+
+def ready_is_free(ready: FromClause, now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """The ready row's own claim hint (``claimed_until``) says it is free; its claim row may
+    still say otherwise, and decides."""
+    return or_(ready.c.claimed_until.is_(None), ready.c.claimed_until <= now)
 
 
 def new_result() -> dict[str, object]:
@@ -269,9 +286,10 @@ class SqlDialect(ABC):
         key = (instance_id, task_id)
         return self.claim_many(conn, {key: ClaimRow.UNKNOWN}, worker_id, now, expires_at).get(key)
 
-    def find_and_lock_query(self, candidates: CompoundSelect[Any]) -> Select[Any] | None:
-        """One statement that finds, orders and locks the best candidates, where the
-        database can (``None``: :meth:`lock_candidates` locks what ``candidates`` found)."""
+    def claim_available_query(self, candidates: CompoundSelect[Any]) -> Select[Any] | None:
+        """One statement that finds, locks, claims and describes the best candidates, where
+        the database can (``None``: :meth:`lock_candidates` and :meth:`claim_many` do it in
+        steps)."""
         return None
 
     @abstractmethod

@@ -38,6 +38,7 @@ from .base import (
     claim_parameters,
     new_claim,
     new_result,
+    ready_is_free,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,12 +101,15 @@ class MySqlDialect(SqlDialect):
             )
             .scalar_subquery()
         )
+        # A locking read sees each row's latest committed version, so a row claimed since the
+        # candidates were read (its claim hint set) is left out here, and the next one locked.
         self._lock_statement = (
             select(ready_tasks.c.instance_id, ready_tasks.c.task_id, claim_token.label("token"))
             .where(
                 tuple_(ready_tasks.c.instance_id, ready_tasks.c.task_id).in_(
                     bindparam("p_keys", expanding=True)
-                )
+                ),
+                ready_is_free(ready_tasks, self.now()),
             )
             .with_for_update(skip_locked=True)
         )

@@ -1,4 +1,4 @@
-"""PostgreSQL: ``INSERT ... ON CONFLICT`` claims and one find-and-lock statement."""
+"""PostgreSQL: ``INSERT ... ON CONFLICT`` claims; available tasks claimed in one statement."""
 
 from __future__ import annotations
 
@@ -17,17 +17,28 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    false,
     func,
+    literal,
     select,
     text,
     type_coerce,
+    update,
 )
 from sqlalchemy.dialects import postgresql
 
 from ..errors import ErrorKind
-from ..schema import ready_tasks
-from ..types import UtcDateTime
-from .base import Locked, SqlDialect, TaskKey, on_conflict_upserts
+from ..schema import ready_tasks, task_claims, task_results, workflows
+from ..types import Identifier, UtcDateTime
+from .base import (
+    CLAIMED_FOREVER,
+    Locked,
+    SqlDialect,
+    TaskKey,
+    claim_is_free,
+    on_conflict_upserts,
+    ready_is_free,
+)
 
 # SQLSTATEs.
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock
@@ -71,30 +82,35 @@ class PostgresDialect(SqlDialect):
     def _build_upserts(self) -> tuple[Executable, Executable]:
         return on_conflict_upserts(postgresql.insert)
 
-    def find_and_lock_query(self, candidates: CompoundSelect[Any]) -> Select[Any]:
-        # The lock sits under the LIMIT: rows locked by others are skipped and the next
-        # best taken, in effective priority order (priority * aging + updated_at, in exact
-        # microseconds; EXTRACT returns numeric). One round trip instead of two.
+    def claim_available_query(self, candidates: CompoundSelect[Any]) -> Select[Any]:
+        """Find, lock, claim and describe the best available tasks in one statement.
+
+        ``locked``: the best candidates by effective priority (priority * aging + updated_at,
+        in exact microseconds; EXTRACT returns numeric), locked under the LIMIT, so that rows
+        locked by others are skipped and the next best taken; the free-row condition sits on
+        the locked row itself, so that a row claimed by a commit after this statement's
+        snapshot is rechecked on its new version and skipped too. ``claimed``: the guarded
+        claim upsert of those rows (a live claim row refuses, and returns nothing). ``marked``:
+        the claims' expiry copied to their ready rows. The outer select adds what the worker
+        needs to run each task. Bound: the candidates' parameters, ``p_aging_us``,
+        ``p_take``, ``p_worker_id``, ``p_ttl`` (an interval, or NULL for no expiry).
+        """
         candidate = candidates.subquery("candidate")
-        locked = ready_tasks.alias("locked")
+        ready = ready_tasks.alias("ready")
+        now = self.now()
         updated_us = func.extract("epoch", candidate.c.updated_at) * 1_000_000
         effective_priority = candidate.c.priority * bindparam("p_aging_us", type_=BigInteger())
-        return (
-            select(
-                locked.c.instance_id,
-                locked.c.task_id,
-                locked.c.priority,
-                locked.c.updated_at,
-                self.now().label("now"),
-            )
+        locked = (
+            select(ready.c.instance_id, ready.c.task_id, ready.c.priority, ready.c.updated_at)
             .join_from(
-                locked,
+                ready,
                 candidate,
                 and_(
-                    candidate.c.instance_id == locked.c.instance_id,
-                    candidate.c.task_id == locked.c.task_id,
+                    candidate.c.instance_id == ready.c.instance_id,
+                    candidate.c.task_id == ready.c.task_id,
                 ),
             )
+            .where(ready_is_free(ready, now))
             .order_by(
                 effective_priority + updated_us,
                 candidate.c.updated_at,
@@ -102,8 +118,99 @@ class PostgresDialect(SqlDialect):
                 candidate.c.task_id,
             )
             .limit(bindparam("p_take", type_=BigInteger()))
-            .with_for_update(of=locked, skip_locked=True)
+            .with_for_update(of=ready, skip_locked=True)
+            .cte("locked")
+        )
+        claim = postgresql.insert(task_claims).from_select(
+            [
+                "instance_id",
+                "task_id",
+                "worker_id",
+                "token",
+                "claimed_at",
+                "expires_at",
+                "released",
+            ],
+            select(
+                locked.c.instance_id,
+                locked.c.task_id,
+                bindparam("p_worker_id", type_=Identifier()),
+                literal(1, BigInteger()),
+                now,
+                self.now_plus_ttl(),
+                false(),
+            ),
+        )
+        claimed = (
+            claim.on_conflict_do_update(
+                index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
+                set_={
+                    "worker_id": claim.excluded.worker_id,
+                    "token": task_claims.c.token + 1,
+                    "claimed_at": claim.excluded.claimed_at,
+                    "expires_at": claim.excluded.expires_at,
+                    "released": False,
+                },
+                where=claim_is_free(claim.excluded.claimed_at),
+            )
+            .returning(
+                task_claims.c.instance_id,
+                task_claims.c.task_id,
+                task_claims.c.token,
+                task_claims.c.claimed_at,
+                task_claims.c.expires_at,
+            )
+            .cte("claimed")
+        )
+        marked = (
+            update(ready_tasks)
+            .where(
+                ready_tasks.c.instance_id == claimed.c.instance_id,
+                ready_tasks.c.task_id == claimed.c.task_id,
+            )
+            .values(
+                claimed_until=func.coalesce(
+                    claimed.c.expires_at, literal(CLAIMED_FOREVER, UtcDateTime())
+                )
+            )
+            .cte("marked")
+        )
+        input_result = task_results.alias("input_result")
+        return (
+            select(
+                claimed.c.instance_id,
+                claimed.c.task_id,
+                claimed.c.token,
+                claimed.c.claimed_at,
+                claimed.c.expires_at,
+                locked.c.priority,
+                locked.c.updated_at,
+                workflows.c.definition_hash,
+                workflows.c.tags,
+                workflows.c.version,
+                workflows.c.initial_input,
+                workflows.c.input_task_id,
+                input_result.c.output.label("input_output"),
+            )
+            .select_from(
+                claimed.join(
+                    locked,
+                    and_(
+                        locked.c.instance_id == claimed.c.instance_id,
+                        locked.c.task_id == claimed.c.task_id,
+                    ),
+                )
+                .join(workflows, workflows.c.instance_id == claimed.c.instance_id)
+                .outerjoin(
+                    input_result,
+                    and_(
+                        input_result.c.instance_id == workflows.c.instance_id,
+                        input_result.c.task_id == workflows.c.input_task_id,
+                    ),
+                )
+            )
+            .add_cte(marked)
         )
 
     def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
-        raise NotImplementedError("PostgreSQL locks its candidates in find_and_lock_query")
+        raise NotImplementedError("PostgreSQL claims in one statement: claim_available_query")
