@@ -13,9 +13,11 @@ from datetime import timedelta
 
 from sayiir_persistence import (
     AtTask,
+    CompletionOutcome,
     InMemoryBackend,
     PersistentBackend,
     SqlBackend,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
     migrate,
@@ -45,25 +47,36 @@ def main(url: str | None = None) -> None:
     [claimed] = backend.claim_available_tasks("worker-1", limit=1, ttl=timedelta(seconds=30))
     assert claimed.task.input == b'{"sku": "A1", "qty": 2}'
 
-    # 3. It runs the task and moves the workflow on: saved only while it still holds the claim.
-    state = backend.load_snapshot("order-42")
-    state.mark_task_completed("validate", b'{"valid": true}')
-    state.move_to(AtTask("ship"))
-    assert backend.save_snapshot_fenced(state, "validate", "worker-1", token=claimed.claim.token)
-    backend.release_task_claim("order-42", "validate", "worker-1", token=claimed.claim.token)
+    # 3. It runs the task and records it: the result stored, the workflow moved on and the
+    #    claim released in one atomic step, refused unless worker-1 still holds that claim.
+    [done] = backend.complete_tasks(
+        [
+            TaskCompletion(
+                "order-42",
+                "validate",
+                "worker-1",
+                claimed.claim.token,
+                output=b'{"valid": true}',
+                advance=lambda state: state.move_to(AtTask("ship")),
+            )
+        ],
+        ttl=timedelta(seconds=30),
+    )
+    assert done.outcome is CompletionOutcome.RECORDED
 
-    # 4. The worker crashes here. Another process loads the snapshot and resumes exactly
-    #    where it stopped: "validate" is done, "ship" is next, with validate's output as input.
+    # 4. The worker crashes here. Another process resumes exactly where it stopped:
+    #    "validate" is done, "ship" is next, with validate's output as input.
     [next_task] = backend.find_available_tasks("worker-2", limit=10)
     assert (next_task.task_id, next_task.input) == ("ship", b'{"valid": true}')
     claim = backend.claim_task("order-42", "ship", "worker-2", ttl=timedelta(seconds=30))
     assert claim is not None
 
+    # The lower-level way: load, mutate, save under the claim (fenced), release.
     resumed = backend.load_snapshot("order-42")
     resumed.mark_task_completed("ship", b'{"tracking": "XY123"}')
     resumed.mark_completed(b'{"status": "shipped"}')
-    backend.save_snapshot_fenced(resumed, "ship", "worker-2", token=claim.token)
-    backend.release_task_claim("order-42", "ship", "worker-2")
+    assert backend.save_snapshot_fenced(resumed, "ship", "worker-2", token=claim.token)
+    backend.release_task_claim("order-42", "ship", "worker-2", token=claim.token)
 
     final = backend.load_snapshot("order-42")
     assert final.status is WorkflowStatus.COMPLETED

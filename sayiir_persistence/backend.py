@@ -50,6 +50,7 @@ from .validation import (
     check_ttl,
     check_version,
 )
+from .wakeups import LocalWorkWaiter, WorkSignal, WorkWaiter
 
 DEFAULT_AGING_INTERVAL = timedelta(minutes=5)
 
@@ -69,8 +70,26 @@ class PersistentBackend(ABC):
         if max_payload_bytes < 1:
             raise InvalidInputError("max_payload_bytes must be positive")
         self.max_payload_bytes = max_payload_bytes
+        # Announcements of work within this process (see work_waiter).
+        self._work_signal = WorkSignal()
 
     # -- lifecycle ------------------------------------------------------------------------
+
+    def work_waiter(self) -> WorkWaiter:
+        """Something an idle worker can wait on until a task may have become runnable.
+
+        Work is announced by writes that make a task runnable without claiming it (a new
+        workflow, a finished step whose next task was not claimed with it, a released claim,
+        a resumed workflow); within this process on every backend, and across processes
+        where the store can (PostgreSQL). A hint, not a promise: keep polling too, less
+        often (an expired claim announces nothing). One waiter per waiting thread; close it
+        when done.
+        """
+        return LocalWorkWaiter(self._work_signal)
+
+    def _announce_work(self) -> None:
+        """Wake this process's waiters: call after committing a write that made work."""
+        self._work_signal.announce()
 
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
         """Release resources (connections). The backend must not be used afterwards."""

@@ -149,6 +149,8 @@ class InMemoryBackend(PersistentBackend):
             stored.version = existing.snapshot.version + 1
             existing.snapshot = stored
         stored.updated_at = now
+        if stored.status is WorkflowStatus.IN_PROGRESS:
+            self._announce_work()
         return stored.version
 
     def _available(
@@ -327,6 +329,7 @@ class InMemoryBackend(PersistentBackend):
         with self._lock:
             _, claim = self._held_claim(instance_id, task_id, worker_id, token)
             claim.released = True
+            self._announce_work()
 
     def _extend_task_claim(
         self,
@@ -477,6 +480,7 @@ class InMemoryBackend(PersistentBackend):
                 )
             transitions.unpause(instance.snapshot)
             self._bump(instance, self._now())
+            self._announce_work()
             return _copy(instance.snapshot)
 
     def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
@@ -485,6 +489,7 @@ class InMemoryBackend(PersistentBackend):
             if transitions.waits_for_event(instance.snapshot, name):
                 transitions.deliver_event(instance.snapshot, payload)
                 self._bump(instance, self._now())
+                self._announce_work()
             else:
                 instance.events.setdefault(name, deque()).append(payload)
 

@@ -122,7 +122,7 @@ CONTENDERS = {
         ("postgres", "sqlite"),
         f"sayiir_persistence.worker.Worker(SqlBackend(url), handlers, Pipeline(...), "
         f"threads={CONCURRENCY}, poll_interval={OURS_POLL_MS} ms); workflows started with "
-        "Pipeline.start + save_snapshot",
+        "Pipeline.start + save_snapshot; PostgreSQL through psycopg 3 (postgresql+psycopg)",
         {"threads": CONCURRENCY, "poll_interval_ms": OURS_POLL_MS},
     ),
     "ours-defaults": Contender(
@@ -130,8 +130,18 @@ CONTENDERS = {
         "ours",
         None,
         ("postgres", "sqlite"),
-        f"the same Worker with its defaults but threads={CONCURRENCY} (poll_interval 1 s)",
+        f"the same Worker with its defaults but threads={CONCURRENCY} (poll_interval 1 s, "
+        "woken by LISTEN/NOTIFY on PostgreSQL)",
         {"threads": CONCURRENCY},
+    ),
+    "ours-psycopg2": Contender(
+        "ours-psycopg2",
+        "ours",
+        None,
+        ("postgres",),
+        f"as ours (threads={CONCURRENCY}, poll_interval={OURS_POLL_MS} ms) on psycopg2, which "
+        "sends every statement to be planned anew (ours uses psycopg 3, which prepares them)",
+        {"threads": CONCURRENCY, "poll_interval_ms": OURS_POLL_MS, "driver": "psycopg2"},
     ),
     "procrastinate": Contender(
         "procrastinate",

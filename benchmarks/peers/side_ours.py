@@ -47,15 +47,17 @@ def make_worker(backend: SqlBackend, pipeline: Pipeline, options: dict[str, Any]
     return Worker(backend, HANDLERS, pipeline, **kwargs)
 
 
-def url_of(target: dict[str, str]) -> str:
+def url_of(target: dict[str, str], driver: str) -> str:
     if target["db"] == "sqlite":
         return f"sqlite:///{target['path']}"
-    return target["url"].replace("postgresql://", "postgresql+psycopg2://", 1)
+    return target["url"].replace("postgresql://", f"postgresql+{driver}://", 1)
 
 
 class Side:
     def __init__(self, target: dict[str, str], kind: str, options: dict[str, Any]) -> None:
-        self.url = url_of(target)
+        options = dict(options)
+        # psycopg (3) by default: it prepares repeated statements (the server plans each once).
+        self.url = url_of(target, options.pop("driver", "psycopg"))
         self.pipeline = PIPELINES["one" if kind == "one" else "chain"]
         self.options = options
         self.backend: SqlBackend | None = None

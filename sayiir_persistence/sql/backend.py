@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -67,11 +68,13 @@ from ..model import (
 from ..ordering import availability_key
 from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
+from ..wakeups import WorkSignal, WorkWaiter
 from . import codec
 from .completing import CompletionStatements, complete_tasks
 from .dialects import READ_ONLY_OPTION, Locked, TaskKey, dialect_for
 from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
+from .listening import PostgresWorkWaiter, listens
 from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
 from .schema import (
     events,
@@ -185,6 +188,10 @@ class SqlBackend(PersistentBackend):
             raise InvalidInputError(str(error)) from None
         self._max_retries = max_retries
         self._sql = Statements(self._dialect)
+        # Set by a transaction that announced work (see _announce), per calling thread.
+        self._announcing = threading.local()
+        # Every backend object on this database in this process wakes the same waiters.
+        self._work_signal = WorkSignal.of(url.render_as_string(hide_password=False))
         self._completion_sql = CompletionStatements(self._dialect)
         with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
@@ -230,6 +237,7 @@ class SqlBackend(PersistentBackend):
         while True:
             attempt += 1
             committing = False
+            self._announcing.pending = False
             try:
                 with (
                     self._dialect.write_gate(read_only),
@@ -245,6 +253,8 @@ class SqlBackend(PersistentBackend):
                         transaction.rollback()
                         return rollback.value  # type: ignore[no-any-return]
                     committing = True  # leaving the block sends COMMIT
+                if self._announcing.pending:
+                    self._announce_work()  # committed: wake this process's idle workers
                 return result
             except (RetryableConflict, _RestartTransaction) as conflict:
                 if attempt >= self._max_retries:
@@ -264,6 +274,19 @@ class SqlBackend(PersistentBackend):
                     raise
                 reconnected = True
                 logger.info("connection to %s lost before COMMIT; running again", self._where)
+
+    def _announce(self, conn: Connection) -> None:
+        """The transaction in ``conn`` makes a task runnable that nobody claimed with it:
+        wake idle workers once it commits (this process's, and on PostgreSQL every one)."""
+        self._announcing.pending = True
+        self._dialect.announce_work(conn)
+
+    def work_waiter(self) -> WorkWaiter:
+        """See :meth:`PersistentBackend.work_waiter`. On PostgreSQL (psycopg2 or psycopg 3)
+        the waiter listens on its own connection for every process's announcements."""
+        if listens(self._engine):
+            return PostgresWorkWaiter(self._engine)
+        return super().work_waiter()
 
     # -- shared statements -------------------------------------------------------------------
 
@@ -363,6 +386,7 @@ class SqlBackend(PersistentBackend):
         ready = ready_rows(snapshot, stored_results | snapshot.completed_tasks.keys(), now)
         if ready:
             conn.execute(insert(ready_tasks), ready)
+            self._announce(conn)
         return version
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -599,7 +623,8 @@ class SqlBackend(PersistentBackend):
             result = conn.execute(self._sql.release.for_token(token), parameters)
             if result.rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
-            conn.execute(self._sql.clear_claimed, parameters)
+            if conn.execute(self._sql.clear_claimed, parameters).rowcount:
+                self._announce(conn)  # still a task of its workflow's position: runnable
 
         self._transaction(work)
 
@@ -822,6 +847,7 @@ class SqlBackend(PersistentBackend):
                 ttl,
                 claim_next,
                 self._check_snapshot,
+                self._announce,
             )
         )
 

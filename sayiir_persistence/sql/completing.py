@@ -129,8 +129,12 @@ def complete_tasks(
     ttl: timedelta | None,
     claim_next: int,
     check_snapshot: Callable[[WorkflowSnapshot], None],
+    announce: Callable[[Connection], None],
 ) -> list[CompletionResult]:
-    """Apply ``completions`` in ``conn``'s transaction; see the module documentation."""
+    """Apply ``completions`` in ``conn``'s transaction; see the module documentation.
+
+    ``announce`` is called when a completion made a task runnable that no next claim took.
+    """
     locked, now = _lock_workflows(conn, sql, sorted({c.instance_id for c in completions}))
     if not locked:
         return [CompletionResult(CompletionOutcome.NOT_FOUND) for _ in completions]
@@ -165,13 +169,17 @@ def complete_tasks(
         results.append(CompletionResult(CompletionOutcome.RECORDED, version=applied.version))
 
     written = {instance_id: w for instance_id, w in locked.items() if w.written}
-    if written:
-        _write(conn, sql, written, now)
-        conn.execute(sql.release_claims, {"p_keys": list(released)})
-    if claim_next > 0 and written:
+    if not written:
+        return results
+    runnable = _write(conn, sql, written, now)
+    conn.execute(sql.release_claims, {"p_keys": list(released)})
+    if claim_next > 0:
         results = _claim_next(
             conn, sql, dialect, completions, results, written, ttl, claim_next, now
         )
+    taken = {(t.task.instance_id, t.task.task_id) for r in results for t in r.next_tasks}
+    if runnable - taken:
+        announce(conn)
     return results
 
 
@@ -209,8 +217,9 @@ def _holds(claim: Row[Any], completion: TaskCompletion) -> bool:
 
 def _write(
     conn: Connection, sql: CompletionStatements, written: dict[str, _Locked], now: datetime
-) -> None:
-    """Save the final snapshot of each written workflow, as ``save_snapshot`` would."""
+) -> set[TaskKey]:
+    """Save the final snapshot of each written workflow, as ``save_snapshot`` would; the
+    ready tasks written."""
     conn.execute(
         sql.update_workflow,
         [
@@ -246,6 +255,7 @@ def _write(
         ]
         if tags:
             conn.execute(insert(workflow_tags), tags)
+    return {(str(row["instance_id"]), str(row["task_id"])) for row in ready}
 
 
 def _claim_next(

@@ -10,7 +10,8 @@ guarantees. The pieces, by thread:
 - the completion thread (a :class:`~sayiir_persistence.worker.batcher.Batcher`): records the
   queued outcomes with ``complete_tasks``, many per transaction, and takes the next tasks of
   those workflows for the threads that are idle (``claim_next``), in the same transaction;
-- the heartbeat thread: renews every claim held (tasks running or waiting to be recorded).
+- the heartbeat thread: renews every claim held (tasks running or waiting to be recorded);
+- the listening thread: wakes the claim thread when the store announces work.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ _MIN_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 5.0
 # An idle worker first polls this much sooner than poll_interval, then backs off to it.
 _POLL_SPEEDUP = 16
+# Longest a wait for announcements of work lasts (how long stop() may wait for it).
+_LISTEN_SECONDS = 0.25
 # Attempts of a completion batch whose outcome was unknown (the store unreachable): safe to
 # repeat, since recorded completions released their claims (docs/contract.md#complete_tasks).
 _COMPLETION_ATTEMPTS = 4
@@ -123,9 +126,10 @@ class Worker:
         heartbeat_every: how often every held claim is renewed (default ``ttl / 3``). Keep it
             well below ``ttl``.
         poll_interval: the longest an idle worker waits before looking for tasks again.
-            After work it looks sooner (``poll_interval / 16``, doubling while it finds
-            nothing), and at once when one of its own completions may have made a task
-            runnable that it did not take itself.
+            It looks at once when work is announced (``backend.work_waiter()``: a task
+            made runnable by this process, or by any process on PostgreSQL), and after work
+            it polls sooner (``poll_interval / 16``, doubling while it finds nothing):
+            polling is the fallback for lost announcements and expired claims.
         tags: the worker's tags; it runs the tasks of workflows whose tags are a subset.
         batch_size: most tasks claimed in one call (default ``threads``).
         claim_batch_wait: when fewer than ``batch_size`` threads are idle, how long to wait
@@ -254,6 +258,9 @@ class Worker:
                 name=f"sayiir-heartbeat-{self.worker_id}",
                 daemon=True,
             ),
+            threading.Thread(
+                target=self._listen_loop, name=f"sayiir-listen-{self.worker_id}", daemon=True
+            ),
         ]
         for thread in self._threads:
             thread.start()
@@ -280,8 +287,9 @@ class Worker:
                 return
             self._stopping.set()
             self._changed.notify_all()
-        claim_thread, heartbeat_thread = self._threads
+        claim_thread, heartbeat_thread, listen_thread = self._threads
         claim_thread.join()
+        listen_thread.join()
 
         grace = self.shutdown_grace if grace is None else grace
         futures = [r.future for r in self._running_now() if r.future is not None]
@@ -438,6 +446,22 @@ class Worker:
                     self._work_hint = False
                     return reserved
 
+    def _listen_loop(self) -> None:
+        """Turn the store's announcements of work into a hint for the claim loop."""
+        try:
+            waiter = self.backend.work_waiter()
+        except Exception:
+            logger.exception("worker %s cannot wait for announcements; polling", self.worker_id)
+            return
+        try:
+            while not self._stopping.is_set():
+                if waiter.wait(_LISTEN_SECONDS):
+                    with self._changed:
+                        self._work_hint = True
+                        self._changed.notify_all()
+        finally:
+            waiter.close()
+
     def _idle_wait(self, seconds: float) -> None:
         # Nothing to claim: wait (with jitter, so that workers started together do not poll
         # in lockstep), unless one of our completions may have made a task runnable.
@@ -531,11 +555,11 @@ class Worker:
 
     def _record(self, batch: list[_Finished]) -> None:
         """Record a batch of outcomes in one ``complete_tasks`` call (the Batcher's flush)."""
+        # Threads promised to the next claims are kept from the claim loop during the write:
+        # promise about one per completion (a chain's next step), not every idle thread.
         with self._changed:
             budget = (
-                0
-                if self._stopping.is_set() or not self.claim_next
-                else self._reserve(self.batch_size)
+                0 if self._stopping.is_set() or not self.claim_next else self._reserve(len(batch))
             )
         results: list[CompletionResult] | None = None
         try:

@@ -37,7 +37,10 @@ from sqlalchemy.pool import NullPool
 from sayiir_persistence import (
     AtFork,
     AtTask,
+    ClaimedTask,
     ClaimLostError,
+    CompletionOutcome,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
     migrate,
@@ -66,6 +69,9 @@ MAX_BATCH = 10
 EMPTY_ROUNDS = 3
 EMPTY_BACKOFF_SECONDS = 0.02
 
+#: The completion test: chains of CHAIN_STEPS tasks.
+CHAIN_WORKFLOWS = 600
+CHAIN_STEPS = ("s1", "s2", "s3")
 #: The claim_task race: every thread of every process tries every one of these tasks.
 RACE_TASKS = 200
 #: The expired-claim tests.
@@ -372,6 +378,81 @@ def _drain_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, A
     }
 
 
+def _chain_advance(snapshot: WorkflowSnapshot) -> None:
+    """CHAIN_STEPS in order, then complete with the last output (runs inside the store)."""
+    position = snapshot.position
+    assert isinstance(position, AtTask)
+    index = CHAIN_STEPS.index(position.task_id)
+    if index + 1 < len(CHAIN_STEPS):
+        snapshot.move_to(AtTask(CHAIN_STEPS[index + 1]))
+    else:
+        snapshot.mark_completed(snapshot.completed_tasks[position.task_id])
+
+
+def _complete_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, Any]:
+    """Claim available tasks, then complete them in batches with ``complete_tasks``, taking
+    each chain's next task with the completion (``claim_next``) until nothing is left."""
+    backend = SqlBackend(url)
+
+    def thread(number: int) -> tuple[list[tuple[str, str, str, int]], list[str]]:
+        worker_id = f"complete-p{index}-t{number}"
+        rng = random.Random(seed * 1_000 + index * THREADS + number)
+        received: list[tuple[str, str, str, int]] = []
+        errors: list[str] = []
+        try:
+            backend.find_available_tasks(worker_id, 1)  # open a connection before the start
+            barrier.wait(BARRIER_TIMEOUT_SECONDS)
+            held: list[ClaimedTask] = []
+            empty = 0
+            while True:
+                if not held:
+                    held = backend.claim_available_tasks(
+                        worker_id, rng.randint(1, MAX_BATCH), WORK_TTL
+                    )
+                if not held:
+                    empty += 1
+                    if empty >= EMPTY_ROUNDS and not backend.find_available_tasks(
+                        worker_id, MAX_BATCH
+                    ):
+                        break
+                    time.sleep(EMPTY_BACKOFF_SECONDS * empty)
+                    continue
+                empty = 0
+                completions = []
+                for claimed in held:
+                    key = (claimed.task.instance_id, claimed.task.task_id)
+                    received.append((*key, worker_id, claimed.claim.token))
+                    completions.append(
+                        TaskCompletion(
+                            *key,
+                            worker_id,
+                            claimed.claim.token,
+                            output=_output(key),
+                            advance=_chain_advance,
+                        )
+                    )
+                results = backend.complete_tasks(
+                    completions, ttl=WORK_TTL, claim_next=rng.randint(0, MAX_BATCH)
+                )
+                held = []
+                for completion, result in zip(completions, results, strict=True):
+                    if result.outcome is not CompletionOutcome.RECORDED:
+                        errors.append(f"{completion.instance_id}/{completion.task_id}: {result}")
+                    held += result.next_tasks
+        except Exception:
+            errors.append(f"{worker_id}: {traceback.format_exc()}")
+        return received, errors
+
+    try:
+        outcomes = _in_threads(thread)
+    finally:
+        backend.close()
+    return {
+        "received": [item for received, _ in outcomes for item in received],
+        "errors": [error for _, errors in outcomes for error in errors],
+    }
+
+
 def _claim_race_process(
     index: int, barrier: Any, url: str, keys: list[Key], seed: int
 ) -> dict[str, Any]:
@@ -600,6 +681,45 @@ def test_claim_available_tasks_hands_out_every_task_exactly_once(
         f"{PROCESSES}x{THREADS} workers: seed {seeded - started:.1f}s, "
         f"drain {drained - seeded:.1f}s; per process {dict(sorted(per_process.items()))}"
     )
+
+
+def test_completions_in_batches_record_every_chain_task_exactly_once(
+    mp_url: str, backend: SqlBackend
+) -> None:
+    """``complete_tasks`` from PROCESSES x THREADS workers, with next claims: every task of
+    every chain handed out once, recorded once by its holder, every chain completed."""
+    snapshots = [
+        WorkflowSnapshot.new(
+            f"chain-{index:05d}", DEFINITION, initial_input=b"input", first_task=CHAIN_STEPS[0]
+        )
+        for index in range(CHAIN_WORKFLOWS)
+    ]
+    expected = {(s.instance_id, step) for s in snapshots for step in CHAIN_STEPS}
+    _seed(backend, snapshots)
+
+    values = _run_processes(_complete_process, mp_url, 1)
+    received, errors = _flatten(values, "received")
+    assert not errors, "\n".join(errors[:20])
+
+    counts = Counter((instance_id, task_id) for instance_id, task_id, _, _ in received)
+    duplicates = {key: count for key, count in counts.items() if count > 1}
+    assert not duplicates, f"{len(duplicates)} tasks handed out more than once: {duplicates}"
+    assert set(counts) == expected
+    results = _result_counts(mp_url)
+    assert set(results) == expected and set(results.values()) == {1}
+    claims = _claim_rows(mp_url)
+    receiver = {(instance_id, task_id): worker for instance_id, task_id, worker, _ in received}
+    wrong = [
+        (key, row.worker_id, row.token, row.released)
+        for key, row in claims.items()
+        if (row.worker_id, row.token, bool(row.released)) != (receiver[key], 1, True)
+    ]
+    assert not wrong, f"claims not (receiver, token 1, released): {wrong[:20]}"
+    assert _table_keys(mp_url, ready_tasks) == set()
+    for snapshot in (snapshots[0], snapshots[-1]):
+        stored = backend.load_snapshot(snapshot.instance_id)
+        assert stored.status is WorkflowStatus.COMPLETED
+        assert stored.output == _output((snapshot.instance_id, CHAIN_STEPS[-1]))
 
 
 def test_claim_task_race_has_one_winner_per_task(mp_url: str, backend: SqlBackend) -> None:

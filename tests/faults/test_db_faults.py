@@ -63,10 +63,13 @@ from helpers.tcp_proxy import TcpProxy
 from sayiir_persistence import (
     AtTask,
     BackendUnavailableError,
+    CompletionOutcome,
+    CompletionResult,
     NotFoundError,
     PersistenceError,
     PersistentBackend,
     TaskClaim,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
 )
@@ -199,6 +202,9 @@ OPERATIONS: Final = {
         Operation("save_task_result", b"INSERT INTO sayiir_task_results", True, True),
         Operation("claim_task", b"sayiir_task_claims", False, False),
         Operation("save_snapshot", b"UPDATE sayiir_workflows", True, True),
+        # Records the result, moves the workflow on, releases the claim and claims the next
+        # task for the same worker, in one transaction.
+        Operation("complete_tasks", b"INSERT INTO sayiir_task_results", True, True),
     )
 }
 # Where the connection dies -> (the call returns normally, the write is applied). A transaction
@@ -236,10 +242,30 @@ def test_connection_cut_inside_a_transaction_writes_all_or_nothing(
     data = payload(instance_id, "big", BIG_PAYLOAD)
     # Everything the write needs is read before the cut is armed: only the write is cut.
     moved = _moved(backend.load_snapshot(instance_id), data)
+    held = None
+    if operation == "complete_tasks":
+        held = backend.claim_task(instance_id, "work", "w1", CLAIM_TTL)
+        assert held is not None
+        before = direct.load_snapshot(instance_id)
+    completion = [
+        TaskCompletion(
+            instance_id,
+            "work",
+            "w1",
+            1,
+            output=data,
+            advance=lambda snapshot: snapshot.move_to(AtTask("next")),
+        )
+    ]
+
+    def complete() -> list[CompletionResult]:
+        return backend.complete_tasks(completion, ttl=CLAIM_TTL, claim_next=1)
+
     calls: dict[str, Callable[[], object]] = {
         "save_task_result": lambda: backend.save_task_result(instance_id, "big", data),
         "claim_task": lambda: backend.claim_task(instance_id, "work", "w1", CLAIM_TTL),
         "save_snapshot": lambda: backend.save_snapshot(moved, expected_version=before.version),
+        "complete_tasks": complete,
     }
 
     if point == "before_statement":
@@ -269,6 +295,17 @@ def test_connection_cut_inside_a_transaction_writes_all_or_nothing(
         else:
             with pytest.raises(NotFoundError):
                 direct.extend_task_claim(instance_id, "work", "w1", CLAIM_TTL)
+    elif operation == "complete_tasks":
+        assert after.position == (AtTask("next") if applied else AtTask("work"))
+        assert after.completed_tasks == ({"work": data} if applied else {})
+        assert available(direct, instance_id) == set()  # "next" claimed, or "work" still held
+        if applied:  # w1's claim released, and the next task claimed for w1
+            with pytest.raises(NotFoundError):
+                direct.extend_task_claim(instance_id, "work", "w1", CLAIM_TTL)
+            assert direct.extend_task_claim(instance_id, "next", "w1", CLAIM_TTL).token == 1
+        else:  # nothing written: the claim is still w1's
+            assert held is not None
+            assert direct.extend_task_claim(instance_id, "work", "w1", CLAIM_TTL).token == 1
     else:
         assert after.position == (AtTask("next") if applied else AtTask("work"))
         assert after.completed_tasks == ({"work": data} if applied else {})
@@ -283,6 +320,16 @@ def test_connection_cut_inside_a_transaction_writes_all_or_nothing(
     elif operation == "claim_task" and not applied:
         claim = backend.claim_task(instance_id, "work", "w1", CLAIM_TTL)
         assert claim is not None and claim.token == 1
+    elif operation == "complete_tasks":
+        # Repeating a completion whose outcome was unknown is safe: applied, its claim was
+        # released and the repeat writes nothing; not applied, the repeat records it.
+        [repeat] = complete()
+        assert repeat.outcome is (
+            CompletionOutcome.CLAIM_LOST if applied else CompletionOutcome.RECORDED
+        )
+        stored = direct.load_snapshot(instance_id)
+        assert stored.completed_tasks == {"work": data}
+        assert stored.version == before.version + 1
     elif operation == "save_snapshot" and not applied:
         backend.save_snapshot(_moved(after, data), expected_version=after.version)
         assert direct.load_snapshot(instance_id).completed_tasks == {"work": data}

@@ -252,6 +252,10 @@ class SqlDialect(ABC):
         :func:`sayiir_persistence.provisioning.migration_lock`)."""
         yield
 
+    def announce_work(self, conn: Connection) -> None:  # noqa: B027 - optional hook
+        """Tell other processes' idle workers, at commit, that a task became runnable
+        (where the database can; in-process waiters are woken by the backend)."""
+
     @classmethod  # noqa: B027 - optional hook
     def after_migration(cls, connection: Connection) -> None:
         """Settings stored in the database that every backend will want (outside the

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Executable,
     Interval,
     Select,
+    String,
     and_,
     bindparam,
     false,
@@ -28,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 
 from ..errors import ErrorKind
+from ..listening import CHANNEL
 from ..schema import ready_tasks, task_claims, task_results, workflows
 from ..types import Identifier, UtcDateTime
 from .base import (
@@ -72,14 +74,22 @@ class PostgresDialect(SqlDialect):
 
     @classmethod
     def classify(cls, error: BaseException) -> ErrorKind | None:
-        code = getattr(error, "pgcode", None)
+        # psycopg2 calls the SQLSTATE pgcode, psycopg 3 sqlstate.
+        code = getattr(error, "pgcode", None) or getattr(error, "sqlstate", None)
         if code in _RETRYABLE:
             return ErrorKind.RETRYABLE
         if code in _UNDEFINED:
             return ErrorKind.NOT_PROVISIONED
         return None
 
+    def announce_work(self, conn: Connection) -> None:
+        # Delivered at commit, once per transaction, to every listener (sql/listening.py).
+        conn.execute(self._notify_statement)
+
     def _build_upserts(self) -> tuple[Executable, Executable]:
+        self._notify_statement = select(
+            func.pg_notify(bindparam("p_channel", CHANNEL, type_=String()), "")
+        )
         return on_conflict_upserts(postgresql.insert)
 
     def claim_available_query(self, candidates: CompoundSelect[Any]) -> Select[Any]:
