@@ -75,7 +75,13 @@ from .dialects import READ_ONLY_OPTION, Locked, TaskKey, dialect_for
 from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
-from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
+from .rows import (
+    available_task_from_row,
+    new_results,
+    ready_rows,
+    snapshot_from_row,
+    workflow_values,
+)
 from .schema import (
     events,
     ready_tasks,
@@ -712,21 +718,10 @@ class SqlBackend(PersistentBackend):
         instance_ids = sorted({instance_id for instance_id, _ in keys})
         rows = conn.execute(self._sql.available_tasks, {"p_instance_ids": instance_ids})
         by_instance = {row.instance_id: row for row in rows}
-        tasks = []
-        for instance_id, task_id in keys:
-            row = by_instance[instance_id]
-            tasks.append(
-                AvailableTask(
-                    instance_id=instance_id,
-                    task_id=task_id,
-                    definition_hash=row.definition_hash,
-                    input=row.initial_input if row.input_task_id is None else row.input_output,
-                    priority=row.priority,
-                    tags=codec.decode_tags(row.tags),
-                    snapshot_version=row.version,
-                )
-            )
-        return tasks
+        return [
+            available_task_from_row(by_instance[instance_id], task_id)
+            for instance_id, task_id in keys
+        ]
 
     def _find_available_tasks(
         self, worker_id: str, limit: int, tags: frozenset[str], aging_interval: timedelta
@@ -793,15 +788,7 @@ class SqlBackend(PersistentBackend):
                     row.expires_at,
                     row.token,
                 ),
-                AvailableTask(
-                    instance_id=row.instance_id,
-                    task_id=row.task_id,
-                    definition_hash=row.definition_hash,
-                    input=row.initial_input if row.input_task_id is None else row.input_output,
-                    priority=row.priority,
-                    tags=codec.decode_tags(row.tags),
-                    snapshot_version=row.version,
-                ),
+                available_task_from_row(row, row.task_id),
             )
             for row in self._best_first(rows, aging_interval)
         ]

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from ..model import AtDelay, WorkflowSnapshot, WorkflowStatus, position_task_ids
+from ..model import AtDelay, AvailableTask, WorkflowSnapshot, WorkflowStatus, position_task_ids
 from . import codec
 
 
@@ -32,6 +32,21 @@ def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnaps
         updated_at=row.updated_at,
         version=row.version,
         input_task_id=row.input_task_id,
+    )
+
+
+def available_task_from_row(row: Row[*tuple[Any, ...]], task_id: str) -> AvailableTask:
+    """A task of the workflow of ``row``: its ``sayiir_workflows`` columns (definition_hash,
+    priority, tags, version, initial_input, input_task_id) and ``input_output``, the stored
+    output of its input task."""
+    return AvailableTask(
+        instance_id=row.instance_id,
+        task_id=task_id,
+        definition_hash=row.definition_hash,
+        input=row.initial_input if row.input_task_id is None else row.input_output,
+        priority=row.priority,
+        tags=codec.decode_tags(row.tags),
+        snapshot_version=row.version,
     )
 
 
