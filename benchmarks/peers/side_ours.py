@@ -56,7 +56,7 @@ def url_of(target: dict[str, str], driver: str) -> str:
 class Side:
     def __init__(self, target: dict[str, str], kind: str, options: dict[str, Any]) -> None:
         options = dict(options)
-        # psycopg (3) by default: it prepares repeated statements (the server plans each once).
+        # psycopg (3) unless a contender says otherwise (the run in results/peers was made so).
         self.url = url_of(target, options.pop("driver", "psycopg"))
         self.pipeline = PIPELINES["one" if kind == "one" else "chain"]
         self.options = options
