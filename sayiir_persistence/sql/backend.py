@@ -651,6 +651,12 @@ class SqlBackend(PersistentBackend):
             if conn.execute(extend.for_token(token), parameters).rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
             claim = conn.execute(self._sql.read_claim, parameters).one()
+            if claim.expires_at is not None:
+                # A claim renewed for less than before: its ready row's hint must not outlive
+                # it, or the task would stay hidden once the claim expired.
+                conn.execute(
+                    self._sql.lower_claimed_until, {**parameters, "p_until": claim.expires_at}
+                )
             pending = conn.scalars(self._sql.pending_signals, parameters)
             return TaskClaim(
                 instance_id,

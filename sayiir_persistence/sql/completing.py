@@ -48,7 +48,7 @@ from ..model import (
     TaskCompletion,
     WorkflowSnapshot,
 )
-from .dialects import SqlDialect, TaskKey
+from .dialects import ClaimRow, SqlDialect, TaskKey
 from .dialects.base import claimed_until
 from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
 from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
@@ -147,6 +147,7 @@ def complete_tasks(
 
     results: list[CompletionResult] = []
     released: dict[TaskKey, None] = {}  # in order
+    after: dict[int, WorkflowSnapshot] = {}  # the snapshot after each recorded completion
     for completion in completions:
         key = (completion.instance_id, completion.task_id)
         workflow = locked.get(completion.instance_id)
@@ -166,17 +167,21 @@ def complete_tasks(
         applied.updated_at = now
         workflow.current, workflow.written = applied, True
         released[key] = None
+        after[len(results)] = applied
         results.append(CompletionResult(CompletionOutcome.RECORDED, version=applied.version))
 
     written = {instance_id: w for instance_id, w in locked.items() if w.written}
     if not written:
         return results
     runnable = _write(conn, sql, written, now)
-    conn.execute(sql.release_claims, {"p_keys": list(released)})
     if claim_next > 0:
+        # Before the release: a task whose claim a later completion of this call holds is
+        # still claimed when an earlier one looks for next tasks.
+        signalled = {instance_id for instance_id, w in locked.items() if w.signalled}
         results = _claim_next(
-            conn, sql, dialect, completions, results, written, ttl, claim_next, now
+            conn, sql, dialect, completions, results, after, signalled, ttl, claim_next, now
         )
+    conn.execute(sql.release_claims, {"p_keys": list(released)})
     taken = {(t.task.instance_id, t.task.task_id) for r in results for t in r.next_tasks}
     if runnable - taken:
         announce(conn)
@@ -264,59 +269,98 @@ def _claim_next(
     dialect: SqlDialect,
     completions: Sequence[TaskCompletion],
     results: list[CompletionResult],
-    written: dict[str, _Locked],
+    after: dict[int, WorkflowSnapshot],
+    signalled: set[str],
     ttl: timedelta | None,
     limit: int,
     now: datetime,
 ) -> list[CompletionResult]:
-    """Claim up to ``limit`` runnable tasks of the completed workflows for their workers,
-    in the order of the completions; attach each to the last completion of its workflow."""
-    last_recorded: dict[str, int] = {}
-    for index, (completion, result) in enumerate(zip(completions, results, strict=True)):
-        if result.outcome is CompletionOutcome.RECORDED:
-            last_recorded[completion.instance_id] = index
-    wanted: dict[str, list[TaskKey]] = defaultdict(list)  # by worker
-    count = 0
-    for instance_id, index in sorted(last_recorded.items(), key=lambda item: item[1]):
-        workflow = written[instance_id]
-        if workflow.signalled:
+    """Claim up to ``limit`` next tasks for the completions' workers, as if after each
+    recorded completion in turn (docs/contract.md#complete_tasks): the tasks its workflow
+    then has runnable, not claimed (by others, by an earlier next claim, or by a later
+    completion of this call), while the workflow has no pending signal."""
+    wanted = sorted(
+        {
+            (snapshot.instance_id, task_id)
+            for snapshot in after.values()
+            if snapshot.instance_id not in signalled
+            for task_id in snapshot.runnable_task_ids(now)
+        }
+    )
+    if not wanted:
+        return results
+    # Their claim rows, locked (after the ready rows: the global order), so that the choice
+    # below is the claim statement's too.
+    rows = {
+        (row.instance_id, row.task_id): row
+        for row in conn.execute(sql.lock_claims, {"p_keys": wanted})
+    }
+    live = {
+        key
+        for key, row in rows.items()
+        if not row.released and (row.expires_at is None or row.now < row.expires_at)
+    }
+    chosen: dict[int, list[TaskKey]] = defaultdict(list)
+    taken: set[TaskKey] = set()
+    budget = limit
+    for index, snapshot in sorted(after.items()):
+        if snapshot.instance_id in signalled:
             continue
-        for task_id in workflow.current.runnable_task_ids(now):
-            if count == limit:
-                break
-            wanted[completions[index].worker_id].append((instance_id, task_id))
-            count += 1
+        for task_id in snapshot.runnable_task_ids(now):
+            key = (snapshot.instance_id, task_id)
+            if budget > 0 and key not in taken and key not in live:
+                chosen[index].append(key)
+                taken.add(key)
+                budget -= 1
     expires_at = None if ttl is None else now + ttl
-    claimed: dict[str, list[ClaimedTask]] = defaultdict(list)
-    for worker_id, keys in wanted.items():
-        tokens = dialect.claim_many(
-            conn, dialect.claim_rows(conn, keys), worker_id, now, expires_at
-        )
-        taken = [key for key in keys if key in tokens]
-        if taken:
-            conn.execute(sql.mark_claimed, {"p_keys": taken, "p_until": claimed_until(expires_at)})
-        for instance_id, task_id in keys:
-            token = tokens.get((instance_id, task_id))
-            if token is None:
-                continue  # a live claim of another worker
-            snapshot = written[instance_id].current
-            claimed[instance_id].append(
-                ClaimedTask(
-                    TaskClaim(instance_id, task_id, worker_id, now, expires_at, token),
-                    AvailableTask(
-                        instance_id=instance_id,
-                        task_id=task_id,
-                        definition_hash=snapshot.definition_hash,
-                        input=snapshot.input_for_position,
-                        priority=snapshot.priority,
-                        tags=frozenset(snapshot.tags),
-                        snapshot_version=snapshot.version,
-                    ),
-                )
+    by_worker: dict[str, dict[TaskKey, ClaimRow]] = defaultdict(dict)
+    for index, keys in chosen.items():
+        for key in keys:
+            by_worker[completions[index].worker_id][key] = (
+                ClaimRow.PRESENT if key in rows else ClaimRow.ABSENT
             )
+    tokens: dict[TaskKey, int] = {}
+    for worker_id, claims in by_worker.items():
+        tokens |= dialect.claim_many(conn, claims, worker_id, now, expires_at)
+    if tokens:
+        conn.execute(
+            sql.mark_claimed, {"p_keys": list(tokens), "p_until": claimed_until(expires_at)}
+        )
     return [
-        replace(result, next_tasks=tuple(claimed[instance_id]))
-        if last_recorded.get(instance_id := completion.instance_id) == index
+        replace(
+            result,
+            next_tasks=tuple(
+                _claimed_task(
+                    after[index], key, completions[index].worker_id, tokens[key], now, expires_at
+                )
+                for key in chosen[index]
+                if key in tokens
+            ),
+        )
+        if index in chosen
         else result
-        for index, (completion, result) in enumerate(zip(completions, results, strict=True))
+        for index, result in enumerate(results)
     ]
+
+
+def _claimed_task(
+    snapshot: WorkflowSnapshot,
+    key: TaskKey,
+    worker_id: str,
+    token: int,
+    now: datetime,
+    expires_at: datetime | None,
+) -> ClaimedTask:
+    instance_id, task_id = key
+    return ClaimedTask(
+        TaskClaim(instance_id, task_id, worker_id, now, expires_at, token),
+        AvailableTask(
+            instance_id=instance_id,
+            task_id=task_id,
+            definition_hash=snapshot.definition_hash,
+            input=snapshot.input_for_position,
+            priority=snapshot.priority,
+            tags=frozenset(snapshot.tags),
+            snapshot_version=snapshot.version,
+        ),
+    )

@@ -244,6 +244,11 @@ class Statements:
         # The claim hint of ready rows: set by a claim, cleared by a release.
         self.mark_claimed = mark_claimed()
         self.clear_claimed = update(ready_tasks).where(_ready_key()).values(claimed_until=None)
+        self.lower_claimed_until = (
+            update(ready_tasks)
+            .where(_ready_key(), ready_tasks.c.claimed_until > bindparam("p_until"))
+            .values(claimed_until=bindparam("p_until"))
+        )
         self.clear_ready_tasks = delete(ready_tasks).where(
             ready_tasks.c.instance_id == bindparam("p_instance_id")
         )

@@ -301,11 +301,6 @@ class SqlDialect(ABC):
         """Lock the first ``limit`` of ``keys`` (best first) that no one else is claiming,
         each with what the lock tells of its claim row."""
 
-    def claim_rows(self, conn: Connection, keys: list[TaskKey]) -> Locked:
-        """What :meth:`claim_many` needs to know of the claim rows of ``keys``, whose ready
-        rows the caller holds locked (here: nothing)."""
-        return dict.fromkeys(keys, ClaimRow.UNKNOWN)
-
     def claim_many(
         self,
         conn: Connection,

@@ -81,13 +81,6 @@ class MySqlDialect(SqlDialect):
             )
         )
         self._token_statement = select(task_claims.c.token).where(claim_key())
-        self._existing_claims_statement = select(
-            task_claims.c.instance_id, task_claims.c.task_id
-        ).where(
-            tuple_(task_claims.c.instance_id, task_claims.c.task_id).in_(
-                bindparam("p_keys", expanding=True)
-            )
-        )
         # Lock the given ready rows (skipping those another transaction holds) and read
         # the token of their claim rows, if any. The keys are primary keys: InnoDB reads, so
         # locks, exactly those rows. The subquery is a plain read (a locking read does not
@@ -244,15 +237,6 @@ class MySqlDialect(SqlDialect):
                 ((row.instance_id, row.task_id), _claim_row(row.token is not None)) for row in rows
             )
         return {key: locked[key] for key in keys[:tried] if key in locked}
-
-    def claim_rows(self, conn: Connection, keys: list[TaskKey]) -> Locked:
-        # One read, so that first claims go in with one multi-row INSERT IGNORE instead of a
-        # takeover attempt and an insert per task.
-        existing = {
-            (row.instance_id, row.task_id)
-            for row in conn.execute(self._existing_claims_statement, {"p_keys": keys})
-        }
-        return {key: _claim_row(key in existing) for key in keys}
 
     def claim_many(
         self,

@@ -244,6 +244,18 @@ class ClaimContract(ContractBase):
         self.wait_past_short_ttl(clock)
         assert backend.claim_task("wf", "t1", WORKER, LONG_TTL) is None
 
+    @pytest.mark.parametrize("first_ttl", [None, LONG_TTL], ids=["permanent", "long"])
+    def test_a_claim_shortened_by_its_renewal_is_available_once_expired(
+        self, backend: PersistentBackend, clock: ContractClock, first_ttl: timedelta | None
+    ) -> None:
+        save_new(backend, "wf")
+        assert backend.claim_task("wf", "t1", WORKER, first_ttl) is not None
+        backend.extend_task_claim("wf", "t1", WORKER, self.short_ttl)
+        self.wait_past_short_ttl(clock)
+        assert [t.task_id for t in backend.find_available_tasks(OTHER, 10)] == ["t1"]
+        [taken] = backend.claim_available_tasks(OTHER, 10, LONG_TTL)
+        assert (taken.task.instance_id, taken.claim.worker_id) == ("wf", OTHER)
+
     def test_extend_task_claim_own_expired_claim_not_taken_over_succeeds(
         self, backend: PersistentBackend, clock: ContractClock
     ) -> None:

@@ -416,6 +416,27 @@ class CompletionContract(ContractBase):
         assert [t.task.task_id for t in result.next_tasks] == ["c"]
         assert backend.extend_task_claim("wf", "b", OTHER, LONG_TTL).token == theirs.token
 
+    def test_complete_tasks_a_branch_held_by_another_worker_does_not_use_up_the_limit(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_at(backend, "wf", AtFork("f", ("a", "b", "c")))
+        mine = self.claim(backend, "wf", "a")
+        assert backend.claim_task("wf", "b", OTHER, LONG_TTL) is not None
+        [result] = backend.complete_tasks([done(mine)], ttl=LONG_TTL, claim_next=1)
+        assert [t.task.task_id for t in result.next_tasks] == ["c"]
+
+    def test_complete_tasks_next_tasks_come_with_the_completion_that_made_them_free(
+        self, backend: PersistentBackend
+    ) -> None:
+        """Two branches of one fork in one call: after the first, the third branch is free
+        (the second is still held, by the second completion): it comes with the first, at
+        the version the first left."""
+        save_at(backend, "wf", AtFork("f", ("a", "b", "c")))
+        first, second = self.claim(backend, "wf", "a"), self.claim(backend, "wf", "b")
+        results = backend.complete_tasks([done(first), done(second)], ttl=LONG_TTL, claim_next=2)
+        assert [[t.task.task_id for t in r.next_tasks] for r in results] == [["c"], []]
+        assert results[0].next_tasks[0].task.snapshot_version == results[0].version == 2
+
     def test_complete_tasks_takes_over_a_free_next_task_with_a_greater_token(
         self, backend: PersistentBackend
     ) -> None:
