@@ -12,13 +12,16 @@ a worker process.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Self
 
-from .errors import InvalidInputError, NotFoundError
+from .attempts import exhausted_error, is_exhausted
+from .errors import InvalidInputError, NotFoundError, PersistenceError
 from .model import (
     POSITION_TYPES,
     AvailableTask,
@@ -53,6 +56,8 @@ from .validation import (
 from .wakeups import LocalWorkWaiter, WorkSignal, WorkWaiter
 
 DEFAULT_AGING_INTERVAL = timedelta(minutes=5)
+
+logger = logging.getLogger(__name__)
 
 
 class PersistentBackend(ABC):
@@ -255,7 +260,14 @@ class PersistentBackend(ABC):
     # -- claims ---------------------------------------------------------------------------
 
     def claim_task(
-        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        *,
+        max_attempts: int | None = None,
+        timeout: timedelta | None = None,
     ) -> TaskClaim | None:
         """Claim one task atomically; at most one caller holds a live claim.
 
@@ -263,6 +275,8 @@ class PersistentBackend(ABC):
         pause is pending, or when the task is not runnable (workflow not in progress, task
         not among ``runnable_task_ids()`` by the store's clock). An expired claim is taken
         over with a greater fencing token. ``ttl=None``: the claim never expires.
+        ``max_attempts`` and ``timeout``: see docs/contract.md#attempts-and-deadlines (an
+        attempt past ``max_attempts`` fails the workflow and returns ``None``).
         Contract: docs/contract.md#claim_task.
 
         Raises:
@@ -272,7 +286,13 @@ class PersistentBackend(ABC):
         check_id(task_id, "task_id")
         check_id(worker_id, "worker_id")
         checked_ttl = check_ttl(ttl)
-        return self._claim_task(instance_id, task_id, worker_id, checked_ttl)
+        checked_max = check_optional_limit(max_attempts, "max_attempts")
+        checked_timeout = check_ttl(timeout, "timeout")
+        claim = self._claim_task(instance_id, task_id, worker_id, checked_ttl, checked_timeout)
+        if claim is None or checked_max is None or not is_exhausted(claim, checked_max):
+            return claim
+        self._give_up([claim], checked_max)
+        return None
 
     def release_task_claim(
         self, instance_id: str, task_id: str, worker_id: str, *, token: int | None = None
@@ -348,12 +368,16 @@ class PersistentBackend(ABC):
         *,
         tags: Iterable[str] = (),
         aging_interval: timedelta = DEFAULT_AGING_INTERVAL,
+        max_attempts: int | None = None,
+        timeout: timedelta | None = None,
     ) -> list[ClaimedTask]:
         """Find and claim up to ``limit`` tasks in one atomic step.
 
         Same selection and order as :meth:`find_available_tasks`. Concurrent callers never
         receive the same task, and a caller is not blocked by rows another caller is
         claiming (it skips them, so it may return fewer than are available).
+        ``max_attempts`` and ``timeout``: see docs/contract.md#attempts-and-deadlines (tasks
+        past ``max_attempts`` fail their workflows and are left out).
         Contract: docs/contract.md#claim_available_tasks.
         """
         check_id(worker_id, "worker_id")
@@ -361,9 +385,12 @@ class PersistentBackend(ABC):
         checked_ttl = check_ttl(ttl)
         worker_tags = check_tags(tags)
         check_positive_interval(aging_interval, "aging_interval")
-        return self._claim_available_tasks(
-            worker_id, limit, checked_ttl, worker_tags, aging_interval
+        checked_max = check_optional_limit(max_attempts, "max_attempts")
+        checked_timeout = check_ttl(timeout, "timeout")
+        claimed = self._claim_available_tasks(
+            worker_id, limit, checked_ttl, worker_tags, aging_interval, checked_timeout
         )
+        return self._keep_runnable(claimed, checked_max)
 
     # -- completions ----------------------------------------------------------------------
 
@@ -373,6 +400,8 @@ class PersistentBackend(ABC):
         *,
         ttl: timedelta | None,
         claim_next: int = 0,
+        max_attempts: int | None = None,
+        timeout: timedelta | None = None,
     ) -> list[CompletionResult]:
         """Record finished tasks under their claims, in one atomic step.
 
@@ -380,7 +409,10 @@ class PersistentBackend(ABC):
         worker holds a live claim with its token, the result is stored (or, with ``error``,
         the workflow is failed), ``advance`` moves the workflow on, and the claim is
         released. With ``claim_next``, up to that many of the completed workflows' newly
-        runnable tasks are claimed for the same worker, with ``ttl``, in the same step.
+        runnable tasks are claimed for the same worker, with ``ttl``, in the same step (and
+        ``max_attempts`` and ``timeout``, as :meth:`claim_available_tasks`). A completion with
+        ``error`` and ``retry_after`` records a failed attempt instead of failing the
+        workflow (docs/contract.md#attempts-and-deadlines).
 
         Returns one :class:`CompletionResult` per completion, in the order given.
 
@@ -400,9 +432,66 @@ class PersistentBackend(ABC):
             self._check_completion(completion, f"completions[{index}]")
         checked_ttl = check_ttl(ttl)
         check_count(claim_next, "claim_next")
+        checked_max = check_optional_limit(max_attempts, "max_attempts")
+        checked_timeout = check_ttl(timeout, "timeout")
         if not items:
             return []
-        return self._complete_tasks(items, checked_ttl, claim_next)
+        results = self._complete_tasks(items, checked_ttl, claim_next, checked_timeout)
+        if checked_max is None:
+            return results
+        return [
+            dataclasses.replace(
+                result, next_tasks=tuple(self._keep_runnable(list(result.next_tasks), checked_max))
+            )
+            if result.next_tasks
+            else result
+            for result in results
+        ]
+
+    # -- attempts past the limit -----------------------------------------------------------
+
+    def _keep_runnable(
+        self, claimed: list[ClaimedTask], max_attempts: int | None
+    ) -> list[ClaimedTask]:
+        """The claimed tasks within ``max_attempts``; the others' workflows are failed."""
+        exhausted = [c.claim for c in claimed if is_exhausted(c.claim, max_attempts)]
+        if not exhausted:
+            return claimed
+        assert max_attempts is not None
+        self._give_up(exhausted, max_attempts)
+        return [c for c in claimed if not is_exhausted(c.claim, max_attempts)]
+
+    def _give_up(self, claims: list[TaskClaim], max_attempts: int) -> None:
+        """Fail the workflows of tasks past their attempts, under the claims just made.
+
+        Fenced by those claims, so a workflow is failed once however many claimers race; if
+        this does not get through, the claim expires and the next claim gives up again.
+        """
+        failures = [
+            TaskCompletion(
+                c.instance_id,
+                c.task_id,
+                c.worker_id,
+                c.token,
+                error=exhausted_error(c, max_attempts),
+            )
+            for c in claims
+        ]
+        for claim in claims:
+            logger.warning(
+                "task %r of %r: attempt %s is past max_attempts=%s; failing the workflow",
+                claim.task_id,
+                claim.instance_id,
+                claim.attempt,
+                max_attempts,
+            )
+        try:
+            self._complete_tasks(failures, None, 0, None)
+        except PersistenceError as error:
+            logger.warning(
+                "could not fail workflows past their attempts (%s): retried at the next claim",
+                error,
+            )
 
     # -- signals and events ---------------------------------------------------------------
 
@@ -506,6 +595,10 @@ class PersistentBackend(ABC):
         if completion.output is not None:
             check_payload(completion.output, f"{name}.output", self.max_payload_bytes)
         check_text(completion.error, f"{name}.error")
+        if completion.retry_after is not None:
+            if completion.error is None:
+                raise InvalidInputError(f"{name}.retry_after needs an error")
+            check_ttl(completion.retry_after, f"{name}.retry_after")
         if completion.advance is not None and not callable(completion.advance):
             raise InvalidInputError(f"{name}.advance must be callable or None")
 
@@ -589,9 +682,14 @@ class PersistentBackend(ABC):
 
     @abstractmethod
     def _claim_task(
-        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        timeout: timedelta | None,
     ) -> TaskClaim | None:
-        """See :meth:`claim_task`."""
+        """See :meth:`claim_task` (``max_attempts`` is applied by the caller)."""
 
     @abstractmethod
     def _release_task_claim(
@@ -624,14 +722,20 @@ class PersistentBackend(ABC):
         ttl: timedelta | None,
         tags: frozenset[str],
         aging_interval: timedelta,
+        timeout: timedelta | None,
     ) -> list[ClaimedTask]:
-        """See :meth:`claim_available_tasks`."""
+        """See :meth:`claim_available_tasks` (``max_attempts`` is applied by the caller)."""
 
     @abstractmethod
     def _complete_tasks(
-        self, completions: list[TaskCompletion], ttl: timedelta | None, claim_next: int
+        self,
+        completions: list[TaskCompletion],
+        ttl: timedelta | None,
+        claim_next: int,
+        timeout: timedelta | None,
     ) -> list[CompletionResult]:
-        """See :meth:`complete_tasks` (at least one completion)."""
+        """See :meth:`complete_tasks` (at least one completion; ``max_attempts`` is applied
+        by the caller)."""
 
     @abstractmethod
     def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:

@@ -33,7 +33,7 @@ def apply_completion(
     check_snapshot: Callable[[WorkflowSnapshot], None],
 ) -> WorkflowSnapshot | CompletionResult:
     """The snapshot to write for ``completion``, or the result of a completion that writes
-    nothing.
+    no snapshot (``RETRY_SCHEDULED``: the backend writes the claim's wait).
 
     Args:
         stored: the stored snapshot (with every stored result), locked by the caller;
@@ -52,6 +52,10 @@ def apply_completion(
     task_id = completion.task_id
     if task_id in stored.completed_tasks or task_id not in position_task_ids(stored.position, None):
         return CompletionResult(CompletionOutcome.NOT_RUNNABLE)
+    if completion.retry_after is not None:
+        # A failed attempt with another to come: the workflow is unchanged; the backend
+        # turns the claim into the wait (docs/contract.md#attempts-and-deadlines).
+        return CompletionResult(CompletionOutcome.RETRY_SCHEDULED)
     snapshot = dataclasses.replace(stored, completed_tasks=dict(stored.completed_tasks))
     if completion.error is not None:
         snapshot.mark_failed(completion.error)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from . import transitions
+from .attempts import RETRY_WAIT_WORKER, claim_times, past_deadline
 from .backend import PersistentBackend
 from .completions import apply_completion
 from .errors import (
@@ -51,6 +52,10 @@ class _Claim:
     expires_at: datetime | None
     # Released (or dropped) claims are kept so the next claim's token keeps increasing.
     released: bool = False
+    deadline: datetime | None = None
+    last_error: str | None = None
+    # Tokens handed out before attempts were last counted anew (attempt = token - this).
+    attempt_offset: int = 0
 
     def is_live(self, now: datetime) -> bool:
         return not self.released and (self.expires_at is None or now < self.expires_at)
@@ -192,14 +197,19 @@ class InMemoryBackend(PersistentBackend):
         task_id: str,
         worker_id: str,
         ttl: timedelta | None,
+        timeout: timedelta | None,
         now: datetime,
     ) -> TaskClaim:
         previous = instance.claims.get(task_id)
+        expires_at, deadline = claim_times(now, ttl, timeout)
         claim = _Claim(
             worker_id=worker_id,
             token=1 if previous is None else previous.token + 1,
             claimed_at=now,
-            expires_at=None if ttl is None else now + ttl,
+            expires_at=expires_at,
+            deadline=deadline,
+            last_error=None if previous is None else previous.last_error,
+            attempt_offset=0 if previous is None else previous.attempt_offset,
         )
         instance.claims[task_id] = claim
         return self._to_task_claim(instance, task_id, claim)
@@ -214,6 +224,9 @@ class InMemoryBackend(PersistentBackend):
             expires_at=claim.expires_at,
             token=claim.token,
             pending_signals=frozenset(instance.signals),
+            attempt=claim.token - claim.attempt_offset,
+            deadline=claim.deadline,
+            last_error=claim.last_error,
         )
 
     def _held_claim(
@@ -311,7 +324,12 @@ class InMemoryBackend(PersistentBackend):
     # -- claims ------------------------------------------------------------------------------
 
     def _claim_task(
-        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        timeout: timedelta | None,
     ) -> TaskClaim | None:
         with self._lock:
             instance = self._get(instance_id)
@@ -321,7 +339,7 @@ class InMemoryBackend(PersistentBackend):
             claim = instance.claims.get(task_id)
             if claim is not None and claim.is_live(now):
                 return None
-            return self._take_claim(instance, task_id, worker_id, ttl, now)
+            return self._take_claim(instance, task_id, worker_id, ttl, timeout, now)
 
     def _release_task_claim(
         self, instance_id: str, task_id: str, worker_id: str, token: int | None
@@ -341,7 +359,13 @@ class InMemoryBackend(PersistentBackend):
     ) -> TaskClaim:
         with self._lock:
             instance, claim = self._held_claim(instance_id, task_id, worker_id, token)
-            claim.expires_at = None if ttl is None else self._now() + ttl
+            now = self._now()
+            if claim.deadline is not None and now >= claim.deadline:
+                raise ClaimLostError(past_deadline(instance_id, task_id, claim.deadline))
+            expires_at = None if ttl is None else now + ttl
+            if claim.deadline is not None and (expires_at is None or expires_at > claim.deadline):
+                expires_at = claim.deadline
+            claim.expires_at = expires_at
             return self._to_task_claim(instance, task_id, claim)
 
     def _find_available_tasks(
@@ -358,13 +382,14 @@ class InMemoryBackend(PersistentBackend):
         ttl: timedelta | None,
         tags: frozenset[str],
         aging_interval: timedelta,
+        timeout: timedelta | None,
     ) -> list[ClaimedTask]:
         with self._lock:
             now = self._now()
             chosen = sorted(self._available(now, tags, aging_interval))[:limit]
             return [
                 ClaimedTask(
-                    claim=self._take_claim(instance, task_id, worker_id, ttl, now),
+                    claim=self._take_claim(instance, task_id, worker_id, ttl, timeout, now),
                     task=self._available_task(instance, task_id),
                 )
                 for _, instance, task_id in chosen
@@ -373,7 +398,11 @@ class InMemoryBackend(PersistentBackend):
     # -- completions -------------------------------------------------------------------------
 
     def _complete_tasks(
-        self, completions: list[TaskCompletion], ttl: timedelta | None, claim_next: int
+        self,
+        completions: list[TaskCompletion],
+        ttl: timedelta | None,
+        claim_next: int,
+        timeout: timedelta | None,
     ) -> list[CompletionResult]:
         with self._lock:
             now = self._now()
@@ -383,7 +412,7 @@ class InMemoryBackend(PersistentBackend):
                 if result.outcome is CompletionOutcome.RECORDED and claim_next > 0:
                     instance = self._instances[completion.instance_id]
                     next_tasks = self._claim_next(
-                        instance, completion.worker_id, ttl, now, claim_next
+                        instance, completion.worker_id, ttl, timeout, now, claim_next
                     )
                     claim_next -= len(next_tasks)
                     result = dataclasses.replace(result, next_tasks=next_tasks)
@@ -406,6 +435,13 @@ class InMemoryBackend(PersistentBackend):
             check_snapshot=self._check_snapshot,
         )
         if isinstance(applied, CompletionResult):
+            if applied.outcome is CompletionOutcome.RETRY_SCHEDULED:
+                assert claim is not None and completion.retry_after is not None
+                # The claim becomes the wait: held by no worker until the retry is due.
+                claim.worker_id = RETRY_WAIT_WORKER
+                claim.expires_at = now + completion.retry_after
+                claim.deadline = None
+                claim.last_error = completion.error
             return applied
         assert instance is not None and claim is not None
         version = self._write_snapshot(applied, instance, now)
@@ -417,6 +453,7 @@ class InMemoryBackend(PersistentBackend):
         instance: _Instance,
         worker_id: str,
         ttl: timedelta | None,
+        timeout: timedelta | None,
         now: datetime,
         limit: int,
     ) -> tuple[ClaimedTask, ...]:
@@ -431,7 +468,7 @@ class InMemoryBackend(PersistentBackend):
                 break
             claimed.append(
                 ClaimedTask(
-                    claim=self._take_claim(instance, task_id, worker_id, ttl, now),
+                    claim=self._take_claim(instance, task_id, worker_id, ttl, timeout, now),
                     task=self._available_task(instance, task_id),
                 )
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import NoReturn, Self, TypeAlias
 
@@ -290,6 +290,13 @@ class TaskClaim:
     ``token`` is a fencing token: it strictly increases each time the task is claimed anew.
     ``pending_signals`` are the cancel/pause requests pending when the call that returned
     this claim ran: a heartbeat learns from them that it should stop.
+
+    ``attempt`` counts the claims of this task (1 at its first, +1 at each later one,
+    takeovers after expiry included; ``sayiir-persistence retry`` counts anew).
+    ``deadline``: past it the claim can no longer be renewed or written under (``None``: no
+    deadline); ``expires_at`` is never later. ``last_error``: the error an earlier attempt
+    recorded (``TaskCompletion.retry_after``), if any.
+    See docs/contract.md#attempts-and-deadlines.
     """
 
     instance_id: str
@@ -299,6 +306,9 @@ class TaskClaim:
     expires_at: datetime | None
     token: int
     pending_signals: frozenset[SignalKind] = frozenset()
+    attempt: int = 1
+    deadline: datetime | None = None
+    last_error: str | None = None
 
     def is_expired(self, now: datetime | None = None) -> bool:
         """True from ``expires_at`` on (expired at exactly ``expires_at``)."""
@@ -347,7 +357,9 @@ class TaskCompletion:
     """A finished execution of a claimed task, for ``complete_tasks``.
 
     Exactly one of ``output`` (the task's result) and ``error`` (the task failed: the
-    workflow is failed with this message) is given.
+    workflow is failed with this message) is given. With ``error`` and ``retry_after``, the
+    attempt is recorded as failed instead and the task is not handed out again before
+    ``retry_after`` has passed by the store clock (docs/contract.md#attempts-and-deadlines).
     """
 
     instance_id: str
@@ -357,6 +369,7 @@ class TaskCompletion:
     output: bytes | None = None
     error: str | None = None
     advance: Advance | None = None
+    retry_after: timedelta | None = None
 
 
 class CompletionOutcome(StrEnum):
@@ -375,6 +388,9 @@ class CompletionOutcome(StrEnum):
     """The instance is absent."""
     ADVANCE_FAILED = "advance_failed"
     """The advance function raised or left an invalid snapshot: nothing written."""
+    RETRY_SCHEDULED = "retry_scheduled"
+    """A failed attempt (``error`` with ``retry_after``) recorded: the claim ended, the
+    workflow unchanged, the task handed out again once ``retry_after`` has passed."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from .. import transitions
+from ..attempts import claim_times, effective_ttl, past_deadline
 from ..backend import PersistentBackend
 from ..errors import (
     BackendUnavailableError,
@@ -71,12 +72,13 @@ from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from ..wakeups import WorkSignal, WorkWaiter
 from . import codec
 from .completing import CompletionStatements, complete_tasks
-from .dialects import READ_ONLY_OPTION, Locked, TaskKey, dialect_for
+from .dialects import READ_ONLY_OPTION, ClaimTerms, Granted, Locked, TaskKey, dialect_for
 from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
 from .rows import (
     available_task_from_row,
+    granted_claim,
     new_results,
     ready_rows,
     snapshot_from_row,
@@ -558,7 +560,12 @@ class SqlBackend(PersistentBackend):
     # -- claims ------------------------------------------------------------------------------
 
     def _claim_task(
-        self, instance_id: str, task_id: str, worker_id: str, ttl: timedelta | None
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: timedelta | None,
+        timeout: timedelta | None,
     ) -> TaskClaim | None:
         key = {"p_instance_id": instance_id, "p_task_id": task_id}
 
@@ -573,12 +580,12 @@ class SqlBackend(PersistentBackend):
             now: datetime = ready.now
             if ready.signalled or (ready.wake_at is not None and ready.wake_at > now):
                 return None
-            expires_at = None if ttl is None else now + ttl
-            token = self._dialect.claim(conn, instance_id, task_id, worker_id, now, expires_at)
-            if token is None:
+            terms = ClaimTerms(worker_id, now, *claim_times(now, ttl, timeout))
+            granted = self._dialect.claim(conn, (instance_id, task_id), terms)
+            if granted is None:
                 return None
-            self._mark_claimed(conn, [(instance_id, task_id)], expires_at)
-            return TaskClaim(instance_id, task_id, worker_id, now, expires_at, token)
+            self._mark_claimed(conn, [(instance_id, task_id)], terms.expires_at)
+            return granted_claim((instance_id, task_id), terms, granted)
 
         return self._transaction(work)
 
@@ -615,6 +622,8 @@ class SqlBackend(PersistentBackend):
             raise ClaimLostError(
                 f"task {task_id!r} of {instance_id!r} is claimed by another worker"
             )
+        if (token is None or token == claim.token) and claim.deadline is not None:
+            raise ClaimLostError(past_deadline(instance_id, task_id, claim.deadline))
         raise ClaimLostError(
             f"task {task_id!r} of {instance_id!r} was claimed anew "
             f"(token {claim.token}, yours {token})"
@@ -651,21 +660,26 @@ class SqlBackend(PersistentBackend):
             if conn.execute(extend.for_token(token), parameters).rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
             claim = conn.execute(self._sql.read_claim, parameters).one()
-            if claim.expires_at is not None:
+            expires_at = claim.expires_at
+            if claim.deadline is not None and (expires_at is None or expires_at > claim.deadline):
+                expires_at = claim.deadline
+                conn.execute(self._sql.set_expiry, {**parameters, "p_until": expires_at})
+            if expires_at is not None:
                 # A claim renewed for less than before: its ready row's hint must not outlive
                 # it, or the task would stay hidden once the claim expired.
-                conn.execute(
-                    self._sql.lower_claimed_until, {**parameters, "p_until": claim.expires_at}
-                )
+                conn.execute(self._sql.lower_claimed_until, {**parameters, "p_until": expires_at})
             pending = conn.scalars(self._sql.pending_signals, parameters)
             return TaskClaim(
                 instance_id,
                 task_id,
                 worker_id,
                 claim.claimed_at,
-                claim.expires_at,
+                expires_at,
                 claim.token,
                 frozenset(SignalKind(kind) for kind in pending),
+                attempt=claim.token - claim.attempt_offset,
+                deadline=claim.deadline,
+                last_error=claim.last_error,
             )
 
         return self._transaction(work)
@@ -745,6 +759,7 @@ class SqlBackend(PersistentBackend):
         ttl: timedelta | None,
         tags: frozenset[str],
         aging_interval: timedelta,
+        timeout: timedelta | None,
     ) -> list[ClaimedTask]:
         def work(conn: Connection) -> list[ClaimedTask]:
             # Every candidate read may have been claimed by others before it could be locked
@@ -754,11 +769,11 @@ class SqlBackend(PersistentBackend):
             for _ in range(_LOCK_ATTEMPTS):
                 if self._sql.claim_available is not None:
                     claimed = self._claim_in_one_statement(
-                        conn, worker_id, limit, ttl, tags, aging_interval
+                        conn, worker_id, limit, ttl, tags, aging_interval, timeout
                     )
                 else:
                     claimed = self._claim_in_steps(
-                        conn, worker_id, limit, ttl, tags, aging_interval
+                        conn, worker_id, limit, ttl, tags, aging_interval, timeout
                     )
                 if claimed or not self._candidates(conn, tags, aging_interval, 1):
                     return claimed
@@ -774,25 +789,25 @@ class SqlBackend(PersistentBackend):
         ttl: timedelta | None,
         tags: frozenset[str],
         aging_interval: timedelta,
+        timeout: timedelta | None,
     ) -> list[ClaimedTask]:
         assert self._sql.claim_available is not None
         parameters = self._candidate_parameters(tags, limit * 2 + 16)
+        lifetime = effective_ttl(ttl, timeout)
         parameters |= {
             "p_aging_us": aging_interval // timedelta(microseconds=1),
             "p_take": limit,
             "p_worker_id": worker_id,
-            "p_ttl": None if ttl is None else self._dialect.ttl_parameter(ttl),
+            "p_ttl": None if lifetime is None else self._dialect.ttl_parameter(lifetime),
+            "p_timeout": None if timeout is None else self._dialect.ttl_parameter(timeout),
         }
         rows = conn.execute(self._sql.claim_available.for_tags(tags), parameters)
         return [
             ClaimedTask(
-                TaskClaim(
-                    row.instance_id,
-                    row.task_id,
-                    worker_id,
-                    row.claimed_at,
-                    row.expires_at,
-                    row.token,
+                granted_claim(
+                    (row.instance_id, row.task_id),
+                    ClaimTerms(worker_id, row.claimed_at, row.expires_at, row.deadline),
+                    Granted.from_row(row),
                 ),
                 available_task_from_row(row, row.task_id),
             )
@@ -807,29 +822,31 @@ class SqlBackend(PersistentBackend):
         ttl: timedelta | None,
         tags: frozenset[str],
         aging_interval: timedelta,
+        timeout: timedelta | None,
     ) -> list[ClaimedTask]:
         locked, now = self._find_and_lock(conn, tags, aging_interval, limit)
         if now is None:
             return []
-        expires_at = None if ttl is None else now + ttl
+        terms = ClaimTerms(worker_id, now, *claim_times(now, ttl, timeout))
         # The guarded claim, not the lock, decides: a row claimed and committed just
         # before we locked it is refused here.
-        tokens = self._dialect.claim_many(conn, locked, worker_id, now, expires_at)
-        claimed = [key for key in locked if key in tokens]
-        self._mark_claimed(conn, claimed, expires_at)
+        granted = self._dialect.claim_many(conn, locked, terms)
+        claimed = [key for key in locked if key in granted]
+        self._mark_claimed(conn, claimed, terms.expires_at)
         tasks = self._available_tasks(conn, claimed)
         return [
-            ClaimedTask(
-                TaskClaim(task.instance_id, task.task_id, worker_id, now, expires_at, tokens[key]),
-                task,
-            )
+            ClaimedTask(granted_claim(key, terms, granted[key]), task)
             for key, task in zip(claimed, tasks, strict=True)
         ]
 
     # -- completions -------------------------------------------------------------------------
 
     def _complete_tasks(
-        self, completions: list[TaskCompletion], ttl: timedelta | None, claim_next: int
+        self,
+        completions: list[TaskCompletion],
+        ttl: timedelta | None,
+        claim_next: int,
+        timeout: timedelta | None,
     ) -> list[CompletionResult]:
         return self._transaction(
             lambda conn: complete_tasks(
@@ -838,6 +855,7 @@ class SqlBackend(PersistentBackend):
                 self._dialect,
                 completions,
                 ttl,
+                timeout,
                 claim_next,
                 self._check_snapshot,
                 self._announce,

@@ -38,19 +38,19 @@ from sqlalchemy import (
     update,
 )
 
+from ..attempts import RETRY_WAIT_WORKER, claim_times
 from ..completions import apply_completion
 from ..model import (
     AvailableTask,
     ClaimedTask,
     CompletionOutcome,
     CompletionResult,
-    TaskClaim,
     TaskCompletion,
     WorkflowSnapshot,
 )
-from .dialects import ClaimRow, SqlDialect, TaskKey
+from .dialects import ClaimRow, ClaimTerms, Granted, SqlDialect, TaskKey
 from .dialects.base import claimed_until
-from .rows import new_results, ready_rows, snapshot_from_row, workflow_values
+from .rows import granted_claim, new_results, ready_rows, snapshot_from_row, workflow_values
 from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
 from .statements import mark_claimed
 
@@ -88,6 +88,29 @@ class CompletionStatements:
         )
         self.clear_ready = delete(ready_tasks).where(ready_tasks.c.instance_id.in_(instance_ids))
         self.release_claims = update(task_claims).where(claim_key.in_(keys)).values(released=True)
+        # A failed attempt with a retry to come: the claim becomes the wait (held by no
+        # worker until the retry is due), and its ready row is hidden until then.
+        self.wait_for_retry = (
+            update(task_claims)
+            .where(
+                task_claims.c.instance_id == bindparam("p_instance_id"),
+                task_claims.c.task_id == bindparam("p_task_id"),
+            )
+            .values(
+                worker_id=RETRY_WAIT_WORKER,
+                expires_at=bindparam("p_retry_at"),
+                deadline=None,
+                last_error=bindparam("p_error"),
+            )
+        )
+        self.hide_until_retry = (
+            update(ready_tasks)
+            .where(
+                ready_tasks.c.instance_id == bindparam("p_instance_id"),
+                ready_tasks.c.task_id == bindparam("p_task_id"),
+            )
+            .values(claimed_until=bindparam("p_retry_at"))
+        )
         self.clear_tags = delete(workflow_tags).where(workflow_tags.c.instance_id.in_(instance_ids))
         self.mark_claimed = mark_claimed()
 
@@ -127,6 +150,7 @@ def complete_tasks(
     dialect: SqlDialect,
     completions: Sequence[TaskCompletion],
     ttl: timedelta | None,
+    timeout: timedelta | None,
     claim_next: int,
     check_snapshot: Callable[[WorkflowSnapshot], None],
     announce: Callable[[Connection], None],
@@ -147,6 +171,7 @@ def complete_tasks(
 
     results: list[CompletionResult] = []
     released: dict[TaskKey, None] = {}  # in order
+    retries: list[dict[str, object]] = []
     after: dict[int, WorkflowSnapshot] = {}  # the snapshot after each recorded completion
     for completion in completions:
         key = (completion.instance_id, completion.task_id)
@@ -160,6 +185,17 @@ def complete_tasks(
             check_snapshot=check_snapshot,
         )
         if isinstance(applied, CompletionResult):
+            if applied.outcome is CompletionOutcome.RETRY_SCHEDULED:
+                assert completion.retry_after is not None
+                released[key] = None  # this claim is over: not for a later completion
+                retries.append(
+                    {
+                        "p_instance_id": completion.instance_id,
+                        "p_task_id": completion.task_id,
+                        "p_retry_at": now + completion.retry_after,
+                        "p_error": completion.error,
+                    }
+                )
             results.append(applied)
             continue
         assert workflow is not None
@@ -170,6 +206,9 @@ def complete_tasks(
         after[len(results)] = applied
         results.append(CompletionResult(CompletionOutcome.RECORDED, version=applied.version))
 
+    if retries:
+        conn.execute(sql.wait_for_retry, retries)
+        conn.execute(sql.hide_until_retry, retries)
     written = {instance_id: w for instance_id, w in locked.items() if w.written}
     if not written:
         return results
@@ -178,10 +217,22 @@ def complete_tasks(
         # Before the release: a task whose claim a later completion of this call holds is
         # still claimed when an earlier one looks for next tasks.
         signalled = {instance_id for instance_id, w in locked.items() if w.signalled}
+        expires_at, deadline = claim_times(now, ttl, timeout)
         results = _claim_next(
-            conn, sql, dialect, completions, results, after, signalled, ttl, claim_next, now
+            conn,
+            sql,
+            dialect,
+            completions,
+            results,
+            after,
+            signalled,
+            claim_next,
+            now,
+            expires_at,
+            deadline,
         )
-    conn.execute(sql.release_claims, {"p_keys": list(released)})
+    waiting = {(str(r["p_instance_id"]), str(r["p_task_id"])) for r in retries}
+    conn.execute(sql.release_claims, {"p_keys": [k for k in released if k not in waiting]})
     taken = {(t.task.instance_id, t.task.task_id) for r in results for t in r.next_tasks}
     if runnable - taken:
         announce(conn)
@@ -271,9 +322,10 @@ def _claim_next(
     results: list[CompletionResult],
     after: dict[int, WorkflowSnapshot],
     signalled: set[str],
-    ttl: timedelta | None,
     limit: int,
     now: datetime,
+    expires_at: datetime | None,
+    deadline: datetime | None,
 ) -> list[CompletionResult]:
     """Claim up to ``limit`` next tasks for the completions' workers, as if after each
     recorded completion in turn (docs/contract.md#complete_tasks): the tasks its workflow
@@ -312,16 +364,16 @@ def _claim_next(
                 chosen[index].append(key)
                 taken.add(key)
                 budget -= 1
-    expires_at = None if ttl is None else now + ttl
     by_worker: dict[str, dict[TaskKey, ClaimRow]] = defaultdict(dict)
     for index, keys in chosen.items():
         for key in keys:
             by_worker[completions[index].worker_id][key] = (
                 ClaimRow.PRESENT if key in rows else ClaimRow.ABSENT
             )
-    tokens: dict[TaskKey, int] = {}
+    tokens: dict[TaskKey, Granted] = {}
+    terms = {worker_id: ClaimTerms(worker_id, now, expires_at, deadline) for worker_id in by_worker}
     for worker_id, claims in by_worker.items():
-        tokens |= dialect.claim_many(conn, claims, worker_id, now, expires_at)
+        tokens |= dialect.claim_many(conn, claims, terms[worker_id])
     if tokens:
         conn.execute(
             sql.mark_claimed, {"p_keys": list(tokens), "p_until": claimed_until(expires_at)}
@@ -330,9 +382,7 @@ def _claim_next(
         replace(
             result,
             next_tasks=tuple(
-                _claimed_task(
-                    after[index], key, completions[index].worker_id, tokens[key], now, expires_at
-                )
+                _claimed_task(after[index], key, terms[completions[index].worker_id], tokens[key])
                 for key in chosen[index]
                 if key in tokens
             ),
@@ -344,16 +394,11 @@ def _claim_next(
 
 
 def _claimed_task(
-    snapshot: WorkflowSnapshot,
-    key: TaskKey,
-    worker_id: str,
-    token: int,
-    now: datetime,
-    expires_at: datetime | None,
+    snapshot: WorkflowSnapshot, key: TaskKey, terms: ClaimTerms, granted: Granted
 ) -> ClaimedTask:
     instance_id, task_id = key
     return ClaimedTask(
-        TaskClaim(instance_id, task_id, worker_id, now, expires_at, token),
+        granted_claim(key, terms, granted),
         AvailableTask(
             instance_id=instance_id,
             task_id=task_id,

@@ -8,8 +8,16 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from ..model import AtDelay, AvailableTask, WorkflowSnapshot, WorkflowStatus, position_task_ids
+from ..model import (
+    AtDelay,
+    AvailableTask,
+    TaskClaim,
+    WorkflowSnapshot,
+    WorkflowStatus,
+    position_task_ids,
+)
 from . import codec
+from .dialects import ClaimTerms, Granted, TaskKey
 
 
 def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnapshot:
@@ -32,6 +40,22 @@ def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnaps
         updated_at=row.updated_at,
         version=row.version,
         input_task_id=row.input_task_id,
+    )
+
+
+def granted_claim(key: TaskKey, terms: ClaimTerms, granted: Granted) -> TaskClaim:
+    """The claim a claim statement made on ``key``."""
+    instance_id, task_id = key
+    return TaskClaim(
+        instance_id,
+        task_id,
+        terms.worker_id,
+        terms.now,
+        terms.expires_at,
+        granted.token,
+        attempt=granted.attempt,
+        deadline=terms.deadline,
+        last_error=granted.last_error,
     )
 
 

@@ -10,7 +10,8 @@ Layout (one row per ...):
   so finding work is one indexed scan instead of decoding every snapshot; its claim's expiry
   is copied there by the claim (``claimed_until``).
 - ``sayiir_task_claims``: claim on a task. Released claims stay (``released``) so the
-  fencing token of the next claim keeps increasing.
+  fencing token of the next claim keeps increasing, and the token counts the task's attempts.
+  A claim held by the worker id ``''`` is a scheduled retry's wait.
 - ``sayiir_signals``: pending cancel or pause request.
 - ``sayiir_events``: buffered event, FIFO by ``id``.
 - ``sayiir_workflow_tags``: tag of a workflow, for the worker tag filter.
@@ -113,6 +114,12 @@ task_claims = Table(
     Column("claimed_at", UtcDateTime(), nullable=False),
     Column("expires_at", UtcDateTime()),
     Column("released", Boolean(create_constraint=False), nullable=False),
+    # Attempts (see the migration e5b7d2c91f40): the claim's deadline, the error the last
+    # failed attempt recorded, and the tokens handed out before attempts were last counted
+    # anew (attempt = token - attempt_offset).
+    Column("deadline", UtcDateTime()),
+    Column("last_error", LongText()),
+    Column("attempt_offset", BigInteger(), nullable=False, server_default="0"),
     **_MYSQL,
 )
 

@@ -272,6 +272,10 @@ class Statements:
             one_token=_extend(dialect, with_token=True, with_ttl=False),
         )
         self.read_claim = select(task_claims).where(claim_key())
+        # A renewal cut short at the claim's deadline.
+        self.set_expiry = (
+            update(task_claims).where(claim_key()).values(expires_at=bindparam("p_until"))
+        )
         self.lock_claim = select(task_claims, now.label("now")).where(claim_key()).with_for_update()
         self.pending_signals = select(signals.c.kind).where(
             signals.c.instance_id == bindparam("p_instance_id")
@@ -284,4 +288,10 @@ def _release(*, with_token: bool) -> Update:
 
 def _extend(dialect: SqlDialect, *, with_token: bool, with_ttl: bool) -> Update:
     expires_at = dialect.now_plus_ttl() if with_ttl else None
-    return update(task_claims).where(held_claim_filter(with_token)).values(expires_at=expires_at)
+    # A claim past its deadline is not renewed (docs/contract.md#attempts-and-deadlines).
+    before_deadline = or_(task_claims.c.deadline.is_(None), task_claims.c.deadline > dialect.now())
+    return (
+        update(task_claims)
+        .where(held_claim_filter(with_token), before_deadline)
+        .values(expires_at=expires_at)
+    )

@@ -375,7 +375,7 @@ SHIFTED_COLUMNS = {
     workflows: ("updated_at",),
     task_results: ("completed_at",),
     ready_tasks: ("updated_at", "wake_at", "claimed_until"),
-    task_claims: ("claimed_at", "expires_at"),
+    task_claims: ("claimed_at", "expires_at", "deadline"),
     events: ("created_at",),
 }
 # Caller-supplied timestamps the store returns as given and never compares with its clock.

@@ -23,7 +23,7 @@ from sayiir_persistence import (
 )
 from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
-from sayiir_persistence.sql.dialects import ClaimRow, MySqlDialect
+from sayiir_persistence.sql.dialects import ClaimRow, ClaimTerms, MySqlDialect
 from sayiir_persistence.sql.errors import RetryableConflict
 from sayiir_persistence.sql.schema import metadata, task_claims, workflows
 from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES
@@ -252,7 +252,8 @@ def test_mysql_batch_of_first_claims_is_refused_whole_if_a_claim_row_exists(
         with backend.engine.connect() as conn:
             transaction = conn.begin()
             with pytest.raises(RetryableConflict, match="1 of 2 first claims already existed"):
-                MySqlDialect().claim_many(conn, misread, "w2", now, now + timedelta(minutes=1))
+                terms = ClaimTerms("w2", now, now + timedelta(minutes=1))
+                MySqlDialect().claim_many(conn, misread, terms)
             transaction.rollback()  # what SqlBackend does before running it again
 
         again = backend.claim_task("held", "t", "w2", timedelta(minutes=1))

@@ -12,6 +12,8 @@ from datetime import timedelta
 from .base import (
     READ_ONLY_OPTION,
     ClaimRow,
+    ClaimTerms,
+    Granted,
     Locked,
     SqlDialect,
     TaskKey,
@@ -25,6 +27,8 @@ from .sqlite import SqliteDialect
 __all__ = [
     "READ_ONLY_OPTION",
     "ClaimRow",
+    "ClaimTerms",
+    "Granted",
     "Locked",
     "MySqlDialect",
     "PostgresDialect",

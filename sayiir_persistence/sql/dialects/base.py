@@ -22,6 +22,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, ClassVar, Self
@@ -66,17 +67,45 @@ class ClaimRow(Enum):
 Locked = Mapping[TaskKey, ClaimRow]
 
 
-def claim_parameters(
-    keys: list[TaskKey], worker_id: str, now: datetime, expires_at: datetime | None
-) -> list[dict[str, object]]:
+@dataclass(frozen=True)
+class ClaimTerms:
+    """Who claims, at which moment of the store clock, until when."""
+
+    worker_id: str
+    now: datetime
+    expires_at: datetime | None
+    deadline: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Granted:
+    """A claim a statement made: its fencing token, attempt and the last recorded error."""
+
+    token: int
+    attempt: int
+    last_error: str | None = None
+
+    @classmethod
+    def first(cls) -> Granted:
+        """A task's first claim."""
+        return cls(token=1, attempt=1)
+
+    @classmethod
+    def from_row(cls, row: Any) -> Granted:
+        """From a claim row's ``token``, ``attempt_offset`` and ``last_error``."""
+        return cls(int(row.token), int(row.token - row.attempt_offset), row.last_error)
+
+
+def claim_parameters(keys: list[TaskKey], terms: ClaimTerms) -> list[dict[str, object]]:
     """The bound values of the claim statements, one set per task."""
     return [
         {
             "p_instance_id": instance_id,
             "p_task_id": task_id,
-            "p_worker_id": worker_id,
-            "p_now": now,
-            "p_expires_at": expires_at,
+            "p_worker_id": terms.worker_id,
+            "p_now": terms.now,
+            "p_expires_at": terms.expires_at,
+            "p_deadline": terms.deadline,
         }
         for instance_id, task_id in keys
     ]
@@ -92,7 +121,30 @@ def new_claim() -> dict[str, object]:
         "claimed_at": bindparam("p_now"),
         "expires_at": bindparam("p_expires_at"),
         "released": False,
+        "deadline": bindparam("p_deadline"),
     }
+
+
+# A takeover's new values (a first claim's are new_claim()): the error of the last failed
+# attempt stays, for the attempt after it to read.
+def takeover_values(claim: Any) -> dict[str, object]:
+    """``set_`` of an ``ON CONFLICT`` claim upsert whose proposed row is ``claim.excluded``."""
+    return {
+        "worker_id": claim.excluded.worker_id,
+        "token": task_claims.c.token + 1,
+        "claimed_at": claim.excluded.claimed_at,
+        "expires_at": claim.excluded.expires_at,
+        "released": False,
+        "deadline": claim.excluded.deadline,
+    }
+
+
+# What a claim statement hands back about each claim it made.
+GRANTED_COLUMNS = (
+    task_claims.c.token,
+    task_claims.c.attempt_offset,
+    task_claims.c.last_error,
+)
 
 
 def claim_is_free(now: ColumnElement[datetime]) -> ColumnElement[bool]:
@@ -147,16 +199,10 @@ def on_conflict_upserts(insert: Callable[[Table], Any]) -> tuple[Executable, Exe
     claim = insert(task_claims).values(new_claim())
     claim = claim.on_conflict_do_update(
         index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
-        set_={
-            "worker_id": claim.excluded.worker_id,
-            "token": task_claims.c.token + 1,
-            "claimed_at": claim.excluded.claimed_at,
-            "expires_at": claim.excluded.expires_at,
-            "released": False,
-        },
+        set_=takeover_values(claim),
         # excluded.claimed_at is this claim's "now", the clock the guard must use.
         where=claim_is_free(claim.excluded.claimed_at),
-    ).returning(task_claims.c.instance_id, task_claims.c.task_id, task_claims.c.token)
+    ).returning(task_claims.c.instance_id, task_claims.c.task_id, *GRANTED_COLUMNS)
     result = insert(task_results).values(new_result())
     result = result.on_conflict_do_update(
         index_elements=[task_results.c.instance_id, task_results.c.task_id],
@@ -277,18 +323,9 @@ class SqlDialect(ABC):
         and gathers the ``RETURNING`` rows); a row whose claim is live returns nothing.
         """
 
-    def claim(
-        self,
-        conn: Connection,
-        instance_id: str,
-        task_id: str,
-        worker_id: str,
-        now: datetime,
-        expires_at: datetime | None,
-    ) -> int | None:
-        """Claim if no live claim exists; return the new fencing token or ``None``."""
-        key = (instance_id, task_id)
-        return self.claim_many(conn, {key: ClaimRow.UNKNOWN}, worker_id, now, expires_at).get(key)
+    def claim(self, conn: Connection, key: TaskKey, terms: ClaimTerms) -> Granted | None:
+        """Claim if no live claim exists; ``None`` if one does."""
+        return self.claim_many(conn, {key: ClaimRow.UNKNOWN}, terms).get(key)
 
     def claim_available_query(self, candidates: CompoundSelect[Any]) -> Select[Any] | None:
         """One statement that finds, locks, claims and describes the best candidates, where
@@ -302,20 +339,13 @@ class SqlDialect(ABC):
         each with what the lock tells of its claim row."""
 
     def claim_many(
-        self,
-        conn: Connection,
-        locked: Locked,
-        worker_id: str,
-        now: datetime,
-        expires_at: datetime | None,
-    ) -> dict[TaskKey, int]:
-        """Claim each locked key that has no live claim; return the new tokens."""
+        self, conn: Connection, locked: Locked, terms: ClaimTerms
+    ) -> dict[TaskKey, Granted]:
+        """Claim each locked key that has no live claim; return the claims made."""
         if not locked:
             return {}
-        rows = conn.execute(
-            self._claim_statement, claim_parameters(list(locked), worker_id, now, expires_at)
-        )
-        return {(row.instance_id, row.task_id): row.token for row in rows}
+        rows = conn.execute(self._claim_statement, claim_parameters(list(locked), terms))
+        return {(row.instance_id, row.task_id): Granted.from_row(row) for row in rows}
 
     def put_result(
         self, conn: Connection, instance_id: str, task_id: str, output: bytes, now: datetime

@@ -29,7 +29,10 @@ from ..errors import ErrorKind, RetryableConflict
 from ..schema import ready_tasks, task_claims, task_results
 from ..types import MYSQL_DIALECTS, UtcDateTime
 from .base import (
+    GRANTED_COLUMNS,
     ClaimRow,
+    ClaimTerms,
+    Granted,
     Locked,
     SqlDialect,
     TaskKey,
@@ -67,20 +70,20 @@ class MySqlDialect(SqlDialect):
 
     def __init__(self) -> None:
         super().__init__()
-        # The takeover of a released or expired claim; LAST_INSERT_ID(expr) hands the new
-        # token back in the OK packet, where the driver reports it (no read-back).
+        # The takeover of a released or expired claim.
         self._takeover_statement = (
             update(task_claims)
             .where(claim_key(), claim_is_free(bindparam("p_now")))
             .values(
                 worker_id=bindparam("p_worker_id"),
-                token=func.last_insert_id(task_claims.c.token + 1),
+                token=task_claims.c.token + 1,
                 claimed_at=bindparam("p_now"),
                 expires_at=bindparam("p_expires_at"),
                 released=False,
+                deadline=bindparam("p_deadline"),
             )
         )
-        self._token_statement = select(task_claims.c.token).where(claim_key())
+        self._granted_statement = select(*GRANTED_COLUMNS).where(claim_key())
         # Lock the given ready rows (skipping those another transaction holds) and read
         # the token of their claim rows, if any. The keys are primary keys: InnoDB reads, so
         # locks, exactly those rows. The subquery is a plain read (a locking read does not
@@ -197,31 +200,22 @@ class MySqlDialect(SqlDialect):
         )
         return claim, result
 
-    def _take_over(self, conn: Connection, parameters: dict[str, object]) -> int | None:
-        """Take over a released or expired claim; its new token, or ``None``."""
+    def _take_over(self, conn: Connection, parameters: dict[str, object]) -> Granted | None:
+        """Take over a released or expired claim; ``None`` if it is live."""
         taken = conn.execute(self._takeover_statement, parameters)
         if taken.rowcount != 1:
             return None
-        token = taken.lastrowid
-        if not token:  # a driver that does not report LAST_INSERT_ID: our locked row
-            token = conn.execute(self._token_statement, parameters).scalar_one()
-        return int(token)
+        # Takeovers are the rare claims (a retry, an expiry, a release): the attempt and the
+        # last error are read back from our locked row.
+        return Granted.from_row(conn.execute(self._granted_statement, parameters).one())
 
-    def claim(
-        self,
-        conn: Connection,
-        instance_id: str,
-        task_id: str,
-        worker_id: str,
-        now: datetime,
-        expires_at: datetime | None,
-    ) -> int | None:
-        [parameters] = claim_parameters([(instance_id, task_id)], worker_id, now, expires_at)
-        token = self._take_over(conn, parameters)
-        if token is not None:
-            return token
+    def claim(self, conn: Connection, key: TaskKey, terms: ClaimTerms) -> Granted | None:
+        [parameters] = claim_parameters([key], terms)
+        granted = self._take_over(conn, parameters)
+        if granted is not None:
+            return granted
         inserted = conn.execute(self._claim_statement, parameters)
-        return 1 if inserted.rowcount == 1 else None
+        return Granted.first() if inserted.rowcount == 1 else None
 
     def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
         # InnoDB locks every row a locking read visits before sorting and limiting, so the
@@ -239,19 +233,14 @@ class MySqlDialect(SqlDialect):
         return {key: locked[key] for key in keys[:tried] if key in locked}
 
     def claim_many(
-        self,
-        conn: Connection,
-        locked: Locked,
-        worker_id: str,
-        now: datetime,
-        expires_at: datetime | None,
-    ) -> dict[TaskKey, int]:
-        tokens: dict[TaskKey, int] = {}
+        self, conn: Connection, locked: Locked, terms: ClaimTerms
+    ) -> dict[TaskKey, Granted]:
+        tokens: dict[TaskKey, Granted] = {}
         # First claims, the usual case, in one multi-row INSERT IGNORE. The ready-row
         # locks we hold keep other claimers out, so every one of them must go in.
         first = [key for key, row in locked.items() if row is ClaimRow.ABSENT]
         if first:
-            parameters = claim_parameters(first, worker_id, now, expires_at)
+            parameters = claim_parameters(first, terms)
             inserted = conn.execute(self._claim_statement, parameters).rowcount
             if inserted != len(first):
                 # A claim row read as absent exists (committed in the instant between the
@@ -260,17 +249,17 @@ class MySqlDialect(SqlDialect):
                 raise RetryableConflict(
                     f"{len(first) - inserted} of {len(first)} first claims already existed"
                 )
-            tokens.update(dict.fromkeys(first, 1))
+            tokens.update(dict.fromkeys(first, Granted.first()))
         for key, row in locked.items():
             if row is ClaimRow.ABSENT:
                 continue
             if row is ClaimRow.PRESENT:  # a free claim row (live ones are not candidates)
-                [takeover] = claim_parameters([key], worker_id, now, expires_at)
-                token = self._take_over(conn, takeover)
+                [takeover] = claim_parameters([key], terms)
+                granted = self._take_over(conn, takeover)
             else:
-                token = self.claim(conn, *key, worker_id, now, expires_at)
-            if token is not None:
-                tokens[key] = token
+                granted = self.claim(conn, key, terms)
+            if granted is not None:
+                tokens[key] = granted
         return tokens
 
 

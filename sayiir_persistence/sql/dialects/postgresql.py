@@ -34,12 +34,14 @@ from ..schema import ready_tasks, task_claims, task_results, workflows
 from ..types import Identifier, UtcDateTime
 from .base import (
     CLAIMED_FOREVER,
+    GRANTED_COLUMNS,
     Locked,
     SqlDialect,
     TaskKey,
     claim_is_free,
     on_conflict_upserts,
     ready_is_free,
+    takeover_values,
 )
 
 # SQLSTATEs.
@@ -103,7 +105,8 @@ class PostgresDialect(SqlDialect):
         claim upsert of those rows (a live claim row refuses, and returns nothing). ``marked``:
         the claims' expiry copied to their ready rows. The outer select adds what the worker
         needs to run each task. Bound: the candidates' parameters, ``p_aging_us``,
-        ``p_take``, ``p_worker_id``, ``p_ttl`` (an interval, or NULL for no expiry).
+        ``p_take``, ``p_worker_id``, ``p_ttl`` (an interval, or NULL for no expiry; already
+        cut to the timeout), ``p_timeout`` (an interval, or NULL for no deadline).
         """
         candidate = candidates.subquery("candidate")
         ready = ready_tasks.alias("ready")
@@ -140,6 +143,7 @@ class PostgresDialect(SqlDialect):
                 "claimed_at",
                 "expires_at",
                 "released",
+                "deadline",
             ],
             select(
                 locked.c.instance_id,
@@ -149,26 +153,25 @@ class PostgresDialect(SqlDialect):
                 now,
                 self.now_plus_ttl(),
                 false(),
+                type_coerce(
+                    func.statement_timestamp() + bindparam("p_timeout", type_=Interval()),
+                    UtcDateTime(),
+                ),
             ),
         )
         claimed = (
             claim.on_conflict_do_update(
                 index_elements=[task_claims.c.instance_id, task_claims.c.task_id],
-                set_={
-                    "worker_id": claim.excluded.worker_id,
-                    "token": task_claims.c.token + 1,
-                    "claimed_at": claim.excluded.claimed_at,
-                    "expires_at": claim.excluded.expires_at,
-                    "released": False,
-                },
+                set_=takeover_values(claim),
                 where=claim_is_free(claim.excluded.claimed_at),
             )
             .returning(
                 task_claims.c.instance_id,
                 task_claims.c.task_id,
-                task_claims.c.token,
                 task_claims.c.claimed_at,
                 task_claims.c.expires_at,
+                task_claims.c.deadline,
+                *GRANTED_COLUMNS,
             )
             .cte("claimed")
         )
@@ -191,8 +194,11 @@ class PostgresDialect(SqlDialect):
                 claimed.c.instance_id,
                 claimed.c.task_id,
                 claimed.c.token,
+                claimed.c.attempt_offset,
+                claimed.c.last_error,
                 claimed.c.claimed_at,
                 claimed.c.expires_at,
+                claimed.c.deadline,
                 locked.c.priority,
                 locked.c.updated_at,
                 workflows.c.definition_hash,

@@ -5,6 +5,7 @@ Each mixin checks one section of docs/contract.md; see its docstring.
 
 from __future__ import annotations
 
+from .attempts import AttemptContract
 from .availability import AvailabilityContract
 from .claims import ClaimContract
 from .completions import CompletionContract
@@ -23,6 +24,7 @@ class BackendContract(
     InputValidationContract,
     SignalEventContract,
     AvailabilityContract,
+    AttemptContract,
     CompletionContract,
     ClaimContract,
     SnapshotContract,
