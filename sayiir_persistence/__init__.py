@@ -38,6 +38,7 @@ from .model import (
     WorkflowStatus,
 )
 from .provisioning import migrate
+from .retries import RetryPolicy
 from .sql.backend import SqlBackend
 from .validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_ID_LENGTH
 
@@ -67,6 +68,7 @@ __all__ = [
     "PersistenceError",
     "PersistentBackend",
     "Position",
+    "RetryPolicy",
     "SchemaError",
     "SignalKind",
     "SignalRequest",

@@ -108,6 +108,9 @@ class TaskOutcome(StrEnum):
     FAILED = "failed"
     """The task function raised (or returned something other than bytes): the workflow was
     marked failed."""
+    RETRYING = "retrying"
+    """The task function raised and the worker's retry policy gives it another attempt: the
+    failed attempt was recorded, and the task runs again after the policy's delay."""
     LOST = "lost"
     """The claim was lost before the result could be saved (expired and taken over, cancelled,
     paused, or the fenced save was refused): nothing was written."""
@@ -126,6 +129,7 @@ class WorkerStats:
     claimed: int = 0
     recorded: int = 0
     failed: int = 0
+    retrying: int = 0
     lost: int = 0
     released: int = 0
     unhandled: int = 0

@@ -50,6 +50,7 @@ from ..model import (
     TaskCompletion,
     WorkflowStatus,
 )
+from ..retries import RetryPolicy
 from .batcher import Batcher
 from .context import TaskContext, TaskFunction, TaskOutcome, WorkerStats
 
@@ -105,6 +106,7 @@ class _Finished:
     running: _Running
     output: bytes | None = None
     error: str | None = None
+    retry_after: timedelta | None = None
 
 
 class Worker:
@@ -151,6 +153,15 @@ class Worker:
         on_outcome: called after each execution with its context and :class:`TaskOutcome`
             (metrics, audit logs); exceptions it raises are logged and ignored. It runs on
             the worker's threads: keep it short and thread-safe.
+        retry: how often a task runs and how long it waits between attempts (a
+            :class:`~sayiir_persistence.RetryPolicy`). ``None`` (default): a task function
+            that raises fails its workflow at once, and a task whose worker died is taken
+            over however often that happens. With a policy, every claim is an attempt: a
+            task that kills its worker each time stops after ``max_attempts`` executions.
+        task_timeout: the deadline of each execution, kept by the store: past it the claim
+            is no longer renewed, the result is not recorded, and the task is claimed again
+            as its next attempt. A Python thread cannot be killed: the hung function keeps
+            its thread until it returns (read ``ctx.claim_lost`` to stop early).
 
     Raises:
         ValueError: ``threads``, ``ttl``, ``heartbeat_every``, ``poll_interval`` or
@@ -178,6 +189,8 @@ class Worker:
         completion_wait: timedelta = timedelta(0),
         claim_next: bool = True,
         on_outcome: Callable[[TaskContext, TaskOutcome], None] | None = None,
+        retry: RetryPolicy | None = None,
+        task_timeout: timedelta | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
@@ -186,6 +199,10 @@ class Worker:
         heartbeat_every = ttl / 3 if heartbeat_every is None else heartbeat_every
         if heartbeat_every <= timedelta(0) or poll_interval <= timedelta(0):
             raise ValueError("heartbeat_every and poll_interval must be positive")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ValueError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        if task_timeout is not None and task_timeout <= timedelta(0):
+            raise ValueError(f"task_timeout must be positive, got {task_timeout}")
         if heartbeat_every >= ttl:
             logger.warning(
                 "heartbeat_every (%s) is not below ttl (%s): claims will expire while their "
@@ -206,6 +223,10 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.stall_sweep_every = stall_sweep_every
         self.claim_next = claim_next
+        self.retry = retry
+        self.task_timeout = task_timeout
+        # What every claim carries to the store (docs/contract.md#attempts-and-deadlines).
+        self._max_attempts = None if retry is None else retry.max_attempts
         self._handlers = handlers
         self._advance = advance
         self._on_outcome = on_outcome
@@ -405,6 +426,8 @@ class Worker:
                     self.ttl,
                     tags=self.tags,
                     aging_interval=self.aging_interval,
+                    max_attempts=self._max_attempts,
+                    timeout=self.task_timeout,
                 )
             except Exception as error:
                 # Never let the loop die: a worker that silently stops claiming is worse
@@ -519,8 +542,18 @@ class Worker:
                         f"task function returned {type(output).__name__}, expected bytes"
                     )
             except Exception as error:
-                logger.error("%r: task function failed: %r", context, error, exc_info=error)
-                self._finish(running, error=f"task {context.task_id!r}: {error!r}")
+                retry_after = self._retry_after(context, error)
+                logger.error(
+                    "%r: task function failed (attempt %d%s): %r",
+                    context,
+                    context.claim.attempt,
+                    "" if retry_after is None else f", retried in {retry_after}",
+                    error,
+                    exc_info=error,
+                )
+                self._finish(
+                    running, error=f"task {context.task_id!r}: {error!r}", retry_after=retry_after
+                )
             else:
                 if len(output) > self.backend.max_payload_bytes:
                     self._finish(
@@ -535,8 +568,20 @@ class Worker:
                 self._busy -= 1
                 self._changed.notify_all()
 
+    def _retry_after(self, context: TaskContext, error: Exception) -> timedelta | None:
+        """How long until the next attempt of a task that raised (``None``: no retry)."""
+        attempt = context.claim.attempt
+        if self.retry is None or not self.retry.retries(error, attempt):
+            return None
+        return self.retry.delay_after(attempt)
+
     def _finish(
-        self, running: _Running, *, output: bytes | None = None, error: str | None = None
+        self,
+        running: _Running,
+        *,
+        output: bytes | None = None,
+        error: str | None = None,
+        retry_after: timedelta | None = None,
     ) -> None:
         """Queue the outcome for the completion thread, unless stop() released the claim."""
         context = running.context
@@ -549,7 +594,9 @@ class Worker:
                 self._end(running, TaskOutcome.LOST)
                 return
             running.completing = True
-        self._completions.put(_Finished(running, output=output, error=error))
+        self._completions.put(
+            _Finished(running, output=output, error=error, retry_after=retry_after)
+        )
 
     # -- recording (the completion thread) ----------------------------------------------
 
@@ -582,7 +629,7 @@ class Worker:
                 message = f"advancing past task {context.task_id!r}: {result.error}"
                 retry.append(_Finished(finished.running, error=message))
                 continue
-            if result.outcome is not CompletionOutcome.RECORDED:
+            if result.outcome not in _WRITTEN:
                 reason = result.outcome.value.replace("_", " ")
                 finished.running.context._lose(f"the fenced save was refused ({reason})")
             self._end(finished.running, _outcome(finished, result))
@@ -606,13 +653,20 @@ class Worker:
                 output=f.output,
                 error=f.error,
                 advance=f.running.advance,
+                retry_after=f.retry_after,
             )
             for f in batch
         ]
         backoff = _MIN_BACKOFF_SECONDS
         for attempt in range(1, _COMPLETION_ATTEMPTS + 1):
             try:
-                return self.backend.complete_tasks(completions, ttl=self.ttl, claim_next=claim_next)
+                return self.backend.complete_tasks(
+                    completions,
+                    ttl=self.ttl,
+                    claim_next=claim_next,
+                    max_attempts=self._max_attempts,
+                    timeout=self.task_timeout,
+                )
             except InvalidInputError:
                 # Not expected (outputs are checked before): record one by one, so that one
                 # bad completion cannot hold the others back.
@@ -804,7 +858,13 @@ class Worker:
                 running.context._lose(reason)
 
 
+# Outcomes of a completion that wrote what the execution left (a result, a failure, a retry).
+_WRITTEN = frozenset({CompletionOutcome.RECORDED, CompletionOutcome.RETRY_SCHEDULED})
+
+
 def _outcome(finished: _Finished, result: CompletionResult) -> TaskOutcome:
+    if result.outcome is CompletionOutcome.RETRY_SCHEDULED:
+        return TaskOutcome.RETRYING
     if result.outcome is CompletionOutcome.RECORDED:
         return TaskOutcome.RECORDED if finished.error is None else TaskOutcome.FAILED
     logger.info(
