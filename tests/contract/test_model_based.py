@@ -161,6 +161,9 @@ worker_ids = st.sampled_from(WORKERS)
 optional_task_ids = st.sampled_from((*TASKS, None))
 payloads = st.binary(max_size=3)
 ttls = st.sampled_from(TTLS)
+max_attempt_choices = st.sampled_from((None, 1, 2))
+# A failed attempt fails its workflow (None) or is retried after a while.
+retry_delays = st.sampled_from((None, MINUTE + 30))
 # Some operations happen a minute after the previous one: the clock advances first.
 laters = st.sampled_from((0, 0, MINUTE))
 tag_sets = st.frozensets(st.sampled_from(TAGS))
@@ -600,8 +603,10 @@ class ContractMachine(RuleBasedStateMachine):
         else:
             assert actual.token == expected.min_token
         assert actual.pending_signals == expected.pending_signals
+        assert (actual.attempt, actual.last_error) == (expected.attempt, expected.last_error)
         self.check_time(actual.claimed_at, expected.claimed_at, "claimed_at")
         self.check_time(actual.expires_at, expected.expires_at, "expires_at")
+        self.check_time(actual.deadline, expected.deadline, "deadline")
 
     def check_task(self, actual: AvailableTask, expected: Candidate) -> None:
         assert actual == AvailableTask(
@@ -713,6 +718,7 @@ class ContractMachine(RuleBasedStateMachine):
             (instance_id, task_id, claim.worker_id)
             for instance_id, workflow in self.model.workflows.items()
             for task_id, claim in workflow.claims.items()
+            if claim.worker_id  # not a scheduled retry's wait (held by no worker)
         )
         if claims and data.draw(st.integers(0, 3), label="known claim") > 0:
             instance_id, task_id, holder = data.draw(st.sampled_from(claims), label="claim")
@@ -897,23 +903,50 @@ class ContractMachine(RuleBasedStateMachine):
 
     # -- rules: claims -----------------------------------------------------------------------
 
-    @rule(data=st.data(), later=laters, worker_id=worker_ids, ttl=ttls)
-    def claim_task(self, data: st.DataObject, later: int, worker_id: str, ttl: int | None) -> None:
+    @rule(
+        data=st.data(),
+        later=laters,
+        worker_id=worker_ids,
+        ttl=ttls,
+        timeout=ttls,
+        max_attempts=max_attempt_choices,
+    )
+    def claim_task(
+        self,
+        data: st.DataObject,
+        later: int,
+        worker_id: str,
+        ttl: int | None,
+        timeout: int | None,
+        max_attempts: int | None,
+    ) -> None:
         self.advance_clock(later)
         instance_id, task_id = self.pick_task(data)
         outcome = self.both(
             "claim_task",
-            lambda: self.model.claim_task(instance_id, task_id, worker_id, ttl),
-            lambda: self.backend.claim_task(instance_id, task_id, worker_id, _delta(ttl)),
+            lambda: self.model.claim_task(instance_id, task_id, worker_id, ttl, timeout),
+            lambda: self.backend.claim_task(
+                instance_id,
+                task_id,
+                worker_id,
+                _delta(ttl),
+                max_attempts=max_attempts,
+                timeout=_delta(timeout),
+            ),
         )
         if outcome is None:
             return
         expected, actual = outcome
+        if expected is not None and max_attempts is not None and expected.attempt > max_attempts:
+            event("claim_task: past max_attempts, workflow failed")
+            assert actual is None, f"store handed out {actual} past max_attempts"
+            self.model.give_up(expected, max_attempts)
+            return
         if expected is None or actual is None:
             assert actual is None and expected is None, f"store: {actual}, model: {expected}"
             return
         self.check_claim(actual, expected, new=True)
-        self.model.grant(instance_id, task_id, worker_id, ttl, actual.token)
+        self.model.grant(expected, actual.token)
 
     @rule(data=st.data(), token=token_choices)
     def release_task_claim(self, data: st.DataObject, token: str) -> None:
@@ -951,23 +984,41 @@ class ContractMachine(RuleBasedStateMachine):
         self.check_selection(actual, candidates, limit)
         event(f"find_available_tasks: {_how_many(actual)} found")
 
-    @rule(worker_id=worker_ids, limit=limits, ttl=ttls, tags=worker_tag_sets, aging=aging_intervals)
+    @rule(
+        worker_id=worker_ids,
+        limit=limits,
+        ttl=ttls,
+        tags=worker_tag_sets,
+        aging=aging_intervals,
+        timeout=ttls,
+    )
     def claim_available_tasks(
-        self, worker_id: str, limit: int, ttl: int | None, tags: frozenset[str], aging: int
+        self,
+        worker_id: str,
+        limit: int,
+        ttl: int | None,
+        tags: frozenset[str],
+        aging: int,
+        timeout: int | None = None,
     ) -> None:
         self.store.check_drift()
         candidates = self.model.available(tags, aging)
         claimed = self.backend.claim_available_tasks(
-            worker_id, limit, _delta(ttl), tags=tags, aging_interval=timedelta(seconds=aging)
+            worker_id,
+            limit,
+            _delta(ttl),
+            tags=tags,
+            aging_interval=timedelta(seconds=aging),
+            timeout=_delta(timeout),
         )
         self.check_selection([item.task for item in claimed], candidates, limit)
         event(f"claim_available_tasks: {_how_many(claimed)} claimed")
         for item in claimed:
             instance_id, task_id = _key(item.task)
-            expected = self.model.claim_task(instance_id, task_id, worker_id, ttl)
+            expected = self.model.claim_task(instance_id, task_id, worker_id, ttl, timeout)
             assert expected is not None, f"{instance_id}/{task_id} was not claimable"
             self.check_claim(item.claim, expected, new=True)
-            self.model.grant(instance_id, task_id, worker_id, ttl, item.claim.token)
+            self.model.grant(expected, item.claim.token)
 
     # -- rules: completions ------------------------------------------------------------------
 
@@ -999,14 +1050,16 @@ class ContractMachine(RuleBasedStateMachine):
             kind, position = spec
             resolved = None if position is None else resolve_position(position, self.model.now)
             step = Step("none" if kind == "keep" else kind, resolved)
+        retry_after = data.draw(retry_delays, label="retry_after") if failed else None
         return Completion(
             instance_id,
             task_id,
             worker_id,
             max(1, token),
             output=None if failed else data.draw(payloads, label="output"),
-            error="task failed" if failed else None,
+            error=f"task failed at {self.model.now}" if failed else None,
             step=step,
+            retry_after=retry_after,
         )
 
     @rule(
@@ -1067,6 +1120,7 @@ class ContractMachine(RuleBasedStateMachine):
                 output=c.output,
                 error=c.error,
                 advance=self.advance_function(c.step),
+                retry_after=_delta(c.retry_after),
             )
             for c in completions
         ]

@@ -85,6 +85,9 @@ class Claim:
     claimed_at: int
     expires_at: int | None
     released: bool = False
+    attempt: int = 1
+    deadline: int | None = None
+    last_error: str | None = None
 
     def is_live(self, now: int) -> bool:
         return not self.released and (self.expires_at is None or now < self.expires_at)
@@ -149,6 +152,9 @@ class ExpectedClaim:
     expires_at: int | None
     min_token: int
     pending_signals: frozenset[SignalKind]
+    attempt: int = 1
+    deadline: int | None = None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,7 @@ class Completion:
     output: bytes | None
     error: str | None
     step: Step | None
+    retry_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -310,36 +317,69 @@ class ReferenceModel:
     # -- claims ------------------------------------------------------------------------------
 
     def claim_task(
-        self, instance_id: str, task_id: str, worker_id: str, ttl: int | None
+        self,
+        instance_id: str,
+        task_id: str,
+        worker_id: str,
+        ttl: int | None,
+        timeout: int | None = None,
     ) -> ExpectedClaim | None:
-        """Whether the claim must be granted (a query: :meth:`grant` records it)."""
+        """Whether the claim must be granted (a query: :meth:`grant` records it). An attempt
+        past a limit is granted too: see :meth:`give_up`."""
         workflow = self._get(instance_id)
         if workflow.signals or task_id not in workflow.runnable_task_ids(self.now):
             return None
         claim = workflow.claims.get(task_id)
         if claim is not None and claim.is_live(self.now):
             return None
+        # Expiry at the earlier of the ttl and the deadline (docs/contract.md#attempts-...).
+        lifetimes = [t for t in (ttl, timeout) if t is not None]
         return ExpectedClaim(
             instance_id=instance_id,
             task_id=task_id,
             worker_id=worker_id,
             claimed_at=self.now,
-            expires_at=None if ttl is None else self.now + ttl,
+            expires_at=self.now + min(lifetimes) if lifetimes else None,
             min_token=1 if claim is None else claim.token + 1,
             pending_signals=frozenset(),
+            attempt=1 if claim is None else claim.attempt + 1,
+            deadline=None if timeout is None else self.now + timeout,
+            last_error=None if claim is None else claim.last_error,
         )
 
-    def grant(
-        self, instance_id: str, task_id: str, worker_id: str, ttl: int | None, token: int
-    ) -> None:
+    def grant(self, expected: ExpectedClaim, token: int) -> None:
         """Record a claim the store granted with ``token``."""
-        previous = self.workflows[instance_id].claims.get(task_id)
+        previous = self.workflows[expected.instance_id].claims.get(expected.task_id)
         assert previous is None or token > previous.token, "fencing token did not increase"
-        self.workflows[instance_id].claims[task_id] = Claim(
-            worker_id=worker_id,
+        self.workflows[expected.instance_id].claims[expected.task_id] = Claim(
+            worker_id=expected.worker_id,
             token=token,
-            claimed_at=self.now,
-            expires_at=None if ttl is None else self.now + ttl,
+            claimed_at=expected.claimed_at,
+            expires_at=expected.expires_at,
+            attempt=expected.attempt,
+            deadline=expected.deadline,
+            last_error=expected.last_error,
+        )
+
+    def give_up(self, expected: ExpectedClaim, max_attempts: int) -> None:
+        """A claim past ``max_attempts`` was granted: its workflow is failed under it."""
+        self.grant(expected, expected.min_token)
+        attempts = f"{max_attempts} attempt{'s' if max_attempts != 1 else ''}"
+        reason = expected.last_error or (
+            "no attempt reported a result (each claim expired: its worker stopped, or the "
+            "task passed its deadline)"
+        )
+        error = f"task {expected.task_id!r} failed after {attempts}: {reason}"
+        self._complete(
+            Completion(
+                expected.instance_id,
+                expected.task_id,
+                expected.worker_id,
+                expected.min_token,
+                output=None,
+                error=error,
+                step=None,
+            )
         )
 
     def settle_token(self, instance_id: str, task_id: str, token: int) -> None:
@@ -368,7 +408,14 @@ class ReferenceModel:
         self, instance_id: str, task_id: str, worker_id: str, ttl: int | None, token: int | None
     ) -> ExpectedClaim:
         claim = self._held(instance_id, task_id, worker_id, token)
-        claim.expires_at = None if ttl is None else self.now + ttl
+        if claim.deadline is not None:
+            if self.now >= claim.deadline:
+                raise ClaimLostError(f"{instance_id}/{task_id} passed its deadline")
+            claim.expires_at = (
+                claim.deadline if ttl is None else min(self.now + ttl, claim.deadline)
+            )
+        else:
+            claim.expires_at = None if ttl is None else self.now + ttl
         return ExpectedClaim(
             instance_id=instance_id,
             task_id=task_id,
@@ -377,6 +424,9 @@ class ReferenceModel:
             expires_at=claim.expires_at,
             min_token=claim.token,
             pending_signals=frozenset(self.workflows[instance_id].signals),
+            attempt=claim.attempt,
+            deadline=claim.deadline,
+            last_error=claim.last_error,
         )
 
     def available(self, worker_tags: frozenset[str], aging: int) -> list[Candidate]:
@@ -407,15 +457,19 @@ class ReferenceModel:
     # -- completions -------------------------------------------------------------------------
 
     def complete_tasks(
-        self, completions: list[Completion], ttl: int | None, claim_next: int
+        self,
+        completions: list[Completion],
+        ttl: int | None,
+        claim_next: int,
+        timeout: int | None = None,
     ) -> list[ExpectedCompletion]:
         """Records as the contract says; next claims are recorded with their least token
-        (:meth:`grant` corrects it to the store's)."""
+        (:meth:`settle_token` corrects it to the store's)."""
         expected = []
         for completion in completions:
             result = self._complete(completion)
             if result.outcome is CompletionOutcome.RECORDED and claim_next > 0:
-                claims = self._claim_next(completion, ttl, claim_next)
+                claims = self._claim_next(completion, ttl, timeout, claim_next)
                 claim_next -= len(claims)
                 result = dataclasses.replace(result, next_claims=claims)
             expected.append(result)
@@ -438,6 +492,13 @@ class ReferenceModel:
         task_id = completion.task_id
         if task_id in workflow.completed_tasks or task_id not in _position_tasks(workflow.position):
             return ExpectedCompletion(CompletionOutcome.NOT_RUNNABLE)
+        if completion.retry_after is not None:
+            # The claim becomes the wait for the retry: held by no worker until it is due.
+            claim.worker_id = ""
+            claim.expires_at = self.now + completion.retry_after
+            claim.deadline = None
+            claim.last_error = completion.error
+            return ExpectedCompletion(CompletionOutcome.RETRY_SCHEDULED)
         step = completion.step
         if completion.error is None and step is not None and step.kind == "raise":
             return ExpectedCompletion(CompletionOutcome.ADVANCE_FAILED)
@@ -462,7 +523,7 @@ class ReferenceModel:
         return ExpectedCompletion(CompletionOutcome.RECORDED, version=workflow.bump(self.now))
 
     def _claim_next(
-        self, completion: Completion, ttl: int | None, limit: int
+        self, completion: Completion, ttl: int | None, timeout: int | None, limit: int
     ) -> tuple[tuple[ExpectedClaim, Candidate], ...]:
         workflow = self.workflows[completion.instance_id]
         if workflow.signals:
@@ -471,12 +532,12 @@ class ReferenceModel:
         for task_id in workflow.runnable_task_ids(self.now):
             if len(claims) == limit:
                 break
-            expected = self.claim_task(completion.instance_id, task_id, completion.worker_id, ttl)
+            expected = self.claim_task(
+                completion.instance_id, task_id, completion.worker_id, ttl, timeout
+            )
             if expected is None:
                 continue
-            self.grant(
-                completion.instance_id, task_id, completion.worker_id, ttl, expected.min_token
-            )
+            self.grant(expected, expected.min_token)
             task = Candidate(
                 instance_id=completion.instance_id,
                 task_id=task_id,
