@@ -38,6 +38,7 @@ from .model import (
     WorkflowStatus,
 )
 from .provisioning import migrate
+from .retention import MAX_PRUNE_BATCH
 from .retries import RetryPolicy
 from .sql.backend import SqlBackend
 from .validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_ID_LENGTH
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_AGING_INTERVAL",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "MAX_ID_LENGTH",
+    "MAX_PRUNE_BATCH",
     "Advance",
     "AtDelay",
     "AtFork",

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Self
 
@@ -33,6 +33,12 @@ from .model import (
     TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
+)
+from .retention import (
+    DEFAULT_PRUNE_BATCH,
+    PRUNABLE_STATUSES,
+    check_batch_size,
+    check_prunable_statuses,
 )
 from .transitions import is_stalled_fork
 from .validation import (
@@ -493,6 +499,43 @@ class PersistentBackend(ABC):
                 error,
             )
 
+    # -- retention --------------------------------------------------------------------------
+
+    def prune_workflows(
+        self,
+        *,
+        finished_before: datetime,
+        statuses: Iterable[WorkflowStatus] = PRUNABLE_STATUSES,
+        batch_size: int = DEFAULT_PRUNE_BATCH,
+    ) -> int:
+        """Delete one batch of finished workflows last saved before ``finished_before``.
+
+        Up to ``batch_size`` workflows whose status is one of ``statuses`` (terminal ones
+        only: completed, failed, cancelled) and whose ``updated_at`` (the store clock's time
+        at which they finished) is strictly before ``finished_before`` are deleted in one
+        atomic step, each with its claims, results, signals and events. Status and age are
+        checked in that step itself, so a workflow created anew under a pruned id since an
+        earlier read is kept. Call again until it returns ``0``; concurrent callers never
+        delete a workflow twice and each loop ends with nothing left to prune.
+        Not part of the contract's fixed names: an extension of this library.
+        Contract: docs/contract.md#prune_workflows.
+
+        Returns:
+            How many workflows this call deleted (``0``: none matched).
+
+        Raises:
+            InvalidInputError: ``finished_before`` is naive or not a ``datetime``,
+                ``statuses`` is empty or holds a status that is not terminal (named), or
+                ``batch_size`` is not an int from 1 to ``MAX_PRUNE_BATCH``; nothing is read
+                or written.
+            BackendUnavailableError: the store could not be reached; the batch was deleted
+                whole or not at all, and calling again is safe.
+        """
+        cutoff = check_aware(finished_before, "finished_before")
+        prunable = check_prunable_statuses(statuses)
+        size = check_batch_size(batch_size)
+        return self._prune_workflows(cutoff, prunable, size)
+
     # -- signals and events ---------------------------------------------------------------
 
     def store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
@@ -736,6 +779,12 @@ class PersistentBackend(ABC):
     ) -> list[CompletionResult]:
         """See :meth:`complete_tasks` (at least one completion; ``max_attempts`` is applied
         by the caller)."""
+
+    @abstractmethod
+    def _prune_workflows(
+        self, finished_before: datetime, statuses: frozenset[WorkflowStatus], batch_size: int
+    ) -> int:
+        """See :meth:`prune_workflows` (``finished_before`` in UTC, ``statuses`` terminal)."""
 
     @abstractmethod
     def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:

@@ -1,10 +1,10 @@
 """Read-only views of a SQL store for operators (the ``sayiir-persistence`` commands).
 
 The contract answers questions about one workflow; an operator also asks about the whole
-store: which claims are live right now, what a page of workflows looks like, which finished
-workflows are old enough to prune. :class:`StoreInspector` answers those with a few
-SQLAlchemy Core queries on the ``sayiir_*`` tables. It never writes: changes go through the
-contract (``delete_snapshot``, ``store_signal``, ...), so they keep its locking rules.
+store: which claims are live right now, what a page of workflows looks like, how many finished
+workflows a prune would delete. :class:`StoreInspector` answers those with a few SQLAlchemy
+Core queries on the ``sayiir_*`` tables. It never writes: changes go through the backend
+(``prune_workflows``, ``store_signal``, ...), so they keep its locking rules.
 
 Time is the database's clock, as for the backend itself: a claim is live or expired by the
 server's ``now``, whatever the operator's machine thinks.

@@ -321,6 +321,22 @@ class InMemoryBackend(PersistentBackend):
             )
         return stalled[:limit]
 
+    # -- retention ---------------------------------------------------------------------------
+
+    def _prune_workflows(
+        self, finished_before: datetime, statuses: frozenset[WorkflowStatus], batch_size: int
+    ) -> int:
+        with self._lock:  # chosen and deleted in one critical section: nothing changes between
+            doomed = sorted(
+                instance_id
+                for instance_id, instance in self._instances.items()
+                if instance.snapshot.status in statuses
+                and instance.snapshot.updated_at < finished_before
+            )[:batch_size]
+            for instance_id in doomed:
+                del self._instances[instance_id]  # its claims, signals and events with it
+            return len(doomed)
+
     # -- claims ------------------------------------------------------------------------------
 
     def _claim_task(

@@ -13,7 +13,8 @@ Subcommands:
     released ones too), judged by the database clock;
   - ``cancel ID`` / ``pause ID`` ``[--reason R] [--by WHO]``: request it and apply it at once;
   - ``resume ID``: put a paused workflow back in progress;
-  - ``prune --status S --older-than 7d [--batch N] [--dry-run]``: delete finished workflows.
+  - ``prune --status S --older-than 7d [--batch N] [--dry-run]``: delete finished workflows,
+    a ``prune_workflows`` batch at a time.
 
 People get ``rich`` tables; ``--json`` prints one JSON object on stdout for scripts. Payloads
 in ``show --json`` are ``{"size": N, "base64": "..."}`` (whole, lossless).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from datetime import timedelta
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
@@ -39,6 +40,18 @@ def format_duration(duration: timedelta) -> str:
         if count:
             parts.append(f"{count}{unit}")
     return "".join(parts)
+
+
+def positive_int_at_most(maximum: int) -> Callable[[str], int]:
+    """The type of an option taking an int from 1 to ``maximum``."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return parse
 
 
 def positive_int(text: str) -> int:

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..model import SignalKind, WorkflowStatus
 from ..provisioning import URL_ENV_VAR
-from .arguments import parse_duration, positive_int
+from ..retention import DEFAULT_PRUNE_BATCH, MAX_PRUNE_BATCH, PRUNABLE_STATUSES
+from .arguments import parse_duration, positive_int, positive_int_at_most
 from .commands.inspect import cmd_claims, cmd_list, cmd_show
 from .commands.migrate import cmd_demo, cmd_migrate
 from .commands.prune import cmd_prune
@@ -17,10 +18,6 @@ from .commands.signals import cmd_resume, cmd_signal
 from .program import PROG
 
 DEFAULT_LIST_LIMIT = 100
-DEFAULT_PRUNE_BATCH = 500
-# Only finished workflows may be pruned: they can no longer change (a save over them is
-# refused), so a candidate selected a moment ago is still one when it is deleted.
-PRUNABLE_STATUSES = (WorkflowStatus.COMPLETED, WorkflowStatus.FAILED, WorkflowStatus.CANCELLED)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +148,8 @@ def _add_operator_commands(subcommands: Any) -> None:
         help="delete finished workflows older than a duration, in batches",
         description="Delete the workflows with a finished status whose last save is older "
         "than a duration (by the database clock), with their results, claims, signals and "
-        "events, in batches; print the count of each batch and the total.",
+        "events, in batches of one transaction each; print the count of each batch and the "
+        "total. Safe to run while workers run, and from several places at once.",
     )
     prune.add_argument(
         "--status",
@@ -169,10 +167,11 @@ def _add_operator_commands(subcommands: Any) -> None:
     )
     prune.add_argument(
         "--batch",
-        type=positive_int,
+        type=positive_int_at_most(MAX_PRUNE_BATCH),
         default=DEFAULT_PRUNE_BATCH,
         metavar="N",
-        help="workflows selected per batch (default: %(default)s)",
+        help=f"workflows deleted per batch, one transaction each (default: %(default)s, "
+        f"at most {MAX_PRUNE_BATCH})",
     )
     prune.add_argument(
         "--dry-run", action="store_true", help="count what would be deleted, delete nothing"

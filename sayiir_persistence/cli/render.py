@@ -212,7 +212,7 @@ def print_prune_result(
     matched: int,
     deleted: int,
 ) -> None:
-    """``prune``: the totals, and how many others deleted meanwhile."""
+    """``prune``: the totals (what would be deleted, on a dry run)."""
     which = (
         f"{status.value} workflow(s) last saved before {_time(cutoff)} UTC "
         f"(older than {format_duration(older_than)})"
@@ -221,8 +221,6 @@ def print_prune_result(
         console.print(Text(f"would delete {matched} {which}; dry run, nothing deleted"))
     else:
         console.print(Text(f"deleted {deleted} {which} in {len(batches)} batch(es)"))
-        if deleted < matched:
-            console.print(Text(f"{matched - deleted} were deleted meanwhile by others"))
 
 
 def _claims_table(

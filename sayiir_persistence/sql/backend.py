@@ -76,6 +76,7 @@ from .dialects import READ_ONLY_OPTION, ClaimTerms, Granted, Locked, TaskKey, di
 from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
+from .pruning import PruneStatements, prune_workflows
 from .rows import (
     available_task_from_row,
     granted_claim,
@@ -85,6 +86,7 @@ from .rows import (
     workflow_values,
 )
 from .schema import (
+    CHILD_TABLES,
     events,
     ready_tasks,
     signals,
@@ -102,8 +104,6 @@ T = TypeVar("T")
 # Rounds of find-and-claim in one claim call while available tasks are all taken by others
 # before they can be locked (see SqlBackend._claim_available_tasks).
 _LOCK_ATTEMPTS = 3
-
-_CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
 
 
 class _RestartTransaction(Exception):
@@ -201,6 +201,7 @@ class SqlBackend(PersistentBackend):
         # Every backend object on this database in this process wakes the same waiters.
         self._work_signal = WorkSignal.of(url.render_as_string(hide_password=False))
         self._completion_sql = CompletionStatements(self._dialect)
+        self._prune_sql = PruneStatements()
         with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
@@ -505,7 +506,7 @@ class SqlBackend(PersistentBackend):
     def _delete_snapshot(self, instance_id: str) -> None:
         def work(conn: Connection) -> None:
             self._lock_state_or_raise(conn, instance_id)
-            for table in _CHILD_TABLES:
+            for table in CHILD_TABLES:
                 conn.execute(delete(table).where(table.c.instance_id == instance_id))
             conn.execute(delete(workflows).where(workflows.c.instance_id == instance_id))
 
@@ -859,6 +860,18 @@ class SqlBackend(PersistentBackend):
                 claim_next,
                 self._check_snapshot,
                 self._announce,
+            )
+        )
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def _prune_workflows(
+        self, finished_before: datetime, statuses: frozenset[WorkflowStatus], batch_size: int
+    ) -> int:
+        # One transaction per batch: its locks last a few statements, whatever the backlog.
+        return self._transaction(
+            lambda conn: prune_workflows(
+                conn, self._prune_sql, finished_before, statuses, batch_size
             )
         )
 

@@ -159,3 +159,7 @@ workflow_tags = Table(
     Column("tag", Identifier(), primary_key=True),
     **_MYSQL,
 )
+
+CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
+"""The tables whose rows belong to one workflow (by ``instance_id``): what deleting a workflow
+deletes first, in the order writers lock them after its row (ready rows before claim rows)."""

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..backend import DEFAULT_AGING_INTERVAL, PersistentBackend
-from ..model import AtDelay, AtFork, AtSignal, SignalKind, SignalRequest, WorkflowSnapshot
+from ..model import (
+    AtDelay,
+    AtFork,
+    AtSignal,
+    SignalKind,
+    SignalRequest,
+    WorkflowSnapshot,
+    WorkflowStatus,
+)
+from ..retention import MAX_PRUNE_BATCH, PRUNABLE_STATUSES
 from .builders import (
     BAD_INT,
     BAD_KIND,
@@ -23,6 +32,7 @@ from .builders import (
     LONG_TTL,
     NAIVE,
     OTHER,
+    T0,
     WORKER,
     make_request,
     make_snapshot,
@@ -242,6 +252,18 @@ _WRONG_BY_KIND: dict[str, list[Any]] = {
     "interval": [timedelta(0), timedelta(seconds=-1), 60, None],
     "snapshot": [None, {"instance_id": "existing"}, "existing"],
     "request": [None, "cancel it", {"reason": "x"}],
+    "aware": [NAIVE, "2030-01-01", 0, None],
+    "statuses": [
+        "completed",
+        WorkflowStatus.COMPLETED,
+        [],
+        [WorkflowStatus.IN_PROGRESS],
+        [WorkflowStatus.PAUSED],
+        ["bogus"],
+        42,
+        None,
+    ],
+    "batch_size": [0, -1, True, 1.5, "3", MAX_PRUNE_BATCH + 1],
 }
 
 #: ``(method, arguments, keyword arguments)`` of one valid call per public method, with the
@@ -340,6 +362,14 @@ _VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
         {"instance_id": ("id", "existing"), "name": ("id", "e"), "payload": ("payload", b"")},
     ),
     ("consume_event", {"instance_id": ("id", "existing"), "name": ("id", "e")}),
+    (
+        "prune_workflows",
+        {
+            "finished_before": ("aware", T0),
+            "statuses": ("statuses", PRUNABLE_STATUSES),
+            "batch_size": ("batch_size", 500),
+        },
+    ),
 ]
 
 # Arguments whose valid value is built per call (a fresh snapshot or request).

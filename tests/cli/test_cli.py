@@ -527,8 +527,39 @@ def test_prune_deletes_old_finished_workflows_in_batches(
     )
 
 
+def test_prune_from_two_processes_at_once_deletes_each_workflow_once(
+    backend: SqlBackend, store_url: str
+) -> None:
+    old = [f"old-{n:02d}" for n in range(30)]
+    for instance_id in old:
+        finished(backend, instance_id, WorkflowStatus.COMPLETED)
+    backdate(backend, old, timedelta(days=2))
+    env = {**os.environ}
+    env.pop(URL_ENV_VAR, None)
+    command = [sys.executable, "-m", "sayiir_persistence", "prune", "--status", "completed"]
+    command += ["--older-than", "1d", "--batch", "4", "--json", "--url", store_url]
+    runs = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    outputs = []
+    for process in runs:
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0 and stderr == "", stderr
+        outputs.append(json.loads(stdout))
+    assert sum(output["deleted"] for output in outputs) == len(old)
+    for output in outputs:
+        # Each batch is one prune_workflows call: what it matched, it deleted.
+        assert all(0 < batch["deleted"] == batch["matched"] <= 4 for batch in output["batches"])
+        assert output["matched"] == output["deleted"]
+    assert backend.list_snapshots() == []
+
+
 def test_prune_selects_candidates_through_the_status_index(backend: SqlBackend) -> None:
-    """Each batch is a range scan of the (status, instance_id) index, never a full scan."""
+    """Each page of a dry run's count is a range scan of the (status, instance_id) index,
+    never a full scan (a real run's batches: tests/databases/test_sql_pruning.py)."""
     dialect = backend.engine.dialect.name
     if dialect not in ("sqlite", "postgresql"):
         pytest.skip(f"no plan check for {dialect}")
@@ -620,6 +651,7 @@ def test_usage_errors_exit_2(sqlite_url: str) -> None:
         ("prune", "--status", "in_progress", "--older-than", "7d"),
         ("prune", "--status", "completed", "--older-than", "7 days"),
         ("prune", "--status", "completed", "--older-than", "7d", "--batch", "0"),
+        ("prune", "--status", "completed", "--older-than", "7d", "--batch", "10001"),
     ):
         stderr = failure(2, *args, url=sqlite_url if args else None)
         assert "usage: sayiir-persistence" in stderr, args

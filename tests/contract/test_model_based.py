@@ -3,8 +3,9 @@
 A Hypothesis ``RuleBasedStateMachine`` drives random sequences of the contract's operations
 (snapshot saves with and without an expected version, fenced saves, task results, claims and
 their release and heartbeat with and without fencing tokens, find/claim of available tasks,
-cancel/pause signals, events, deletes, loads, clock advances) against a backend and against
-``reference_model.ReferenceModel``, a few plain dictionaries written from docs/contract.md.
+cancel/pause signals, events, deletes, prunes of finished workflows, loads, clock advances)
+against a backend and against ``reference_model.ReferenceModel``, a few plain dictionaries
+written from docs/contract.md.
 After every step the whole observable state is compared as well: the instance list, every
 stored snapshot and the tasks available to a worker that fits every tag. Any divergence in a
 return value, the class of a raised error, a stored field, a claim's holder or token (which
@@ -78,6 +79,7 @@ from sqlalchemy.engine import Connection
 from helpers.databases import MEMORY, sql_params
 from helpers.isolated_db import isolated_database
 from helpers.reference_model import (
+    TERMINAL,
     Candidate,
     Completion,
     Delay,
@@ -900,6 +902,33 @@ class ContractMachine(RuleBasedStateMachine):
             lambda: self.model.delete_snapshot(instance_id),
             lambda: self.backend.delete_snapshot(instance_id),
         )
+
+    @rule(
+        later=laters,
+        offset=st.sampled_from((-MINUTE, 0, MINUTE)),
+        statuses=st.just(TERMINAL) | st.frozensets(st.sampled_from(sorted(TERMINAL)), min_size=1),
+        batch_size=st.integers(1, 3),
+    )
+    def prune_workflows(
+        self, later: int, offset: int, statuses: frozenset[WorkflowStatus], batch_size: int
+    ) -> None:
+        """One batch of finished workflows older than a cutoff a minute ago, now, or a minute
+        ahead (whole minutes: every save is a whole minute, give or take the SQL margin)."""
+        self.advance_clock(later)
+        self.store.check_drift()
+        finished_before = self.model.now + offset
+        prunable = self.model.prunable(finished_before, statuses)
+        before = set(self.backend.list_snapshots())
+        deleted = self.backend.prune_workflows(
+            finished_before=self.store.at(finished_before),
+            statuses=statuses,
+            batch_size=batch_size,
+        )
+        gone = before - set(self.backend.list_snapshots())
+        assert deleted == len(gone) == min(batch_size, len(prunable)), (deleted, gone, prunable)
+        assert gone <= set(prunable), (gone, prunable)
+        self.model.prune(gone)
+        event(f"prune_workflows: {_how_many(sorted(gone))} of {_how_many(prunable)}")
 
     # -- rules: claims -----------------------------------------------------------------------
 

@@ -16,6 +16,9 @@ What is left out on purpose:
 - Which of several equally ranked tasks ``claim_available_tasks`` hands out when its limit
   cuts through them: :meth:`ReferenceModel.available` ranks the candidates, the test checks
   the store's choice against the ranking and grants what the store chose.
+- Which of the prunable workflows one ``prune_workflows`` batch deletes (the contract leaves
+  it open): :meth:`ReferenceModel.prunable` lists them, the test checks the store's count and
+  choice against it and :meth:`ReferenceModel.prune` deletes what the store chose.
 """
 
 from __future__ import annotations
@@ -313,6 +316,20 @@ class ReferenceModel:
             and (after is None or instance_id > after)
         )
         return ids if limit is None else ids[:limit]
+
+    def prunable(self, finished_before: int, statuses: frozenset[WorkflowStatus]) -> list[str]:
+        """What ``prune_workflows`` may delete (it chooses which ``batch_size`` of them):
+        terminal workflows of ``statuses`` last saved strictly before ``finished_before``."""
+        return sorted(
+            instance_id
+            for instance_id, workflow in self.workflows.items()
+            if workflow.status in TERMINAL & statuses and workflow.updated_at < finished_before
+        )
+
+    def prune(self, instance_ids: set[str]) -> None:
+        """Delete the workflows a ``prune_workflows`` call chose, everything attached."""
+        for instance_id in instance_ids:
+            del self.workflows[instance_id]
 
     # -- claims ------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from .availability import AvailabilityContract
 from .claims import ClaimContract
 from .completions import CompletionContract
 from .concurrency import ConcurrencyContract
+from .retention import RetentionContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
 from .validation import InputValidationContract
@@ -22,6 +23,7 @@ __all__ = ["BackendContract"]
 class BackendContract(
     ConcurrencyContract,
     InputValidationContract,
+    RetentionContract,
     SignalEventContract,
     AvailabilityContract,
     AttemptContract,
