@@ -62,6 +62,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="give up if the orders have not completed by then (default: %(default)s)",
     )
     parser.add_argument(
+        "--flaky",
+        type=_fraction_or_zero,
+        default=0.0,
+        metavar="FRACTION",
+        help="this fraction of the payments fail at their first attempt and are retried "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="keep the temporary SQLite database and print its URL (to try the other commands)",
@@ -86,6 +94,7 @@ def run_demo_command(args: argparse.Namespace, console: Console | None = None) -
             timeout=timedelta(seconds=args.timeout),
             keep=args.keep,
             console=console,
+            flaky=args.flaky,
         )
     return EXIT_OK if report.ok else EXIT_FAILURE
 
@@ -117,6 +126,13 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _fraction_or_zero(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 

@@ -7,6 +7,7 @@ stay at module level here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -19,10 +20,15 @@ from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from ..retries import RetryPolicy
 from ..sql.backend import SqlBackend
 from ..worker import Worker
 from .executions import Recorder
 from .workflow import DEFINITION_HASH, ORDER_PIPELINE, order_handlers, run_tags
+
+DEMO_RETRY = RetryPolicy(
+    max_attempts=5, initial_delay=timedelta(milliseconds=200), max_delay=timedelta(seconds=2)
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,8 @@ class WorkerSpec:
     threads: int
     ttl_seconds: float
     log_level: int
+    flaky: float = 0.0
+    """The fraction of orders whose payment fails at its first attempt (and is retried)."""
 
 
 def _worker_main(spec: WorkerSpec, ready: Any) -> None:
@@ -60,7 +68,7 @@ def _worker_main(spec: WorkerSpec, ready: Any) -> None:
         recorder = Recorder(backend.engine, spec.run_id, spec.name)
         worker = Worker(
             backend,
-            order_handlers(recorder),
+            order_handlers(recorder, flaky=spec.flaky),
             {DEFINITION_HASH: ORDER_PIPELINE},
             # Unique across runs sharing a database: claims are held in this name.
             worker_id=f"demo-{spec.run_id}-{spec.name}",
@@ -76,6 +84,9 @@ def _worker_main(spec: WorkerSpec, ready: Any) -> None:
             # leaves it at the join: the survivors look for such orders this often.
             stall_sweep_every=timedelta(seconds=spec.ttl_seconds),
             on_outcome=recorder.finished,
+            # A failed payment is retried; also caps how often a task that kills its worker
+            # is taken over.
+            retry=DEMO_RETRY,
         )
         with worker:
             # A timeout keeps the main thread returning to the interpreter, which runs
@@ -143,6 +154,4 @@ class WorkerPool:
 
 
 def _spec_for(spec: WorkerSpec, worker_id: str) -> WorkerSpec:
-    return WorkerSpec(
-        spec.url, worker_id, spec.run_id, spec.threads, spec.ttl_seconds, spec.log_level
-    )
+    return dataclasses.replace(spec, name=worker_id)

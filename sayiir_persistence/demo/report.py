@@ -45,6 +45,8 @@ class DemoReport:
     """Executions the killed worker had started and never finished."""
     taken_over: int = 0
     """Of those, tasks whose result was then recorded by another worker."""
+    retried: int = 0
+    """Executions that raised and were given another attempt (``--flaky``)."""
     refused: int = 0
     """Executions whose claim was lost, so the store refused (or was never asked for) their
     result."""
@@ -91,6 +93,7 @@ def print_summary(report: DemoReport, console: Console) -> None:
             ),
         )
     table.add_row("Takeovers (fencing token > 1)", str(report.takeovers))
+    table.add_row("Attempts failed and retried", str(report.retried))
     table.add_row("Results refused by fencing", str(report.refused))
     table.add_row(
         "Duplicate results", checked(report.duplicate_results, not report.duplicate_results)

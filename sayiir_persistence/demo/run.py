@@ -47,6 +47,7 @@ def run_demo(
     timeout: timedelta = timedelta(minutes=2),
     keep: bool = False,
     console: Console | None = None,
+    flaky: float = 0.0,
 ) -> DemoReport:
     """Run the crash-surviving demo and return its verified report (see the module doc).
 
@@ -61,6 +62,8 @@ def run_demo(
         timeout: give up (and report it) if the orders have not completed by then.
         keep: keep the temporary SQLite database (its URL is printed).
         console: where to print (default: a new ``rich`` console on stdout).
+        flaky: the fraction of orders whose payment fails at its first attempt: the
+            workers' retry policy runs it again (the summary counts the retries).
 
     Raises:
         ValueError: a size or fraction out of range.
@@ -70,6 +73,8 @@ def run_demo(
         raise ValueError("instances, processes and threads must be at least 1")
     if not 0.0 < kill_after < 1.0:
         raise ValueError(f"kill_after must be a fraction between 0 and 1, got {kill_after}")
+    if not 0.0 <= flaky <= 1.0:
+        raise ValueError(f"flaky must be a fraction between 0 and 1, got {flaky}")
     console = console or Console()
     started = time.monotonic()
     with _database(url, keep, console) as database_url:
@@ -85,6 +90,7 @@ def run_demo(
                 ttl,
                 timeout,
                 console,
+                flaky,
             )
         finally:
             backend.close()
@@ -123,6 +129,7 @@ def _run(
     ttl: timedelta,
     timeout: timedelta,
     console: Console,
+    flaky: float,
 ) -> DemoReport:
     shown_url = make_url(url).render_as_string(hide_password=True)
     run_id = uuid.uuid4().hex[:8]
@@ -133,11 +140,12 @@ def _run(
         f"  {instances} orders: validate -> (reserve_stock || charge_payment) -> ship\n"
         f"  {processes} worker processes x {threads} threads, claim TTL "
         f"{ttl.total_seconds():g}s; one worker is killed at {kill_after:.0%} of the task runs\n"
-        f"  database: {shown_url}",
+        + (f"  {flaky:.0%} of the payments fail once and are retried\n" if flaky else "")
+        + f"  database: {shown_url}",
         highlight=False,
     )
     ids = _create_orders(backend, run_id, instances)
-    spec = WorkerSpec(url, "", run_id, threads, ttl.total_seconds(), _worker_log_level())
+    spec = WorkerSpec(url, "", run_id, threads, ttl.total_seconds(), _worker_log_level(), flaky)
     pool = WorkerPool(spec)
     try:
         begun = time.monotonic()

@@ -22,6 +22,7 @@ def verify(report: DemoReport, backend: SqlBackend, run_id: str, ids: list[str])
     report.executions = len(rows)
     report.takeovers = sum(1 for row in rows if row["token"] > 1)
     report.refused = sum(1 for row in rows if row["outcome"] == TaskOutcome.LOST.value)
+    report.retried = sum(1 for row in rows if row["outcome"] == TaskOutcome.RETRYING.value)
     by_task: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_task[(row["instance_id"], row["task_id"])].append(row)

@@ -7,6 +7,7 @@ import json
 import random
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -82,7 +83,17 @@ def _ship(ctx: TaskContext) -> dict[str, Any]:
     }
 
 
-def order_handlers(recorder: Recorder) -> dict[str, TaskFunction]:
+class GatewayTimeout(ConnectionError):
+    """The payment gateway did not answer (``--flaky``): retried by the worker's policy."""
+
+
+def fails_first_payment(instance_id: str, flaky: float) -> bool:
+    """Whether this order's first payment attempt fails (the same answer in every process)."""
+    return zlib.crc32(instance_id.encode()) % 1000 < flaky * 1000
+
+
+def order_handlers(recorder: Recorder, *, flaky: float = 0.0) -> dict[str, TaskFunction]:
+    """The task functions; ``flaky``: the fraction of orders whose first payment fails."""
     steps: dict[str, Callable[[TaskContext], dict[str, Any]]] = {
         "validate": _validate,
         "reserve_stock": _reserve_stock,
@@ -94,6 +105,12 @@ def order_handlers(recorder: Recorder) -> dict[str, TaskFunction]:
         def run(ctx: TaskContext) -> bytes:
             recorder.started(ctx)
             time.sleep(random.uniform(0.010, 0.060))  # the "real work"
+            if (
+                ctx.task_id == "charge_payment"
+                and ctx.claim.attempt == 1
+                and fails_first_payment(ctx.instance_id, flaky)
+            ):
+                raise GatewayTimeout("payment gateway timed out")
             body = step(ctx)
             body["execution"] = ctx.execution_id
             return json.dumps(body).encode()

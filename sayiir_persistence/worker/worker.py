@@ -543,7 +543,9 @@ class Worker:
                     )
             except Exception as error:
                 retry_after = self._retry_after(context, error)
-                logger.error(
+                # A failure with another attempt to come is expected: a warning.
+                logger.log(
+                    logging.ERROR if retry_after is None else logging.WARNING,
                     "%r: task function failed (attempt %d%s): %r",
                     context,
                     context.claim.attempt,

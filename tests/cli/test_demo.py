@@ -19,6 +19,7 @@ from sayiir_persistence.demo import (
     add_demo_arguments,
     run_demo,
 )
+from sayiir_persistence.demo.workflow import fails_first_payment
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -57,6 +58,33 @@ def test_demo_survives_a_killed_worker(sql_url: str) -> None:
         assert code == (-9 if worker_id in killed else 0), worker_id
     assert {kill.replacement for kill in report.kills} <= set(report.worker_exit_codes)
     assert "SIGKILL" in printed and "Demo summary" in printed and "Verified" in printed
+
+
+@pytest.mark.sqlite
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_demo_with_flaky_payments_retries_them(sqlite_url: str) -> None:
+    console, out = _console()
+    report = run_demo(
+        sqlite_url,
+        instances=30,
+        processes=2,
+        threads=3,
+        ttl=timedelta(seconds=1),
+        timeout=timedelta(seconds=90),
+        console=console,
+        flaky=0.5,
+    )
+    printed = out.getvalue()
+    assert report.ok, f"{report.problems}\n{printed}"
+    assert report.completed == 30 and report.duplicate_results == 0
+    flaky_orders = sum(
+        fails_first_payment(f"order-{report.run_id}-{n:05d}", 0.5) for n in range(1, 31)
+    )
+    # Each flaky order's first payment failed and was retried (a payment attempt cut short
+    # by the killed worker may have been taken over before it could fail).
+    assert 0 < report.retried <= flaky_orders
+    assert "Attempts failed and retried" in printed and "fail once and are retried" in printed
 
 
 _SMALL_DEMO = ["--instances", "20", "--kill-after", "0.2", "--processes", "2", "--threads", "3"]
@@ -106,7 +134,8 @@ def test_demo_arguments_have_working_defaults_and_reject_nonsense() -> None:
     args = parser.parse_args([])
     assert (args.url, args.instances, args.processes, args.threads) == (None, 200, 3, 4)
     assert (args.kill_after, args.ttl, args.keep) == (0.3, 2.0, False)
-    for bad in (["--instances", "0"], ["--kill-after", "1.5"], ["--ttl", "-1"]):
+    assert args.flaky == 0.0
+    for bad in (["--instances", "0"], ["--kill-after", "1.5"], ["--ttl", "-1"], ["--flaky", "2"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -116,6 +145,8 @@ def test_run_demo_rejects_bad_sizes() -> None:
         run_demo(instances=0)
     with pytest.raises(ValueError):
         run_demo(kill_after=1.0)
+    with pytest.raises(ValueError, match="flaky"):
+        run_demo(flaky=-0.1)
 
 
 def test_lineage_check_notices_a_result_that_was_replaced() -> None:
