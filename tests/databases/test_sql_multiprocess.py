@@ -21,6 +21,7 @@ import queue
 import random
 import time
 import traceback
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,7 @@ SHORT_TTL = timedelta(seconds=1)
 #: Slept after a SHORT_TTL claim so that it has expired by the database's clock too.
 EXPIRY_WAIT_SECONDS = SHORT_TTL.total_seconds() + 0.5
 WORK_TTL = timedelta(minutes=5)
+RETRY_AFTER = timedelta(milliseconds=50)
 
 SEED_THREADS = 8
 BARRIER_TIMEOUT_SECONDS = 60
@@ -389,10 +391,25 @@ def _chain_advance(snapshot: WorkflowSnapshot) -> None:
         snapshot.mark_completed(snapshot.completed_tasks[position.task_id])
 
 
-def _complete_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, Any]:
+def _fails_first(key: Key) -> bool:
+    """A third of the tasks fail at their first attempt (the retried test)."""
+    return zlib.crc32("/".join(key).encode()) % 3 == 0
+
+
+def _complete_process(
+    index: int, barrier: Any, url: str, seed: int, flaky: bool = False
+) -> dict[str, Any]:
     """Claim available tasks, then complete them in batches with ``complete_tasks``, taking
-    each chain's next task with the completion (``claim_next``) until nothing is left."""
+    each chain's next task with the completion (``claim_next``) until nothing is left.
+
+    ``flaky``: :func:`_fails_first` tasks fail their first attempt, retried after RETRY_AFTER
+    (so nothing is left only once no workflow is in progress)."""
     backend = SqlBackend(url)
+
+    def finished(worker_id: str) -> bool:
+        if backend.find_available_tasks(worker_id, MAX_BATCH):
+            return False
+        return not flaky or not backend.list_snapshots(status=WorkflowStatus.IN_PROGRESS, limit=1)
 
     def thread(number: int) -> tuple[list[tuple[str, str, str, int]], list[str]]:
         worker_id = f"complete-p{index}-t{number}"
@@ -411,17 +428,26 @@ def _complete_process(index: int, barrier: Any, url: str, seed: int) -> dict[str
                     )
                 if not held:
                     empty += 1
-                    if empty >= EMPTY_ROUNDS and not backend.find_available_tasks(
-                        worker_id, MAX_BATCH
-                    ):
+                    if empty >= EMPTY_ROUNDS and finished(worker_id):
                         break
-                    time.sleep(EMPTY_BACKOFF_SECONDS * empty)
+                    time.sleep(EMPTY_BACKOFF_SECONDS * min(empty, 10))
                     continue
                 empty = 0
                 completions = []
                 for claimed in held:
                     key = (claimed.task.instance_id, claimed.task.task_id)
                     received.append((*key, worker_id, claimed.claim.token))
+                    if flaky and claimed.claim.attempt == 1 and _fails_first(key):
+                        completions.append(
+                            TaskCompletion(
+                                *key,
+                                worker_id,
+                                claimed.claim.token,
+                                error="first attempts fail",
+                                retry_after=RETRY_AFTER,
+                            )
+                        )
+                        continue
                     completions.append(
                         TaskCompletion(
                             *key,
@@ -436,7 +462,12 @@ def _complete_process(index: int, barrier: Any, url: str, seed: int) -> dict[str
                 )
                 held = []
                 for completion, result in zip(completions, results, strict=True):
-                    if result.outcome is not CompletionOutcome.RECORDED:
+                    wanted = (
+                        CompletionOutcome.RECORDED
+                        if completion.error is None
+                        else CompletionOutcome.RETRY_SCHEDULED
+                    )
+                    if result.outcome is not wanted:
                         errors.append(f"{completion.instance_id}/{completion.task_id}: {result}")
                     held += result.next_tasks
         except Exception:
@@ -720,6 +751,41 @@ def test_completions_in_batches_record_every_chain_task_exactly_once(
         stored = backend.load_snapshot(snapshot.instance_id)
         assert stored.status is WorkflowStatus.COMPLETED
         assert stored.output == _output((snapshot.instance_id, CHAIN_STEPS[-1]))
+
+
+def test_retried_tasks_record_their_result_exactly_once(mp_url: str, backend: SqlBackend) -> None:
+    """As above, with a third of the tasks failing their first attempt (``retry_after``):
+    each of those is handed out exactly twice (tokens 1 and 2), every task recorded exactly
+    once, every chain completed."""
+    snapshots = [
+        WorkflowSnapshot.new(
+            f"retried-{index:05d}", DEFINITION, initial_input=b"input", first_task=CHAIN_STEPS[0]
+        )
+        for index in range(CHAIN_WORKFLOWS // 4)
+    ]
+    expected = {(s.instance_id, step) for s in snapshots for step in CHAIN_STEPS}
+    _seed(backend, snapshots)
+
+    values = _run_processes(_complete_process, mp_url, 2, True)
+    received, errors = _flatten(values, "received")
+    assert not errors, "\n".join(errors[:20])
+
+    tokens: dict[Key, list[int]] = {}
+    for instance_id, task_id, _, token in received:
+        tokens.setdefault((instance_id, task_id), []).append(token)
+    assert set(tokens) == expected
+    wrong = {
+        key: sorted(handed)
+        for key, handed in tokens.items()
+        if sorted(handed) != ([1, 2] if _fails_first(key) else [1])
+    }
+    assert not wrong, f"tasks not handed out once per attempt: {list(wrong.items())[:20]}"
+    assert any(_fails_first(key) for key in expected)
+    results = _result_counts(mp_url)
+    assert set(results) == expected and set(results.values()) == {1}
+    for snapshot in snapshots:
+        stored = backend.load_snapshot(snapshot.instance_id)
+        assert stored.status is WorkflowStatus.COMPLETED, snapshot.instance_id
 
 
 def test_claim_task_race_has_one_winner_per_task(mp_url: str, backend: SqlBackend) -> None:
