@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..backend import DEFAULT_AGING_INTERVAL, PersistentBackend
-from ..model import AtDelay, AtFork, AtSignal, SignalKind, SignalRequest, WorkflowSnapshot
+from ..model import (
+    AtDelay,
+    AtFork,
+    AtSignal,
+    IfExists,
+    SignalKind,
+    SignalRequest,
+    WorkflowSnapshot,
+)
 from .builders import (
     BAD_INT,
     BAD_KIND,
@@ -65,6 +73,19 @@ INVALID_CALLS: list[Any] = [
         lambda b: b.save_snapshot(_bad_snapshot(definition_hash="")),
         "definition_hash",
         id="save-definition-hash",
+    ),
+    pytest.param(
+        lambda b: b.start_workflow(_bad_snapshot(instance_id="")), "instance_id", id="start-id"
+    ),
+    pytest.param(
+        lambda b: b.start_workflow(_bad_snapshot(version=1), if_exists=IfExists.USE_EXISTING),
+        "snapshot.version",
+        id="start-saved-snapshot",
+    ),
+    pytest.param(
+        lambda b: b.start_workflow(make_snapshot("existing"), if_exists=BAD_KIND),
+        "if_exists",
+        id="start-if-exists",
     ),
     pytest.param(
         lambda b: b.claim_task("ghost", "", WORKER, LONG_TTL), "task_id", id="claim-task-id"
@@ -241,6 +262,7 @@ _WRONG_BY_KIND: dict[str, list[Any]] = {
     "tags": ["gpu", [1], [""], [_OVER_LONG], [None], 42],
     "interval": [timedelta(0), timedelta(seconds=-1), 60, None],
     "snapshot": [None, {"instance_id": "existing"}, "existing"],
+    "if_exists": ["bogus", 1, None, True],
     "request": [None, "cancel it", {"reason": "x"}],
 }
 
@@ -260,6 +282,10 @@ _VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
     (
         "save_snapshot",
         {"snapshot": ("snapshot", None), "expected_version": ("expected_version", None)},
+    ),
+    (
+        "start_workflow",
+        {"snapshot": ("snapshot", None), "if_exists": ("if_exists", IfExists.TERMINATE_EXISTING)},
     ),
     (
         "save_snapshot_fenced",

@@ -11,6 +11,7 @@ from .completions import CompletionContract
 from .concurrency import ConcurrencyContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
+from .starts import StartContract
 from .validation import InputValidationContract
 
 __all__ = ["BackendContract"]
@@ -25,6 +26,7 @@ class BackendContract(
     AvailabilityContract,
     CompletionContract,
     ClaimContract,
+    StartContract,
     SnapshotContract,
 ):
     """The conformance suite: subclass it and provide a ``backend`` fixture.
