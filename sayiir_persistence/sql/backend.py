@@ -77,6 +77,9 @@ from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
 from .rows import (
+    POSITION,
+    STATUS,
+    TAGS,
     available_task_from_row,
     new_results,
     ready_rows,
@@ -103,6 +106,8 @@ T = TypeVar("T")
 _LOCK_ATTEMPTS = 3
 
 _CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
+
+SIGNAL_KIND = "sayiir_signals.kind"  # as CorruptDataError names it
 
 
 class _RestartTransaction(Exception):
@@ -307,9 +312,9 @@ class SqlBackend(PersistentBackend):
         row = self._lock_row(conn, instance_id)
         if row is None:
             return None
-        return _Stored(
-            row.version, WorkflowStatus(row.status), codec.decode_tags(row.tags), row.now
-        )
+        status = codec.decode_column(instance_id, STATUS, codec.decode_status, row.status)
+        tags = codec.decode_column(instance_id, TAGS, codec.decode_tags, row.tags)
+        return _Stored(row.version, status, tags, row.now)
 
     def _lock_state_or_raise(self, conn: Connection, instance_id: str) -> _Stored:
         stored = self._lock_state(conn, instance_id)
@@ -535,7 +540,10 @@ class SqlBackend(PersistentBackend):
                 self._refuse_terminal(stored, instance_id)
                 raise ConflictError(f"workflow {instance_id!r} changed concurrently; retry")
             conn.execute(self._sql.delete_ready_task, key)
-            if set(position_task_ids(codec.decode_position(saved.position), None)) - {task_id}:
+            position = codec.decode_column(
+                instance_id, POSITION, codec.decode_position, saved.position
+            )
+            if set(position_task_ids(position, None)) - {task_id}:
                 # The other ready tasks' snapshot was saved now too: aging counts from here.
                 conn.execute(
                     self._sql.redate_ready_tasks,
@@ -628,7 +636,12 @@ class SqlBackend(PersistentBackend):
             found += [
                 row.instance_id
                 for row in rows
-                if isinstance(codec.decode_position(row.position), AtFork)
+                if isinstance(
+                    codec.decode_column(
+                        row.instance_id, POSITION, codec.decode_position, row.position
+                    ),
+                    AtFork,
+                )
             ]
             if len(rows) < page_size:
                 break
@@ -745,7 +758,10 @@ class SqlBackend(PersistentBackend):
                 claim.claimed_at,
                 claim.expires_at,
                 claim.token,
-                frozenset(SignalKind(kind) for kind in pending),
+                frozenset(
+                    codec.decode_column(instance_id, SIGNAL_KIND, codec.decode_signal_kind, kind)
+                    for kind in pending
+                ),
             )
 
         return self._transaction(work)
