@@ -78,6 +78,7 @@ from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
 from .rows import (
     POSITION,
+    SIGNAL_KIND,
     STATUS,
     TAGS,
     available_task_from_row,
@@ -106,8 +107,6 @@ T = TypeVar("T")
 _LOCK_ATTEMPTS = 3
 
 _CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
-
-SIGNAL_KIND = "sayiir_signals.kind"  # as CorruptDataError names it
 
 
 class _RestartTransaction(Exception):

@@ -11,12 +11,13 @@ from sqlalchemy import Row
 from ..model import AtDelay, AvailableTask, WorkflowSnapshot, WorkflowStatus, position_task_ids
 from . import codec
 
-# The encoded columns of sayiir_workflows, as CorruptDataError names them.
+# The encoded columns, as CorruptDataError names them.
 STATUS = "sayiir_workflows.status"
 POSITION = "sayiir_workflows.position"
 CANCEL_REQUEST = "sayiir_workflows.cancel_request"
 PAUSE_REQUEST = "sayiir_workflows.pause_request"
 TAGS = "sayiir_workflows.tags"
+SIGNAL_KIND = "sayiir_signals.kind"
 
 
 def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnapshot:
