@@ -1,4 +1,4 @@
-"""Quick start: save a workflow, claim its task, complete it, survive a crash.
+"""Quick start: start a workflow, claim its task, complete it, survive a crash.
 
 Run it on the in-memory backend, or on a database:
 
@@ -14,6 +14,7 @@ from datetime import timedelta
 from sayiir_persistence import (
     AtTask,
     CompletionOutcome,
+    IfExists,
     InMemoryBackend,
     PersistentBackend,
     SqlBackend,
@@ -41,7 +42,11 @@ def main(url: str | None = None) -> None:
         initial_input=b'{"sku": "A1", "qty": 2}',
         first_task="validate",
     )
-    backend.save_snapshot(snapshot, expected_version=0)  # create only if absent
+    # Stored at version 1. TERMINATE_EXISTING replaces the run a previous run of this script
+    # left in the database; the default, FAIL, refuses an existing instance, and USE_EXISTING
+    # returns it (a retried start then does nothing twice).
+    started = backend.start_workflow(snapshot, if_exists=IfExists.TERMINATE_EXISTING)
+    assert started.version == 1
 
     # 2. A worker claims the task for 30 seconds (it would heartbeat with extend_task_claim).
     [claimed] = backend.claim_available_tasks("worker-1", limit=1, ttl=timedelta(seconds=30))

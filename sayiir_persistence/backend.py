@@ -27,6 +27,7 @@ from .model import (
     AvailableTask,
     ClaimedTask,
     CompletionResult,
+    IfExists,
     SignalKind,
     SignalRequest,
     TaskClaim,
@@ -117,6 +118,33 @@ class PersistentBackend(ABC):
         self.close()
 
     # -- snapshots ------------------------------------------------------------------------
+
+    def start_workflow(
+        self, snapshot: WorkflowSnapshot, *, if_exists: IfExists = IfExists.FAIL
+    ) -> WorkflowSnapshot:
+        """Start an instance from a new snapshot, in one atomic step.
+
+        An absent instance is stored as given, at version 1 (as a first save). One that is
+        stored already is refused (``FAIL``), returned unchanged if it runs the same
+        definition (``USE_EXISTING``), or replaced with everything attached to it
+        (``TERMINATE_EXISTING``: the old claims' holders stay fenced off, the new snapshot
+        starts at version 1). Returns the stored snapshot; ``snapshot`` itself is not changed.
+        Contract: docs/contract.md#start_workflow.
+
+        Raises:
+            ConflictError: ``FAIL`` and the instance exists, or ``USE_EXISTING`` and the
+                stored instance has another ``definition_hash``; nothing is written.
+            InvalidInputError: the snapshot is malformed or not new (``snapshot.version``
+                is not 0), or ``if_exists`` is not an ``IfExists`` (names it).
+        """
+        self._check_snapshot(snapshot)
+        if snapshot.version != 0:
+            raise InvalidInputError(
+                f"snapshot.version must be 0 (a new snapshot) to start a workflow, got "
+                f"{snapshot.version}: build one with WorkflowSnapshot.new"
+            )
+        policy = check_enum(if_exists, IfExists, "if_exists")
+        return self._start_workflow(snapshot, policy)
 
     def save_snapshot(
         self, snapshot: WorkflowSnapshot, *, expected_version: int | None = None
@@ -689,6 +717,10 @@ class PersistentBackend(ABC):
         check_version(snapshot.version, "snapshot.version")
 
     # -- hooks implemented by each backend (arguments already validated) -----------------
+
+    @abstractmethod
+    def _start_workflow(self, snapshot: WorkflowSnapshot, if_exists: IfExists) -> WorkflowSnapshot:
+        """See :meth:`start_workflow`; return the stored snapshot (a copy of the store's)."""
 
     @abstractmethod
     def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:

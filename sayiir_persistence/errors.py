@@ -53,3 +53,21 @@ class BackendUnavailableError(PersistenceError):
 
     The driver's exception is kept as ``__cause__``.
     """
+
+
+class CorruptDataError(PersistenceError):
+    """A stored row cannot be decoded: it was changed behind the store's back.
+
+    The message names the instance and the column (``sayiir_workflows.position``), as do the
+    attributes ``instance_id`` and ``column``; the decoding error is ``__cause__``. The call
+    that raised it wrote nothing. Repair the row, or remove the instance: ``delete_snapshot``
+    and ``start_workflow(..., if_exists=IfExists.TERMINATE_EXISTING)`` do not decode it.
+    Contract: docs/contract.md#errors.
+    """
+
+    def __init__(
+        self, message: str, *, instance_id: str | None = None, column: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
+        self.column = column

@@ -21,8 +21,10 @@ from enum import StrEnum
 from sqlalchemy import Connection, Engine, Select, select
 
 from .model import WorkflowStatus
+from .sql import codec
 from .sql.dialects import dialect_class
 from .sql.errors import translated_errors
+from .sql.rows import STATUS
 from .sql.schema import task_claims, workflows
 from .urls import mask_url
 
@@ -102,6 +104,9 @@ class StoreInspector:
         """Status, version and last save of these instances, in the order given.
 
         Ids that do not exist (any more) are left out.
+
+        Raises:
+            CorruptDataError: a stored status cannot be decoded (names the instance).
         """
         found: dict[str, WorkflowSummary] = {}
         with self._connection() as conn:
@@ -116,8 +121,11 @@ class StoreInspector:
                     ).where(workflows.c.instance_id.in_(chunk))
                 )
                 for row in rows:
+                    status = codec.decode_column(
+                        row.instance_id, STATUS, codec.decode_status, row.status
+                    )
                     found[row.instance_id] = WorkflowSummary(
-                        row.instance_id, WorkflowStatus(row.status), row.version, row.updated_at
+                        row.instance_id, status, row.version, row.updated_at
                     )
         return [found[instance_id] for instance_id in instance_ids if instance_id in found]
 

@@ -30,6 +30,7 @@ from .model import (
     ClaimedTask,
     CompletionOutcome,
     CompletionResult,
+    IfExists,
     SignalKind,
     SignalRequest,
     TaskClaim,
@@ -248,6 +249,36 @@ class InMemoryBackend(PersistentBackend):
         return instance, claim
 
     # -- snapshots ---------------------------------------------------------------------------
+
+    def _start_workflow(self, snapshot: WorkflowSnapshot, if_exists: IfExists) -> WorkflowSnapshot:
+        instance_id = snapshot.instance_id
+        with self._lock:
+            existing = self._instances.get(instance_id)
+            dropped: dict[str, _Claim] = {}
+            if existing is not None:
+                stored = existing.snapshot
+                if if_exists is IfExists.FAIL:
+                    raise ConflictError(f"workflow {instance_id!r} exists already")
+                if if_exists is IfExists.USE_EXISTING:
+                    if stored.definition_hash != snapshot.definition_hash:
+                        raise ConflictError(
+                            f"workflow {instance_id!r} exists with definition "
+                            f"{stored.definition_hash!r}, not {snapshot.definition_hash!r}"
+                        )
+                    return _copy(stored)
+                # Replaced: the old claims are dropped but kept, so that the new run's
+                # tokens go on from theirs and a holder of an old token stays fenced off;
+                # its attempts are counted anew.
+                dropped = existing.claims
+                for claim in dropped.values():
+                    claim.released = True
+                    claim.attempt_offset = claim.token
+                    claim.last_error = claim.deadline = None
+                del self._instances[instance_id]
+            self._write_snapshot(snapshot, None, self._now())
+            started = self._instances[instance_id]
+            started.claims = dropped
+            return _copy(started.snapshot)
 
     def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
         with self._lock:

@@ -55,6 +55,20 @@ class SignalKind(StrEnum):
     PAUSE = "pause"
 
 
+class IfExists(StrEnum):
+    """What ``start_workflow`` does when the instance is stored already
+    (docs/contract.md#start_workflow)."""
+
+    FAIL = "fail"
+    """Refuse with ``ConflictError``; nothing is written."""
+    USE_EXISTING = "use_existing"
+    """Return the stored instance unchanged if it runs the same definition (same
+    ``definition_hash``); ``ConflictError`` otherwise."""
+    TERMINATE_EXISTING = "terminate_existing"
+    """Replace it atomically: everything attached to the old run goes, its claims' holders
+    are fenced off, the new snapshot starts at version 1."""
+
+
 @dataclass(frozen=True)
 class SignalRequest:
     """Who asked for a cancel or pause, when and why."""

@@ -20,8 +20,8 @@ People get ``rich`` tables; ``--json`` prints one JSON object on stdout for scri
 in ``show --json`` are ``{"size": N, "base64": "..."}`` (whole, lossless).
 
 Exit status: 0 on success, 1 on failure or refusal (unknown id, a workflow that cannot be
-paused, a database that is unreachable or not provisioned: one line on stderr, password
-masked, never a traceback), 2 on a usage error.
+paused, a database that is unreachable or not provisioned, a stored row that cannot be
+decoded: one line on stderr, password masked, never a traceback), 2 on a usage error.
 
 The modules, one job each:
 

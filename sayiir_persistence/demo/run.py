@@ -173,7 +173,7 @@ def _create_orders(backend: SqlBackend, run_id: str, count: int) -> list[str]:
         snapshot = ORDER_PIPELINE.start(
             instance_id, DEFINITION_HASH, initial_input=order, tags=run_tags(run_id)
         )
-        backend.save_snapshot(snapshot, expected_version=0)
+        backend.start_workflow(snapshot)  # IfExists.FAIL: run ids are new, never reused
         ids.append(instance_id)
     return ids
 

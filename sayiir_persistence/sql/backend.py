@@ -58,6 +58,7 @@ from ..model import (
     AvailableTask,
     ClaimedTask,
     CompletionResult,
+    IfExists,
     SignalKind,
     SignalRequest,
     TaskClaim,
@@ -78,6 +79,10 @@ from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
 from .pruning import PruneStatements, prune_workflows
 from .rows import (
+    POSITION,
+    SIGNAL_KIND,
+    STATUS,
+    TAGS,
     available_task_from_row,
     granted_claim,
     new_results,
@@ -299,13 +304,19 @@ class SqlBackend(PersistentBackend):
 
     # -- shared statements -------------------------------------------------------------------
 
+    def _lock_row(self, conn: Connection, instance_id: str) -> Row[Any] | None:
+        """Lock the workflow row; its version, status, tags and the database clock, as
+        stored (not decoded: a caller that only needs to know it exists works on a row
+        that cannot be decoded too)."""
+        return conn.execute(self._sql.lock_state, {"p_instance_id": instance_id}).first()
+
     def _lock_state(self, conn: Connection, instance_id: str) -> _Stored | None:
-        row = conn.execute(self._sql.lock_state, {"p_instance_id": instance_id}).first()
+        row = self._lock_row(conn, instance_id)
         if row is None:
             return None
-        return _Stored(
-            row.version, WorkflowStatus(row.status), codec.decode_tags(row.tags), row.now
-        )
+        status = codec.decode_column(instance_id, STATUS, codec.decode_status, row.status)
+        tags = codec.decode_column(instance_id, TAGS, codec.decode_tags, row.tags)
+        return _Stored(row.version, status, tags, row.now)
 
     def _lock_state_or_raise(self, conn: Connection, instance_id: str) -> _Stored:
         stored = self._lock_state(conn, instance_id)
@@ -350,7 +361,6 @@ class SqlBackend(PersistentBackend):
     ) -> int:
         """Write the locked (or absent) workflow row and everything derived from it."""
         instance_id = snapshot.instance_id
-        tags = frozenset(snapshot.tags)
         values = workflow_values(snapshot, now)
         if stored is None:
             try:
@@ -379,11 +389,27 @@ class SqlBackend(PersistentBackend):
                     select(task_results.c.task_id).where(task_results.c.instance_id == instance_id)
                 )
             )
+        stored_tags = frozenset[str]() if stored is None else stored.tags
+        self._write_attached(conn, snapshot, stored_results, stored_tags, now)
+        return version
+
+    def _write_attached(
+        self,
+        conn: Connection,
+        snapshot: WorkflowSnapshot,
+        stored_results: set[str],
+        stored_tags: frozenset[str],
+        now: datetime,
+    ) -> None:
+        """Write what derives from a workflow row just written: the results the snapshot
+        adds, its tag rows, its ready rows (ready rows cleared before)."""
+        instance_id = snapshot.instance_id
+        tags = frozenset(snapshot.tags)
         missing = new_results(snapshot, stored_results, now)
         if missing:
             conn.execute(insert(task_results), missing)
-        if stored is None or stored.tags != tags:
-            if stored is not None:
+        if stored_tags != tags:
+            if stored_tags:
                 conn.execute(
                     delete(workflow_tags).where(workflow_tags.c.instance_id == instance_id)
                 )
@@ -396,9 +422,72 @@ class SqlBackend(PersistentBackend):
         if ready:
             conn.execute(insert(ready_tasks), ready)
             self._announce(conn)
-        return version
+
+    def _replace_snapshot(
+        self, conn: Connection, snapshot: WorkflowSnapshot, now: datetime
+    ) -> None:
+        """Replace the locked workflow row and everything attached with a new run of it.
+
+        The row is updated in place, not deleted and inserted: a concurrent caller waiting
+        for its lock then reads the new run (a deleted row would be found absent on
+        PostgreSQL). Claim rows are released, not deleted: the new run's tokens go on from
+        theirs, so a worker holding an old token never passes a fenced check on the new run;
+        the new run counts its attempts anew.
+        """
+        instance_id = snapshot.instance_id
+        # The global lock order: workflow row (held), ready rows, claim rows.
+        self._clear_ready(conn, instance_id)
+        conn.execute(
+            update(task_claims)
+            .where(task_claims.c.instance_id == instance_id)
+            .values(
+                released=True,
+                attempt_offset=task_claims.c.token,
+                last_error=None,
+                deadline=None,
+            )
+        )
+        for table in (task_results, signals, events, workflow_tags):
+            conn.execute(delete(table).where(table.c.instance_id == instance_id))
+        conn.execute(
+            update(workflows)
+            .where(workflows.c.instance_id == instance_id)
+            .values(created_at=snapshot.created_at, version=1, **workflow_values(snapshot, now))
+        )
+        self._write_attached(conn, snapshot, set(), frozenset(), now)
 
     # -- snapshots ---------------------------------------------------------------------------
+
+    def _start_workflow(self, snapshot: WorkflowSnapshot, if_exists: IfExists) -> WorkflowSnapshot:
+        instance_id = snapshot.instance_id
+
+        def work(conn: Connection) -> WorkflowSnapshot:
+            row = self._lock_row(conn, instance_id)
+            if row is None:
+                # Two starts of an absent instance both get here: the second one's insert
+                # conflicts on the primary key and its transaction runs again, finding the
+                # first one's row (_write_snapshot raises _RestartTransaction).
+                self._write_snapshot(conn, snapshot, None, self._clock(conn))
+            elif if_exists is IfExists.FAIL:
+                raise ConflictError(f"workflow {instance_id!r} exists already")
+            elif if_exists is IfExists.USE_EXISTING:
+                stored = self._read_stored(conn, instance_id)
+                if stored.definition_hash != snapshot.definition_hash:
+                    raise ConflictError(
+                        f"workflow {instance_id!r} exists with definition "
+                        f"{stored.definition_hash!r}, not {snapshot.definition_hash!r}"
+                    )
+                raise _Rollback(stored)  # nothing written
+            else:
+                self._replace_snapshot(conn, snapshot, row.now)
+            return self._read_stored(conn, instance_id)
+
+        return self._transaction(work)
+
+    def _read_stored(self, conn: Connection, instance_id: str) -> WorkflowSnapshot:
+        """The stored snapshot of a row this transaction has locked (or just written)."""
+        row = conn.execute(self._sql.read_snapshot, {"p_instance_id": instance_id}).one()
+        return snapshot_from_row(row, self._results(conn, instance_id))
 
     def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
         def work(conn: Connection) -> int:
@@ -459,7 +548,10 @@ class SqlBackend(PersistentBackend):
                 self._refuse_terminal(stored, instance_id)
                 raise ConflictError(f"workflow {instance_id!r} changed concurrently; retry")
             conn.execute(self._sql.delete_ready_task, key)
-            if set(position_task_ids(codec.decode_position(saved.position), None)) - {task_id}:
+            position = codec.decode_column(
+                instance_id, POSITION, codec.decode_position, saved.position
+            )
+            if set(position_task_ids(position, None)) - {task_id}:
                 # The other ready tasks' snapshot was saved now too: aging counts from here.
                 conn.execute(
                     self._sql.redate_ready_tasks,
@@ -505,7 +597,8 @@ class SqlBackend(PersistentBackend):
 
     def _delete_snapshot(self, instance_id: str) -> None:
         def work(conn: Connection) -> None:
-            self._lock_state_or_raise(conn, instance_id)
+            if self._lock_row(conn, instance_id) is None:
+                raise NotFoundError(f"workflow instance {instance_id!r} not found")
             for table in CHILD_TABLES:
                 conn.execute(delete(table).where(table.c.instance_id == instance_id))
             conn.execute(delete(workflows).where(workflows.c.instance_id == instance_id))
@@ -551,7 +644,12 @@ class SqlBackend(PersistentBackend):
             found += [
                 row.instance_id
                 for row in rows
-                if isinstance(codec.decode_position(row.position), AtFork)
+                if isinstance(
+                    codec.decode_column(
+                        row.instance_id, POSITION, codec.decode_position, row.position
+                    ),
+                    AtFork,
+                )
             ]
             if len(rows) < page_size:
                 break
@@ -677,7 +775,10 @@ class SqlBackend(PersistentBackend):
                 claim.claimed_at,
                 expires_at,
                 claim.token,
-                frozenset(SignalKind(kind) for kind in pending),
+                frozenset(
+                    codec.decode_column(instance_id, SIGNAL_KIND, codec.decode_signal_kind, kind)
+                    for kind in pending
+                ),
                 attempt=claim.token - claim.attempt_offset,
                 deadline=claim.deadline,
                 last_error=claim.last_error,

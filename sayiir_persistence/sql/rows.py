@@ -19,23 +19,40 @@ from ..model import (
 from . import codec
 from .dialects import ClaimTerms, Granted, TaskKey
 
+# The encoded columns, as CorruptDataError names them.
+STATUS = "sayiir_workflows.status"
+POSITION = "sayiir_workflows.position"
+CANCEL_REQUEST = "sayiir_workflows.cancel_request"
+PAUSE_REQUEST = "sayiir_workflows.pause_request"
+TAGS = "sayiir_workflows.tags"
+SIGNAL_KIND = "sayiir_signals.kind"
+
 
 def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnapshot:
-    """The snapshot of a ``sayiir_workflows`` row and its stored results."""
+    """The snapshot of a ``sayiir_workflows`` row and its stored results.
+
+    Raises:
+        CorruptDataError: a column cannot be decoded (names the instance and the column).
+    """
+    instance_id: str = row.instance_id
     return WorkflowSnapshot(
-        instance_id=row.instance_id,
+        instance_id=instance_id,
         definition_hash=row.definition_hash,
-        status=WorkflowStatus(row.status),
-        position=codec.decode_position(row.position),
+        status=codec.decode_column(instance_id, STATUS, codec.decode_status, row.status),
+        position=codec.decode_column(instance_id, POSITION, codec.decode_position, row.position),
         completed_tasks=results,
         last_completed_task_id=row.last_completed_task_id,
         initial_input=row.initial_input,
         output=row.output,
         error=row.error,
-        cancel_request=codec.decode_request(row.cancel_request),
-        pause_request=codec.decode_request(row.pause_request),
+        cancel_request=codec.decode_column(
+            instance_id, CANCEL_REQUEST, codec.decode_request, row.cancel_request
+        ),
+        pause_request=codec.decode_column(
+            instance_id, PAUSE_REQUEST, codec.decode_request, row.pause_request
+        ),
         priority=row.priority,
-        tags=codec.decode_tags(row.tags),
+        tags=tags_of(row),
         created_at=row.created_at,
         updated_at=row.updated_at,
         version=row.version,
@@ -62,16 +79,29 @@ def granted_claim(key: TaskKey, terms: ClaimTerms, granted: Granted) -> TaskClai
 def available_task_from_row(row: Row[*tuple[Any, ...]], task_id: str) -> AvailableTask:
     """A task of the workflow of ``row``: its ``sayiir_workflows`` columns (definition_hash,
     priority, tags, version, initial_input, input_task_id) and ``input_output``, the stored
-    output of its input task."""
+    output of its input task.
+
+    Raises:
+        CorruptDataError: the tags cannot be decoded.
+    """
     return AvailableTask(
         instance_id=row.instance_id,
         task_id=task_id,
         definition_hash=row.definition_hash,
         input=row.initial_input if row.input_task_id is None else row.input_output,
         priority=row.priority,
-        tags=codec.decode_tags(row.tags),
+        tags=tags_of(row),
         snapshot_version=row.version,
     )
+
+
+def tags_of(row: Row[Any]) -> frozenset[str]:
+    """The tags of a ``sayiir_workflows`` row (with its ``instance_id`` and ``tags``).
+
+    Raises:
+        CorruptDataError: they cannot be decoded.
+    """
+    return codec.decode_column(row.instance_id, TAGS, codec.decode_tags, row.tags)
 
 
 def workflow_values(snapshot: WorkflowSnapshot, now: datetime) -> dict[str, object]:

@@ -28,7 +28,7 @@ keeps the default ``clock`` fixture, a :class:`RealClock`: the expiry tests then
 and the few tests that need exact control of time skip themselves.
 
 ``BackendContract`` is one class composed of one mixin per area of docs/contract.md (snapshots,
-claims, completions, available tasks, signals and events, retention, input validation,
+starts, claims, completions, available tasks, signals and events, retention, input validation,
 concurrency), in
 :mod:`sayiir_persistence.testing.contract`; docs/contract.md, "Conformance suite", lists them.
 

@@ -19,6 +19,7 @@ from ..model import (
     AtDelay,
     AtFork,
     AtSignal,
+    IfExists,
     SignalKind,
     SignalRequest,
     WorkflowSnapshot,
@@ -75,6 +76,19 @@ INVALID_CALLS: list[Any] = [
         lambda b: b.save_snapshot(_bad_snapshot(definition_hash="")),
         "definition_hash",
         id="save-definition-hash",
+    ),
+    pytest.param(
+        lambda b: b.start_workflow(_bad_snapshot(instance_id="")), "instance_id", id="start-id"
+    ),
+    pytest.param(
+        lambda b: b.start_workflow(_bad_snapshot(version=1), if_exists=IfExists.USE_EXISTING),
+        "snapshot.version",
+        id="start-saved-snapshot",
+    ),
+    pytest.param(
+        lambda b: b.start_workflow(make_snapshot("existing"), if_exists=BAD_KIND),
+        "if_exists",
+        id="start-if-exists",
     ),
     pytest.param(
         lambda b: b.claim_task("ghost", "", WORKER, LONG_TTL), "task_id", id="claim-task-id"
@@ -251,6 +265,7 @@ _WRONG_BY_KIND: dict[str, list[Any]] = {
     "tags": ["gpu", [1], [""], [_OVER_LONG], [None], 42],
     "interval": [timedelta(0), timedelta(seconds=-1), 60, None],
     "snapshot": [None, {"instance_id": "existing"}, "existing"],
+    "if_exists": ["bogus", 1, None, True],
     "request": [None, "cancel it", {"reason": "x"}],
     "aware": [NAIVE, "2030-01-01", 0, None],
     "statuses": [
@@ -282,6 +297,10 @@ _VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
     (
         "save_snapshot",
         {"snapshot": ("snapshot", None), "expected_version": ("expected_version", None)},
+    ),
+    (
+        "start_workflow",
+        {"snapshot": ("snapshot", None), "if_exists": ("if_exists", IfExists.TERMINATE_EXISTING)},
     ),
     (
         "save_snapshot_fenced",

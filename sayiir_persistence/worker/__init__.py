@@ -20,7 +20,7 @@ A minimal worker for a three-step workflow::
         "charge_payment": charge_payment,
         "ship": ship,
     }
-    backend.save_snapshot(orders.start("order-1", "orders-v1", initial_input=b"{...}"))
+    backend.start_workflow(orders.start("order-1", "orders-v1", initial_input=b"{...}"))
     Worker(backend, handlers, orders, threads=8).run_until_signalled()
 
 Guarantees, and where they come from:

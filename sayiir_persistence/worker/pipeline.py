@@ -52,7 +52,8 @@ class Pipeline:
         priority: int = 3,
         tags: Iterable[str] = (),
     ) -> WorkflowSnapshot:
-        """A new snapshot positioned at the first step (save it to start the workflow)."""
+        """A new snapshot positioned at the first step (start it with
+        ``backend.start_workflow``)."""
         snapshot = WorkflowSnapshot.new(
             instance_id,
             definition_hash,

@@ -1,9 +1,10 @@
 """Model-based tests: random operation sequences against a store and a reference model.
 
 A Hypothesis ``RuleBasedStateMachine`` drives random sequences of the contract's operations
-(snapshot saves with and without an expected version, fenced saves, task results, claims and
-their release and heartbeat with and without fencing tokens, find/claim of available tasks,
-cancel/pause signals, events, deletes, prunes of finished workflows, loads, clock advances)
+(starts with each ``IfExists``, snapshot saves with and without an expected version, fenced
+saves, task results, claims and their release and heartbeat with and without fencing tokens,
+find/claim of available tasks, cancel/pause signals, events, deletes, prunes of finished
+workflows, loads, clock advances)
 against a backend and against ``reference_model.ReferenceModel``, a few plain dictionaries
 written from docs/contract.md.
 After every step the whole observable state is compared as well: the instance list, every
@@ -96,6 +97,7 @@ from sayiir_persistence import (
     AtSignal,
     AtTask,
     AvailableTask,
+    IfExists,
     InMemoryBackend,
     NotStarted,
     PersistenceError,
@@ -801,6 +803,19 @@ class ContractMachine(RuleBasedStateMachine):
     @rule(spec=draft_specs(), choice=expected_versions)
     def save_new_snapshot(self, spec: DraftSpec, choice: VersionChoice) -> None:
         self.save(spec.resolve(self.model.now), choice)
+
+    @rule(spec=draft_specs(), if_exists=st.sampled_from(IfExists))
+    def start_workflow(self, spec: DraftSpec, if_exists: IfExists) -> None:
+        draft = spec.resolve(self.model.now)
+        snapshot = self.to_snapshot(draft)
+        outcome = self.both(
+            f"start_workflow {if_exists.value}",
+            lambda: self.model.start_workflow(draft, if_exists),
+            lambda: self.backend.start_workflow(snapshot, if_exists=if_exists),
+        )
+        assert snapshot.version == 0, "start_workflow changed its argument"
+        if outcome is not None:
+            self.check_snapshot(outcome[1], outcome[0])
 
     @precondition(lambda self: self.model.workflows)
     @rule(data=st.data(), later=laters, progress=progresses, choice=expected_versions)

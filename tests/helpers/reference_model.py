@@ -37,6 +37,7 @@ from sayiir_persistence import (
     ClaimLostError,
     CompletionOutcome,
     ConflictError,
+    IfExists,
     NotFoundError,
     NotStarted,
     SignalKind,
@@ -265,6 +266,28 @@ class ReferenceModel:
             workflow.events = existing.events
         self.workflows[draft.instance_id] = workflow
         return workflow.version
+
+    def start_workflow(self, draft: Draft, if_exists: IfExists) -> Workflow:
+        """Absent: stored as a first save. Existing: refused, used, or replaced at version 1
+        with its claims dropped but kept (the next token is still greater)."""
+        existing = self.workflows.get(draft.instance_id)
+        claims: dict[str, Claim] = {}
+        if existing is not None:
+            if if_exists is IfExists.FAIL:
+                raise ConflictError(draft.instance_id)
+            if if_exists is IfExists.USE_EXISTING:
+                if existing.draft.definition_hash != draft.definition_hash:
+                    raise ConflictError(draft.instance_id)
+                return existing
+            claims = existing.claims
+            for claim in claims.values():
+                claim.released = True
+                claim.attempt, claim.last_error, claim.deadline = 0, None, None  # counted anew
+            del self.workflows[draft.instance_id]
+        self._write(draft)
+        started = self.workflows[draft.instance_id]
+        started.claims = claims
+        return started
 
     def save_snapshot(self, draft: Draft, expected_version: int | None) -> int:
         existing = self.workflows.get(draft.instance_id)

@@ -6,12 +6,15 @@ Moved out of ``BackendContract``: it never touches a backend.
 
 from __future__ import annotations
 
+import pickle
+
 from sayiir_persistence import (
     BackendUnavailableError,
     CannotCancelError,
     CannotPauseError,
     ClaimLostError,
     ConflictError,
+    CorruptDataError,
     InvalidInputError,
     InvalidStateError,
     NotFoundError,
@@ -33,8 +36,16 @@ def test_error_hierarchy() -> None:
         InvalidInputError,
         SchemaError,
         BackendUnavailableError,
+        CorruptDataError,
     ):
         assert issubclass(error, PersistenceError), error
     assert issubclass(NotFoundError, LookupError)
     assert issubclass(InvalidInputError, ValueError)
     assert issubclass(WorkflowTerminalError, ConflictError)
+
+
+def test_corrupt_data_error_names_the_row_and_survives_pickling() -> None:
+    error = CorruptDataError("row", instance_id="wf", column="sayiir_workflows.tags")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.instance_id, copy.column) == ("row", "wf", "sayiir_workflows.tags")
+    assert not isinstance(error, ValueError)  # not a caller's bad input

@@ -18,7 +18,13 @@ from sqlalchemy.engine import make_url
 
 from helpers.databases import sql_params
 from helpers.isolated_db import isolated_database
-from sayiir_persistence import InMemoryBackend, PersistentBackend, WorkflowSnapshot, migrate
+from sayiir_persistence import (
+    IfExists,
+    InMemoryBackend,
+    PersistentBackend,
+    WorkflowSnapshot,
+    migrate,
+)
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.worker import Pipeline, TaskContext, TaskOutcome, Worker
 
@@ -65,6 +71,29 @@ def test_a_waiter_wakes_when_a_workflow_is_started_and_sleeps_otherwise(
         assert waiter.wait(0.3) is False
         # Its release makes it runnable again: announced.
         starter.release_task_claim("wf", "t", "w")
+        assert waiter.wait(PICK_UP_SECONDS) is True
+    finally:
+        waiter.close()
+        if urls is not None:
+            backend.close()
+            starter.close()
+
+
+def test_start_workflow_announces_what_it_stores_and_nothing_else(urls: str | None) -> None:
+    memory = InMemoryBackend()
+    backend = _backend(urls, memory)
+    starter = _backend(urls, memory)
+    waiter = backend.work_waiter()
+    try:
+        assert waiter.wait(0.3) is False  # listening (PostgreSQL), nothing announced
+        starter.start_workflow(WorkflowSnapshot.new("wf", "h", first_task="t"))
+        assert waiter.wait(PICK_UP_SECONDS) is True
+        # The stored run is used as it is: nothing written, nothing announced.
+        again = WorkflowSnapshot.new("wf", "h", first_task="t")
+        starter.start_workflow(again, if_exists=IfExists.USE_EXISTING)
+        assert waiter.wait(0.3) is False
+        # A replacement stores a new run with a runnable task.
+        starter.start_workflow(again, if_exists=IfExists.TERMINATE_EXISTING)
         assert waiter.wait(PICK_UP_SECONDS) is True
     finally:
         waiter.close()

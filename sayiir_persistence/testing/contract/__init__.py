@@ -13,6 +13,7 @@ from .concurrency import ConcurrencyContract
 from .retention import RetentionContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
+from .starts import StartContract
 from .validation import InputValidationContract
 
 __all__ = ["BackendContract"]
@@ -29,6 +30,7 @@ class BackendContract(
     AttemptContract,
     CompletionContract,
     ClaimContract,
+    StartContract,
     SnapshotContract,
 ):
     """The conformance suite: subclass it and provide a ``backend`` fixture.

@@ -7,7 +7,7 @@ from collections import Counter
 
 from ...backend import PersistentBackend
 from ...errors import ConflictError
-from ...model import AtFork, AtTask
+from ...model import AtFork, AtTask, IfExists, WorkflowSnapshot
 from ..builders import LONG_TTL, make_snapshot, run_in_threads, save_at, save_new, task_pairs
 from .base import ContractBase
 
@@ -15,7 +15,7 @@ from .base import ContractBase
 class ConcurrencyContract(ContractBase):
     """Concurrency (real threads; sizes scaled by ``concurrency_scale``): exactly one winner
     per claimed task, tasks handed out once, no lost branch result, one winning versioned
-    save, each event consumed once.
+    save, each event consumed once, concurrent starts of one instance as if one at a time.
 
     Checks docs/contract.md, section "Concurrency" (``#concurrency``).
     """
@@ -119,3 +119,56 @@ class ConcurrencyContract(ContractBase):
         for got in per_thread:
             assert got == sorted(got)  # FIFO: each consumer sees increasing positions
         assert sorted(i for got in per_thread for i in got) == list(range(events))
+
+    # -- start_workflow: as if the calls ran one after the other ---------------------------
+
+    def test_concurrent_start_workflow_fail_one_winner(self, backend: PersistentBackend) -> None:
+        def start(index: int) -> WorkflowSnapshot | None:
+            try:
+                return backend.start_workflow(make_snapshot("wf", first_task=f"t-{index}"))
+            except ConflictError:
+                return None
+
+        results = run_in_threads(self.scaled(16), start)
+        [winner] = [index for index, started in enumerate(results) if started is not None]
+        loaded = backend.load_snapshot("wf")
+        assert loaded == results[winner]
+        assert (loaded.version, loaded.position) == (1, AtTask(f"t-{winner}"))
+        assert task_pairs(backend.find_available_tasks("w", 100)) == [("wf", f"t-{winner}")]
+
+    def test_concurrent_start_workflow_use_existing_stores_once(
+        self, backend: PersistentBackend
+    ) -> None:
+        results = run_in_threads(
+            self.scaled(16),
+            lambda index: backend.start_workflow(
+                make_snapshot("wf", first_task=f"t-{index}"), if_exists=IfExists.USE_EXISTING
+            ),
+        )
+        loaded = backend.load_snapshot("wf")
+        assert loaded.version == 1
+        assert all(started == loaded for started in results)
+        assert len(backend.find_available_tasks("w", 100)) == 1
+
+    def test_concurrent_start_workflow_terminate_existing_leaves_one_run(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")
+        old = backend.claim_task("wf", "t1", "w", LONG_TTL)
+        assert old is not None
+        threads = self.scaled(16)
+        results = run_in_threads(
+            threads,
+            lambda index: backend.start_workflow(
+                make_snapshot("wf", first_task=f"t-{index}"),
+                if_exists=IfExists.TERMINATE_EXISTING,
+            ),
+        )
+        assert [started.version for started in results] == [1] * threads
+        loaded = backend.load_snapshot("wf")
+        assert loaded.version == 1 and loaded in results
+        assert isinstance(loaded.position, AtTask)
+        # Nothing left of the other runs: one ready task, the stored run's.
+        assert task_pairs(backend.find_available_tasks("w", 100)) == [
+            ("wf", loaded.position.task_id)
+        ]

@@ -11,7 +11,15 @@ import pytest
 
 from ...backend import PersistentBackend
 from ...errors import InvalidInputError, NotFoundError
-from ...model import AtFork, AtTask, SignalKind, SignalRequest, WorkflowSnapshot, WorkflowStatus
+from ...model import (
+    AtFork,
+    AtTask,
+    IfExists,
+    SignalKind,
+    SignalRequest,
+    WorkflowSnapshot,
+    WorkflowStatus,
+)
 from ..builders import (
     AWKWARD_IDS,
     LONG_TTL,
@@ -127,12 +135,16 @@ class InputValidationContract(ContractBase):
     ) -> None:
         save_new(backend, "existing")
         before = backend.load_snapshot("existing")
-        for fenced in (False, True):
+        for call in ("save", "fenced", "start"):
             snapshot = dataclasses.replace(backend.load_snapshot("existing"))
+            if call == "start":
+                snapshot.version = 0  # a new snapshot, but for the field under test
             setattr(snapshot, field, value)
             with pytest.raises(InvalidInputError, match=field):
-                if fenced:
+                if call == "fenced":
                     backend.save_snapshot_fenced(snapshot, "t1", WORKER)
+                elif call == "start":
+                    backend.start_workflow(snapshot, if_exists=IfExists.TERMINATE_EXISTING)
                 else:
                     backend.save_snapshot(snapshot)
         self.assert_untouched(backend, before)
