@@ -6,7 +6,7 @@ snapshot in place and knows nothing about locking or persistence.
 
 from __future__ import annotations
 
-from .errors import CannotCancelError, CannotPauseError
+from .errors import CannotCancelError, CannotPauseError, InvalidStateError
 from .model import (
     AtFork,
     AtSignal,
@@ -65,6 +65,22 @@ def apply_signal(snapshot: WorkflowSnapshot, kind: SignalKind, request: SignalRe
 def unpause(snapshot: WorkflowSnapshot) -> None:
     snapshot.status = WorkflowStatus.IN_PROGRESS
     snapshot.pause_request = None
+
+
+def retry(snapshot: WorkflowSnapshot) -> None:
+    """Put a failed workflow back in progress at its position, its error cleared
+    (docs/contract.md#retry_workflow). The store drops its claims and pending signals.
+
+    Raises:
+        InvalidStateError: the workflow is not failed (the message names its status).
+    """
+    if snapshot.status is not WorkflowStatus.FAILED:
+        raise InvalidStateError(
+            f"workflow {snapshot.instance_id!r} is {snapshot.status.value}, not failed: "
+            "only a failed workflow can be retried"
+        )
+    snapshot.status = WorkflowStatus.IN_PROGRESS
+    snapshot.error = None
 
 
 def waits_for_event(snapshot: WorkflowSnapshot, name: str) -> bool:

@@ -18,7 +18,13 @@ from sqlalchemy.engine import make_url
 
 from helpers.databases import sql_params
 from helpers.isolated_db import isolated_database
-from sayiir_persistence import InMemoryBackend, PersistentBackend, WorkflowSnapshot, migrate
+from sayiir_persistence import (
+    InMemoryBackend,
+    PersistentBackend,
+    TaskCompletion,
+    WorkflowSnapshot,
+    migrate,
+)
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.worker import Pipeline, TaskContext, TaskOutcome, Worker
 
@@ -71,6 +77,27 @@ def test_a_waiter_wakes_when_a_workflow_is_started_and_sleeps_otherwise(
         if urls is not None:
             backend.close()
             starter.close()
+
+
+def test_a_retried_workflow_wakes_waiters(urls: str | None) -> None:
+    """``retry_workflow`` makes its failed task runnable again: announced once committed."""
+    memory = InMemoryBackend()
+    backend = _backend(urls, memory)
+    try:
+        backend.save_snapshot(WorkflowSnapshot.new("wf", "h", first_task="t"))
+        [claimed] = backend.claim_available_tasks("w", 1, TTL)
+        failure = TaskCompletion("wf", "t", "w", claimed.claim.token, error="boom")
+        backend.complete_tasks([failure], ttl=TTL)
+        waiter = backend.work_waiter()
+        try:
+            assert waiter.wait(0.3) is False  # a failed workflow has no work
+            backend.retry_workflow("wf")
+            assert waiter.wait(PICK_UP_SECONDS) is True
+        finally:
+            waiter.close()
+    finally:
+        if urls is not None:
+            backend.close()
 
 
 @pytest.mark.postgres

@@ -10,6 +10,7 @@ from .availability import AvailabilityContract
 from .claims import ClaimContract
 from .completions import CompletionContract
 from .concurrency import ConcurrencyContract
+from .retries import RetryContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
 from .validation import InputValidationContract
@@ -24,6 +25,7 @@ class BackendContract(
     InputValidationContract,
     SignalEventContract,
     AvailabilityContract,
+    RetryContract,
     AttemptContract,
     CompletionContract,
     ClaimContract,
