@@ -6,15 +6,19 @@ snapshot in place and knows nothing about locking or persistence.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .errors import CannotCancelError, CannotPauseError, InvalidStateError
 from .model import (
     AtFork,
     AtSignal,
     AtTask,
+    Position,
     SignalKind,
     SignalRequest,
     WorkflowSnapshot,
     WorkflowStatus,
+    position_task_ids,
 )
 
 
@@ -27,6 +31,13 @@ def is_stalled_fork(snapshot: WorkflowSnapshot) -> bool:
         and isinstance(position, AtFork)
         and all(task_id in snapshot.completed_tasks for task_id in position.branch_task_ids)
     )
+
+
+def unfinished_tasks(position: Position, completed: Iterable[str]) -> tuple[str, ...]:
+    """The tasks of ``position`` without a result: of a failed workflow, those it failed at,
+    which ``retry_workflow`` re-queues (a delay's next task whatever its ``wake_at``)."""
+    done = set(completed)
+    return tuple(task_id for task_id in position_task_ids(position, None) if task_id not in done)
 
 
 def signal_already_applied(instance_id: str, status: WorkflowStatus, kind: SignalKind) -> bool:

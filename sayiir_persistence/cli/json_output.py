@@ -108,6 +108,20 @@ def resume_json(instance_id: str, outcome: str, snapshot: WorkflowSnapshot) -> d
     }
 
 
+def retry_json(snapshot: WorkflowSnapshot, requeued: list[str]) -> dict[str, Any]:
+    """``retry``: the workflow re-queued, at which tasks, and its new version."""
+    return {
+        "instance_id": snapshot.instance_id,
+        "action": "retry",
+        "outcome": "requeued",
+        "previous_status": WorkflowStatus.FAILED.value,
+        "status": snapshot.status.value,
+        "version": snapshot.version,
+        "position": position_to_dict(snapshot.position),
+        "requeued_tasks": requeued,
+    }
+
+
 def prune_json(
     status: WorkflowStatus,
     older_than: timedelta,

@@ -193,6 +193,18 @@ def print_resume_outcome(
         console.print(Text(f"withdrew the pending pause of {instance_id!r}"))
 
 
+def print_retry_outcome(console: Console, snapshot: WorkflowSnapshot, requeued: list[str]) -> None:
+    """``retry``: at which task(s) the workflow was re-queued, and its new version."""
+    where = (
+        f"at task{'s' if len(requeued) > 1 else ''} {', '.join(requeued)}"
+        if requeued
+        else f"with no task to run yet ({_position(snapshot.position)})"
+    )
+    console.print(
+        Text(f"re-queued {snapshot.instance_id!r} {where}: in progress, version {snapshot.version}")
+    )
+
+
 def print_prune_batch(
     console: Console, number: int, dry_run: bool, *, matched: int, deleted: int
 ) -> None:
