@@ -201,6 +201,39 @@ def test_list_pages_through_instances_in_id_order(backend: SqlBackend, store_url
     assert "failed" in ok("list", "--status", "FAILED", url=store_url)
 
 
+def test_list_shows_why_and_where_failed_workflows_failed(
+    backend: SqlBackend, store_url: str
+) -> None:
+    seed(backend)  # order-5: failed at validate, "card declined"
+    backend.save_snapshot(WorkflowSnapshot.new("job-3", "orders-v1", first_task="charge"))
+    claim = backend.claim_task("job-3", "charge", "worker-a", LONG_TTL)
+    assert claim is not None
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "charge.py", line 12, in run\n'
+        "RuntimeError: the payment gateway timed out after 30 seconds"
+    )
+    fail_task(backend, claim, traceback)
+
+    failed = ok_json("list", "--status", "failed", url=store_url)["instances"]
+    assert [(i["instance_id"], i["error"], i["failed_tasks"]) for i in failed] == [
+        ("job-3", traceback, ["charge"]),
+        ("order-5", "card declined", ["validate"]),
+    ]
+    # The other statuses keep their shape.
+    everything = ok_json("list", url=store_url)["instances"]
+    assert {tuple(i) for i in everything if i["status"] != "failed"} == {
+        ("instance_id", "status", "version", "updated_at")
+    }
+
+    table = ok("list", "--status", "failed", url=store_url)
+    for expected in ("Failed at", "Error", "charge", "card declined", "validate"):
+        assert expected in table, expected
+    assert 'Traceback (most recent call last): File "charge.py"' in table  # one line
+    assert "after 30 seconds" not in table  # cut short
+    assert "Failed at" not in ok("list", "--status", "completed", url=store_url)
+
+
 def test_list_reads_the_url_from_the_environment(backend: SqlBackend, store_url: str) -> None:
     assert ok_json("list", url=store_url) == {"instances": [], "next_after": None}
     assert "no workflow instances" in ok("list", env_url=store_url)
@@ -280,6 +313,55 @@ def test_show_finished_workflows_with_binary_payloads(backend: SqlBackend, store
     failed = ok_json("show", "order-5", url=store_url)
     assert (failed["status"], failed["error"]) == ("failed", "card declined")
     assert "card declined" in ok("show", "order-5", url=store_url)
+
+
+def test_show_prints_attempts_deadlines_and_retry_waits(
+    backend: SqlBackend, store_url: str
+) -> None:
+    snapshot = WorkflowSnapshot.new("job-2", "orders-v1")
+    snapshot.move_to(AtFork("f", ("a", "b")))
+    backend.save_snapshot(snapshot)
+    a = backend.claim_task("job-2", "a", "worker-a", LONG_TTL)
+    assert a is not None
+    flaky = TaskCompletion(
+        "job-2", "a", "worker-a", a.token, error="disk full\n  at line 3", retry_after=LONG_TTL
+    )
+    [scheduled] = backend.complete_tasks([flaky], ttl=LONG_TTL)
+    assert scheduled.outcome is CompletionOutcome.RETRY_SCHEDULED
+    assert backend.claim_task("job-2", "b", "worker-b", LONG_TTL)
+    backend.release_task_claim("job-2", "b", "worker-b")
+    b = backend.claim_task("job-2", "b", "worker-b", LONG_TTL, timeout=timedelta(minutes=30))
+    assert b is not None and b.attempt == 2 and b.deadline is not None
+
+    shown = ok_json("show", "job-2", url=store_url)
+    claims = {claim["task_id"]: claim for claim in shown["claims"]}
+    assert claims["a"]["worker_id"] == "" and claims["a"]["waiting_to_retry"] is True
+    assert (claims["a"]["attempt"], claims["a"]["state"]) == (1, "live")
+    assert claims["a"]["last_error"] == "disk full\n  at line 3"
+    assert claims["a"]["deadline"] is None
+    assert claims["b"]["worker_id"] == "worker-b" and claims["b"]["waiting_to_retry"] is False
+    assert (claims["b"]["attempt"], claims["b"]["last_error"]) == (2, None)
+    assert datetime.fromisoformat(claims["b"]["deadline"]) == b.deadline
+
+    table = ok("show", "job-2", url=store_url)
+    for expected in ("Attempt", "Deadline", "Last error", "waiting to retry until", "worker-b"):
+        assert expected in table, expected
+    assert "disk full at line 3" in table  # on one line
+
+    # A retry drops both claims and counts anew: no attempt since.
+    fail_task(backend, b, "out of memory")
+    ok("retry", "job-2", url=store_url)
+    dropped = ok_json("show", "job-2", url=store_url)["claims"]
+    assert [(c["task_id"], c["state"], c["attempt"]) for c in dropped] == [
+        ("a", "released", 0),
+        ("b", "released", 0),
+    ]
+    assert "retry wait, dropped" in ok("show", "job-2", url=store_url)
+
+    # Without deadlines nor errors, the claims table has no column for them.
+    seed(backend)
+    plain = ok("show", "order-1", url=store_url)
+    assert "Attempt" in plain and "Deadline" not in plain and "Last error" not in plain
 
 
 # --------------------------------------------------------------------------------------------
