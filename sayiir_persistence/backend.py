@@ -625,6 +625,25 @@ class PersistentBackend(ABC):
         check_id(instance_id, "instance_id")
         return self._unpause(instance_id)
 
+    def retry_workflow(self, instance_id: str) -> WorkflowSnapshot:
+        """Re-queue a failed workflow where it failed; return the stored snapshot.
+
+        In one atomic step the workflow is in progress again, its error cleared, its version
+        +1; its position and stored results are kept, so the tasks of its position without a
+        result (the failed task) are runnable again. Every claim of the instance is dropped
+        (an old holder's writes are refused) and attempts are counted anew: each task's next
+        claim is attempt 1, with a greater fencing token. Pending signals are cleared.
+        Contract: docs/contract.md#retry_workflow.
+
+        Raises:
+            InvalidStateError: the workflow is not failed (the message names its status);
+                nothing changes.
+            NotFoundError: the instance is absent.
+            InvalidInputError: ``instance_id`` is malformed.
+        """
+        check_id(instance_id, "instance_id")
+        return self._retry_workflow(instance_id)
+
     def send_event(self, instance_id: str, name: str, payload: bytes) -> None:
         """Deliver an event.
 
@@ -837,6 +856,10 @@ class PersistentBackend(ABC):
     @abstractmethod
     def _unpause(self, instance_id: str) -> WorkflowSnapshot:
         """See :meth:`unpause`."""
+
+    @abstractmethod
+    def _retry_workflow(self, instance_id: str) -> WorkflowSnapshot:
+        """See :meth:`retry_workflow`."""
 
     @abstractmethod
     def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:

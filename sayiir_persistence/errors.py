@@ -29,7 +29,8 @@ class WorkflowTerminalError(ConflictError):
 
 
 class InvalidStateError(PersistenceError):
-    """A snapshot mutator was called on a workflow that is not in progress."""
+    """A snapshot mutator was called on a workflow that is not in progress, or
+    ``retry_workflow`` on one that is not failed."""
 
 
 class CannotCancelError(PersistenceError):

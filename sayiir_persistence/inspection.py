@@ -14,18 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import Connection, Engine, Select, select
 
+from .attempts import RETRY_WAIT_WORKER
 from .model import WorkflowStatus
 from .sql import codec
 from .sql.dialects import dialect_class
 from .sql.errors import translated_errors
-from .sql.rows import STATUS
-from .sql.schema import task_claims, workflows
+from .sql.rows import POSITION, STATUS
+from .sql.schema import task_claims, task_results, workflows
+from .transitions import unfinished_tasks
 from .urls import mask_url
 
 __all__ = ["ClaimInfo", "ClaimState", "StoreInspector", "WorkflowSummary"]
@@ -42,7 +44,8 @@ class ClaimState(StrEnum):
     EXPIRED = "expired"
     """Not released, but past ``expires_at``: the next worker to claim the task takes it over."""
     RELEASED = "released"
-    """Released by its worker, or dropped by a cancel or pause. Kept for its fencing token."""
+    """Released by its worker, or dropped by a cancel, pause or retry. Kept for its fencing
+    token."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,11 @@ class WorkflowSummary:
     status: WorkflowStatus
     version: int
     updated_at: datetime
+    error: str | None = None
+    """Why a failed workflow failed (``None`` for the others)."""
+    failed_tasks: tuple[str, ...] = ()
+    """Of a failed workflow, the tasks of its position without a result: those it failed at,
+    which ``retry`` re-queues (empty for the others)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,19 @@ class ClaimInfo:
     claimed_at: datetime
     expires_at: datetime | None
     state: ClaimState
+    attempt: int = 1
+    """The claims of the task since its first, or since its workflow was retried (0: none
+    since)."""
+    deadline: datetime | None = None
+    """Past it the claim can no longer be renewed (``None``: no deadline)."""
+    last_error: str | None = None
+    """The error the task's last failed attempt recorded, if any."""
+
+    @property
+    def waiting_to_retry(self) -> bool:
+        """A scheduled retry's wait, held by no worker until ``expires_at``
+        (docs/contract.md#attempts-and-deadlines)."""
+        return self.worker_id == RETRY_WAIT_WORKER
 
 
 class StoreInspector:
@@ -101,7 +122,8 @@ class StoreInspector:
         return now
 
     def summaries(self, instance_ids: Sequence[str]) -> list[WorkflowSummary]:
-        """Status, version and last save of these instances, in the order given.
+        """Status, version and last save of these instances, in the order given; of the
+        failed ones, their error and the tasks they failed at.
 
         Ids that do not exist (any more) are left out.
 
@@ -118,8 +140,11 @@ class StoreInspector:
                         workflows.c.status,
                         workflows.c.version,
                         workflows.c.updated_at,
+                        workflows.c.error,
+                        workflows.c.position,
                     ).where(workflows.c.instance_id.in_(chunk))
                 )
+                failed: dict[str, tuple[str | None, str]] = {}  # id: (error, position)
                 for row in rows:
                     status = codec.decode_column(
                         row.instance_id, STATUS, codec.decode_status, row.status
@@ -127,7 +152,31 @@ class StoreInspector:
                     found[row.instance_id] = WorkflowSummary(
                         row.instance_id, status, row.version, row.updated_at
                     )
+                    if status is WorkflowStatus.FAILED:
+                        failed[row.instance_id] = (row.error, row.position)
+                results = self._result_ids(conn, list(failed)) if failed else {}
+                for instance_id, (error, position) in failed.items():
+                    decoded = codec.decode_column(
+                        instance_id, POSITION, codec.decode_position, position
+                    )
+                    tasks = unfinished_tasks(decoded, results.get(instance_id, ()))
+                    found[instance_id] = replace(
+                        found[instance_id], error=error, failed_tasks=tasks
+                    )
         return [found[instance_id] for instance_id in instance_ids if instance_id in found]
+
+    @staticmethod
+    def _result_ids(conn: Connection, instance_ids: list[str]) -> dict[str, set[str]]:
+        """The ids of the tasks with a stored result, by instance."""
+        found: dict[str, set[str]] = {}
+        rows = conn.execute(
+            select(task_results.c.instance_id, task_results.c.task_id).where(
+                task_results.c.instance_id.in_(instance_ids)
+            )
+        )
+        for row in rows:
+            found.setdefault(row.instance_id, set()).add(row.task_id)
+        return found
 
     def claims(
         self,
@@ -169,6 +218,9 @@ class StoreInspector:
                 row.claimed_at,
                 row.expires_at,
                 _state(row.released, row.expires_at, now),
+                attempt=row.token - row.attempt_offset,
+                deadline=row.deadline,
+                last_error=row.last_error,
             )
             for row in rows
         ]

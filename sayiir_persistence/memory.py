@@ -567,6 +567,21 @@ class InMemoryBackend(PersistentBackend):
             self._announce_work()
             return _copy(instance.snapshot)
 
+    def _retry_workflow(self, instance_id: str) -> WorkflowSnapshot:
+        with self._lock:
+            instance = self._get(instance_id)
+            transitions.retry(instance.snapshot)
+            for claim in instance.claims.values():
+                # Dropped as a cancel drops them, and counted anew from the next claim.
+                claim.released = True
+                claim.attempt_offset = claim.token
+                claim.last_error = None
+            instance.signals.clear()  # requests made before the failure (see the contract)
+            self._bump(instance, self._now())
+            retried = _copy(instance.snapshot)
+        self._announce_work()
+        return retried
+
     def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
         with self._lock:
             instance = self._get(instance_id)

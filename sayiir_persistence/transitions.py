@@ -6,15 +6,19 @@ snapshot in place and knows nothing about locking or persistence.
 
 from __future__ import annotations
 
-from .errors import CannotCancelError, CannotPauseError
+from collections.abc import Iterable
+
+from .errors import CannotCancelError, CannotPauseError, InvalidStateError
 from .model import (
     AtFork,
     AtSignal,
     AtTask,
+    Position,
     SignalKind,
     SignalRequest,
     WorkflowSnapshot,
     WorkflowStatus,
+    position_task_ids,
 )
 
 
@@ -27,6 +31,13 @@ def is_stalled_fork(snapshot: WorkflowSnapshot) -> bool:
         and isinstance(position, AtFork)
         and all(task_id in snapshot.completed_tasks for task_id in position.branch_task_ids)
     )
+
+
+def unfinished_tasks(position: Position, completed: Iterable[str]) -> tuple[str, ...]:
+    """The tasks of ``position`` without a result: of a failed workflow, those it failed at,
+    which ``retry_workflow`` re-queues (a delay's next task whatever its ``wake_at``)."""
+    done = set(completed)
+    return tuple(task_id for task_id in position_task_ids(position, None) if task_id not in done)
 
 
 def signal_already_applied(instance_id: str, status: WorkflowStatus, kind: SignalKind) -> bool:
@@ -65,6 +76,22 @@ def apply_signal(snapshot: WorkflowSnapshot, kind: SignalKind, request: SignalRe
 def unpause(snapshot: WorkflowSnapshot) -> None:
     snapshot.status = WorkflowStatus.IN_PROGRESS
     snapshot.pause_request = None
+
+
+def retry(snapshot: WorkflowSnapshot) -> None:
+    """Put a failed workflow back in progress at its position, its error cleared
+    (docs/contract.md#retry_workflow). The store drops its claims and pending signals.
+
+    Raises:
+        InvalidStateError: the workflow is not failed (the message names its status).
+    """
+    if snapshot.status is not WorkflowStatus.FAILED:
+        raise InvalidStateError(
+            f"workflow {snapshot.instance_id!r} is {snapshot.status.value}, not failed: "
+            "only a failed workflow can be retried"
+        )
+    snapshot.status = WorkflowStatus.IN_PROGRESS
+    snapshot.error = None
 
 
 def waits_for_event(snapshot: WorkflowSnapshot, name: str) -> bool:

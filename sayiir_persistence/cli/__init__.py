@@ -13,6 +13,7 @@ Subcommands:
     released ones too), judged by the database clock;
   - ``cancel ID`` / ``pause ID`` ``[--reason R] [--by WHO]``: request it and apply it at once;
   - ``resume ID``: put a paused workflow back in progress;
+  - ``retry ID``: re-queue a failed workflow where it failed (attempts counted anew);
   - ``prune --status S --older-than 7d [--batch N] [--dry-run]``: delete finished workflows,
     a ``prune_workflows`` batch at a time.
 
@@ -20,15 +21,16 @@ People get ``rich`` tables; ``--json`` prints one JSON object on stdout for scri
 in ``show --json`` are ``{"size": N, "base64": "..."}`` (whole, lossless).
 
 Exit status: 0 on success, 1 on failure or refusal (unknown id, a workflow that cannot be
-paused, a database that is unreachable or not provisioned, a stored row that cannot be
-decoded: one line on stderr, password masked, never a traceback), 2 on a usage error.
+paused or retried, a database that is unreachable or not provisioned, a stored row that
+cannot be decoded: one line on stderr, password masked, never a traceback), 2 on a usage error.
 
 The modules, one job each:
 
 - ``parser``: the argument parser, subcommands and options; ``arguments``: the types of the
   arguments (positive counts, durations);
 - ``commands``: a ``cmd_*`` function per subcommand (``migrate``, ``inspect``, ``signals``,
-  ``prune``), each opening its database through ``database`` (URL checks, password masking);
+  ``retry``, ``prune``), each opening its database through ``database`` (URL checks,
+  password masking);
 - ``render``: the ``rich`` tables and messages; ``json_output``: the ``--json`` objects;
 - ``program``: the program's name and exit statuses; this module: :func:`main`, which runs
   a command and turns its failure into one line on stderr.

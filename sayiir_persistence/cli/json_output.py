@@ -23,19 +23,25 @@ def print_json(value: object) -> None:
 
 
 def listing_json(summaries: list[WorkflowSummary], next_after: str | None) -> dict[str, Any]:
-    """``list``: a page of instances and the ``--after`` of the next page (or ``None``)."""
+    """``list``: a page of instances and the ``--after`` of the next page (or ``None``);
+    a failed instance also carries its ``error`` and ``failed_tasks``."""
     return {
-        "instances": [
-            {
-                "instance_id": summary.instance_id,
-                "status": summary.status.value,
-                "version": summary.version,
-                "updated_at": _iso(summary.updated_at),
-            }
-            for summary in summaries
-        ],
+        "instances": [_summary_json(summary) for summary in summaries],
         "next_after": next_after,
     }
+
+
+def _summary_json(summary: WorkflowSummary) -> dict[str, Any]:
+    instance: dict[str, Any] = {
+        "instance_id": summary.instance_id,
+        "status": summary.status.value,
+        "version": summary.version,
+        "updated_at": _iso(summary.updated_at),
+    }
+    if summary.status is WorkflowStatus.FAILED:
+        instance["error"] = summary.error
+        instance["failed_tasks"] = list(summary.failed_tasks)
+    return instance
 
 
 def snapshot_json(
@@ -108,6 +114,20 @@ def resume_json(instance_id: str, outcome: str, snapshot: WorkflowSnapshot) -> d
     }
 
 
+def retry_json(snapshot: WorkflowSnapshot, requeued: list[str]) -> dict[str, Any]:
+    """``retry``: the workflow re-queued, at which tasks, and its new version."""
+    return {
+        "instance_id": snapshot.instance_id,
+        "action": "retry",
+        "outcome": "requeued",
+        "previous_status": WorkflowStatus.FAILED.value,
+        "status": snapshot.status.value,
+        "version": snapshot.version,
+        "position": position_to_dict(snapshot.position),
+        "requeued_tasks": requeued,
+    }
+
+
 def prune_json(
     status: WorkflowStatus,
     older_than: timedelta,
@@ -152,4 +172,8 @@ def _claim_json(claim: ClaimInfo) -> dict[str, Any]:
         "claimed_at": _iso(claim.claimed_at),
         "expires_at": _iso(claim.expires_at),
         "state": claim.state.value,
+        "attempt": claim.attempt,
+        "deadline": _iso(claim.deadline),
+        "last_error": claim.last_error,
+        "waiting_to_retry": claim.waiting_to_retry,
     }

@@ -14,6 +14,7 @@ from .arguments import parse_duration, positive_int, positive_int_at_most
 from .commands.inspect import cmd_claims, cmd_list, cmd_show
 from .commands.migrate import cmd_demo, cmd_migrate
 from .commands.prune import cmd_prune
+from .commands.retry import cmd_retry
 from .commands.signals import cmd_resume, cmd_signal
 from .program import PROG
 
@@ -141,6 +142,18 @@ def _add_operator_commands(subcommands: Any) -> None:
     )
     resume.add_argument("instance_id", metavar="ID")
     resume.set_defaults(command=cmd_resume)
+
+    retry = subcommands.add_parser(
+        "retry",
+        parents=[store],
+        help="re-queue a failed workflow at the task(s) it failed at",
+        description="Put a failed workflow back in progress where it failed: its error is "
+        "cleared, its completed tasks are kept, and the tasks of its position without a "
+        "result are runnable again, each counting its attempts anew (attempt 1 next). Claims "
+        "still held on it are dropped. Refused for a workflow that is not failed.",
+    )
+    retry.add_argument("instance_id", metavar="ID")
+    retry.set_defaults(command=cmd_retry)
 
     prune = subcommands.add_parser(
         "prune",

@@ -26,6 +26,7 @@ from ..model import (
 from .arguments import UNIT_SECONDS, format_duration
 
 PREVIEW_CHARS = 40
+ERROR_CHARS = 60  # of an error in a table cell: its first characters, on one line
 
 
 def new_console() -> Console:
@@ -64,13 +65,24 @@ def print_listing(
     table.add_column("Status")
     table.add_column("Version", justify="right")
     table.add_column("Updated (UTC)", no_wrap=True)
+    # Why the failed ones failed, and where (what `retry` would re-queue).
+    failures = any(summary.status is WorkflowStatus.FAILED for summary in summaries)
+    if failures:
+        table.add_column("Failed at", overflow="fold")
+        table.add_column("Error")
     for summary in summaries:
-        table.add_row(
+        cells: list[Text | str] = [
             Text(summary.instance_id),
             _status_text(summary.status),
             str(summary.version),
             _time(summary.updated_at),
-        )
+        ]
+        if failures:
+            cells += [
+                Text(", ".join(summary.failed_tasks) or "-"),
+                Text(_one_line(summary.error or "-", ERROR_CHARS), style="red"),
+            ]
+        table.add_row(*cells)
     console.print(table)
     if next_after is not None:
         console.print(Text(f"more: --after {_shell_word(next_after)}"))
@@ -193,6 +205,18 @@ def print_resume_outcome(
         console.print(Text(f"withdrew the pending pause of {instance_id!r}"))
 
 
+def print_retry_outcome(console: Console, snapshot: WorkflowSnapshot, requeued: list[str]) -> None:
+    """``retry``: at which task(s) the workflow was re-queued, and its new version."""
+    where = (
+        f"at task{'s' if len(requeued) > 1 else ''} {', '.join(requeued)}"
+        if requeued
+        else f"with no task to run yet ({_position(snapshot.position)})"
+    )
+    console.print(
+        Text(f"re-queued {snapshot.instance_id!r} {where}: in progress, version {snapshot.version}")
+    )
+
+
 def print_prune_batch(
     console: Console, number: int, dry_run: bool, *, matched: int, deleted: int
 ) -> None:
@@ -227,14 +251,22 @@ def _claims_table(
     title: str, claims: list[ClaimInfo], now: datetime, *, with_instance: bool
 ) -> Table:
     table = _listing(title)
+    # Deadlines and errors only where some claim has one: most stores use neither.
+    deadlines = any(claim.deadline is not None for claim in claims)
+    errors = any(claim.last_error is not None for claim in claims)
     if with_instance:
         table.add_column("Instance", overflow="fold")
     table.add_column("Task", overflow="fold")
     table.add_column("Worker", overflow="fold")
     table.add_column("Token", justify="right")
+    table.add_column("Attempt", justify="right")
     table.add_column("Claimed")
     table.add_column("Expires")
+    if deadlines:
+        table.add_column("Deadline")
     table.add_column("State")
+    if errors:
+        table.add_column("Last error")
     for claim in claims:
         expires = (
             "never"
@@ -244,14 +276,31 @@ def _claims_table(
         cells: list[Text | str] = [Text(claim.instance_id)] if with_instance else []
         cells += [
             Text(claim.task_id),
-            Text(claim.worker_id),
+            _holder(claim, now),
             str(claim.token),
+            str(claim.attempt) if claim.attempt else "-",  # 0: none since a retry
             _clock(claim.claimed_at, now),
             expires,
-            Text(claim.state.value, style=_CLAIM_STYLES[claim.state]),
         ]
+        if deadlines:
+            cells.append("-" if claim.deadline is None else _clock(claim.deadline, now))
+        cells.append(Text(claim.state.value, style=_CLAIM_STYLES[claim.state]))
+        if errors:
+            cells.append(Text(_one_line(claim.last_error or "-", ERROR_CHARS)))
         table.add_row(*cells)
     return table
+
+
+def _holder(claim: ClaimInfo, now: datetime) -> Text:
+    """Who holds the claim: a worker, or nobody while a failed attempt waits for its retry."""
+    if not claim.waiting_to_retry:
+        return Text(claim.worker_id)
+    due = "" if claim.expires_at is None else _clock(claim.expires_at, now)
+    if claim.state is ClaimState.RELEASED:
+        return Text("retry wait, dropped", style="dim")
+    if claim.state is ClaimState.EXPIRED:
+        return Text(f"retry due since {due}", style="yellow")
+    return Text(f"waiting to retry until {due}", style="yellow")
 
 
 _STATUS_STYLES = {
@@ -296,6 +345,12 @@ def _request(request: SignalRequest) -> str:
     if request.reason:
         text += f": {request.reason}"
     return text
+
+
+def _one_line(text: str, width: int) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut to ``width`` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _payload_text(payload: bytes | None) -> Text:

@@ -1064,6 +1064,45 @@ class SqlBackend(PersistentBackend):
 
         return self._transaction(work)
 
+    def _retry_workflow(self, instance_id: str) -> WorkflowSnapshot:
+        def work(conn: Connection) -> WorkflowSnapshot:
+            # The workflow row first, then its ready rows, then its claims: the global order.
+            snapshot, stored = self._lock_snapshot(conn, instance_id)
+            transitions.retry(snapshot)
+            version = stored.version + 1
+            # Guarded by the status in the write itself too, not only by the read before it.
+            requeued = conn.execute(
+                update(workflows)
+                .where(
+                    workflows.c.instance_id == instance_id,
+                    workflows.c.status == WorkflowStatus.FAILED.value,
+                )
+                .values(
+                    status=snapshot.status.value, error=None, version=version, updated_at=stored.now
+                )
+            )
+            if requeued.rowcount != 1:
+                raise ConflictError(f"workflow {instance_id!r} changed concurrently; retry")
+            snapshot.version, snapshot.updated_at = version, stored.now
+            # A failed workflow has no ready rows: rebuild them as a save would.
+            self._clear_ready(conn, instance_id)
+            ready = ready_rows(snapshot, snapshot.completed_tasks, stored.now)
+            if ready:
+                conn.execute(insert(ready_tasks), ready)
+                self._announce(conn)
+            # Dropped as a cancel drops them (old holders are fenced off), and the next claim
+            # of each task is attempt 1 again while its token keeps increasing.
+            conn.execute(
+                update(task_claims)
+                .where(task_claims.c.instance_id == instance_id)
+                .values(released=True, attempt_offset=task_claims.c.token, last_error=None)
+            )
+            # Requests made before the failure could never apply now (see the contract).
+            conn.execute(delete(signals).where(signals.c.instance_id == instance_id))
+            return snapshot
+
+        return self._transaction(work)
+
     def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
         def work(conn: Connection) -> None:
             snapshot, stored = self._lock_snapshot(conn, instance_id)

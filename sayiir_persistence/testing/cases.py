@@ -376,6 +376,7 @@ _VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
     ("check_and_cancel", {"instance_id": ("id", "existing")}),
     ("check_and_pause", {"instance_id": ("id", "existing")}),
     ("unpause", {"instance_id": ("id", "existing")}),
+    ("retry_workflow", {"instance_id": ("id", "existing")}),
     (
         "send_event",
         {"instance_id": ("id", "existing"), "name": ("id", "e"), "payload": ("payload", b"")},

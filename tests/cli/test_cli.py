@@ -26,10 +26,13 @@ from sqlalchemy.engine import make_url
 from helpers.isolated_db import isolated_database
 from sayiir_persistence import (
     AtFork,
+    CompletionOutcome,
     NotFoundError,
     SignalKind,
     SignalRequest,
     SqlBackend,
+    TaskClaim,
+    TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
     cli,
@@ -198,6 +201,39 @@ def test_list_pages_through_instances_in_id_order(backend: SqlBackend, store_url
     assert "failed" in ok("list", "--status", "FAILED", url=store_url)
 
 
+def test_list_shows_why_and_where_failed_workflows_failed(
+    backend: SqlBackend, store_url: str
+) -> None:
+    seed(backend)  # order-5: failed at validate, "card declined"
+    backend.save_snapshot(WorkflowSnapshot.new("job-3", "orders-v1", first_task="charge"))
+    claim = backend.claim_task("job-3", "charge", "worker-a", LONG_TTL)
+    assert claim is not None
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "charge.py", line 12, in run\n'
+        "RuntimeError: the payment gateway timed out after 30 seconds"
+    )
+    fail_task(backend, claim, traceback)
+
+    failed = ok_json("list", "--status", "failed", url=store_url)["instances"]
+    assert [(i["instance_id"], i["error"], i["failed_tasks"]) for i in failed] == [
+        ("job-3", traceback, ["charge"]),
+        ("order-5", "card declined", ["validate"]),
+    ]
+    # The other statuses keep their shape.
+    everything = ok_json("list", url=store_url)["instances"]
+    assert {tuple(i) for i in everything if i["status"] != "failed"} == {
+        ("instance_id", "status", "version", "updated_at")
+    }
+
+    table = ok("list", "--status", "failed", url=store_url)
+    for expected in ("Failed at", "Error", "charge", "card declined", "validate"):
+        assert expected in table, expected
+    assert 'Traceback (most recent call last): File "charge.py"' in table  # one line
+    assert "after 30 seconds" not in table  # cut short
+    assert "Failed at" not in ok("list", "--status", "completed", url=store_url)
+
+
 def test_list_reads_the_url_from_the_environment(backend: SqlBackend, store_url: str) -> None:
     assert ok_json("list", url=store_url) == {"instances": [], "next_after": None}
     assert "no workflow instances" in ok("list", env_url=store_url)
@@ -277,6 +313,55 @@ def test_show_finished_workflows_with_binary_payloads(backend: SqlBackend, store
     failed = ok_json("show", "order-5", url=store_url)
     assert (failed["status"], failed["error"]) == ("failed", "card declined")
     assert "card declined" in ok("show", "order-5", url=store_url)
+
+
+def test_show_prints_attempts_deadlines_and_retry_waits(
+    backend: SqlBackend, store_url: str
+) -> None:
+    snapshot = WorkflowSnapshot.new("job-2", "orders-v1")
+    snapshot.move_to(AtFork("f", ("a", "b")))
+    backend.save_snapshot(snapshot)
+    a = backend.claim_task("job-2", "a", "worker-a", LONG_TTL)
+    assert a is not None
+    flaky = TaskCompletion(
+        "job-2", "a", "worker-a", a.token, error="disk full\n  at line 3", retry_after=LONG_TTL
+    )
+    [scheduled] = backend.complete_tasks([flaky], ttl=LONG_TTL)
+    assert scheduled.outcome is CompletionOutcome.RETRY_SCHEDULED
+    assert backend.claim_task("job-2", "b", "worker-b", LONG_TTL)
+    backend.release_task_claim("job-2", "b", "worker-b")
+    b = backend.claim_task("job-2", "b", "worker-b", LONG_TTL, timeout=timedelta(minutes=30))
+    assert b is not None and b.attempt == 2 and b.deadline is not None
+
+    shown = ok_json("show", "job-2", url=store_url)
+    claims = {claim["task_id"]: claim for claim in shown["claims"]}
+    assert claims["a"]["worker_id"] == "" and claims["a"]["waiting_to_retry"] is True
+    assert (claims["a"]["attempt"], claims["a"]["state"]) == (1, "live")
+    assert claims["a"]["last_error"] == "disk full\n  at line 3"
+    assert claims["a"]["deadline"] is None
+    assert claims["b"]["worker_id"] == "worker-b" and claims["b"]["waiting_to_retry"] is False
+    assert (claims["b"]["attempt"], claims["b"]["last_error"]) == (2, None)
+    assert datetime.fromisoformat(claims["b"]["deadline"]) == b.deadline
+
+    table = ok("show", "job-2", url=store_url)
+    for expected in ("Attempt", "Deadline", "Last error", "waiting to retry until", "worker-b"):
+        assert expected in table, expected
+    assert "disk full at line 3" in table  # on one line
+
+    # A retry drops both claims and counts anew: no attempt since.
+    fail_task(backend, b, "out of memory")
+    ok("retry", "job-2", url=store_url)
+    dropped = ok_json("show", "job-2", url=store_url)["claims"]
+    assert [(c["task_id"], c["state"], c["attempt"]) for c in dropped] == [
+        ("a", "released", 0),
+        ("b", "released", 0),
+    ]
+    assert "retry wait, dropped" in ok("show", "job-2", url=store_url)
+
+    # Without deadlines nor errors, the claims table has no column for them.
+    seed(backend)
+    plain = ok("show", "order-1", url=store_url)
+    assert "Attempt" in plain and "Deadline" not in plain and "Last error" not in plain
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,13 +524,95 @@ def test_a_workflow_that_finishes_meanwhile_is_refused_and_left_clean(
 
 def test_unknown_ids_exit_1(backend: SqlBackend, store_url: str) -> None:
     seed(backend)
-    for command in ("show", "cancel", "pause", "resume"):
+    for command in ("show", "cancel", "pause", "resume", "retry"):
         for json_flag in ((), ("--json",)):
             completed = run(command, "order-404", *json_flag, url=store_url)
             assert completed.returncode == 1, (command, completed.stdout + completed.stderr)
             assert completed.stdout == ""
             line = one_error_line(completed.stderr)
             assert "'order-404' not found" in line, line
+
+
+# --------------------------------------------------------------------------------------------
+# retry
+
+
+def fail_task(backend: SqlBackend, claim: TaskClaim, error: str) -> None:
+    """Fail the claim's workflow as a worker does: a completion with ``error``."""
+    completion = TaskCompletion(
+        claim.instance_id, claim.task_id, claim.worker_id, claim.token, error=error
+    )
+    [result] = backend.complete_tasks([completion], ttl=LONG_TTL)
+    assert result.outcome is CompletionOutcome.RECORDED
+
+
+def test_retry_requeues_a_failed_workflow_at_its_task(backend: SqlBackend, store_url: str) -> None:
+    backend.save_snapshot(WorkflowSnapshot.new("job-1", "orders-v1", first_task="charge"))
+    first = backend.claim_task("job-1", "charge", "worker-a", LONG_TTL)
+    assert first is not None
+    fail_task(backend, first, "card declined")
+    failed = backend.load_snapshot("job-1")
+
+    line = ok("retry", "job-1", url=store_url)
+    assert line == f"re-queued 'job-1' at task charge: in progress, version {failed.version + 1}\n"
+    snapshot = backend.load_snapshot("job-1")
+    assert (snapshot.status, snapshot.error) == (WorkflowStatus.IN_PROGRESS, None)
+    again = backend.claim_task("job-1", "charge", "worker-b", LONG_TTL)
+    assert again is not None and again.attempt == 1 and again.token == 2
+
+
+def test_retry_a_fork_drops_the_claims_still_held(backend: SqlBackend, store_url: str) -> None:
+    seed(backend)  # order-1: at a fork, reserve held by worker-a, charge's claim expired
+    charge = backend.claim_task("order-1", "charge", "worker-c", LONG_TTL)
+    assert charge is not None
+    fail_task(backend, charge, "gateway down")
+    version = backend.load_snapshot("order-1").version
+
+    result = ok_json("retry", "order-1", url=store_url)
+    assert result == {
+        "instance_id": "order-1",
+        "action": "retry",
+        "outcome": "requeued",
+        "previous_status": "failed",
+        "status": "in_progress",
+        "version": version + 1,
+        "position": {
+            "kind": "fork",
+            "fork_id": "payment",
+            "branch_task_ids": ["reserve", "charge"],
+        },
+        "requeued_tasks": ["reserve", "charge"],
+    }
+    # worker-a was still running reserve: its claim is gone, its heartbeat fails.
+    with pytest.raises(NotFoundError):
+        backend.extend_task_claim("order-1", "reserve", "worker-a", LONG_TTL)
+    claimed = backend.claim_available_tasks("worker-d", 10, LONG_TTL, tags=["eu"])
+    assert sorted(
+        (c.task.task_id, c.claim.attempt, c.claim.token)
+        for c in claimed
+        if c.task.instance_id == "order-1"
+    ) == [("charge", 1, 3), ("reserve", 1, 2)]
+
+
+def test_retry_refuses_a_workflow_that_is_not_failed(backend: SqlBackend, store_url: str) -> None:
+    seed(backend)
+    ok("cancel", "order-2", url=store_url)
+    ok("pause", "order-3", url=store_url)
+    for instance_id, status in (
+        ("order-1", "in_progress"),
+        ("order-2", "cancelled"),
+        ("order-3", "paused"),
+        ("order-4", "completed"),
+    ):
+        before = backend.load_snapshot(instance_id)
+        for json_flag in ((), ("--json",)):
+            completed = run("retry", instance_id, *json_flag, url=store_url)
+            assert completed.returncode == 1 and completed.stdout == ""
+            line = one_error_line(completed.stderr)
+            assert f"cannot retry: workflow {instance_id!r} is {status}, not failed" in line
+        assert backend.load_snapshot(instance_id) == before
+    # order-5 failed without a claim (a save): its task is re-queued all the same.
+    assert "re-queued 'order-5' at task validate" in ok("retry", "order-5", url=store_url)
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,6 +770,7 @@ def test_unprovisioned_database_exits_1_saying_how_to_migrate(sql_url: str) -> N
             ("show", "x"),
             ("claims",),
             ("cancel", "x"),
+            ("retry", "x"),
             ("prune", "--status", "completed", "--older-than", "1d"),
         ):
             line = one_error_line(failure(1, *command, url=url))
@@ -647,6 +815,7 @@ def test_usage_errors_exit_2(sqlite_url: str) -> None:
         ("list", "--status", "running"),
         ("claims", "--limit", "many"),
         ("cancel",),
+        ("retry",),
         ("prune", "--status", "completed"),
         ("prune", "--status", "in_progress", "--older-than", "7d"),
         ("prune", "--status", "completed", "--older-than", "7 days"),

@@ -22,6 +22,7 @@ from sayiir_persistence import (
     IfExists,
     InMemoryBackend,
     PersistentBackend,
+    TaskCompletion,
     WorkflowSnapshot,
     migrate,
 )
@@ -100,6 +101,27 @@ def test_start_workflow_announces_what_it_stores_and_nothing_else(urls: str | No
         if urls is not None:
             backend.close()
             starter.close()
+
+
+def test_a_retried_workflow_wakes_waiters(urls: str | None) -> None:
+    """``retry_workflow`` makes its failed task runnable again: announced once committed."""
+    memory = InMemoryBackend()
+    backend = _backend(urls, memory)
+    try:
+        backend.save_snapshot(WorkflowSnapshot.new("wf", "h", first_task="t"))
+        [claimed] = backend.claim_available_tasks("w", 1, TTL)
+        failure = TaskCompletion("wf", "t", "w", claimed.claim.token, error="boom")
+        backend.complete_tasks([failure], ttl=TTL)
+        waiter = backend.work_waiter()
+        try:
+            assert waiter.wait(0.3) is False  # a failed workflow has no work
+            backend.retry_workflow("wf")
+            assert waiter.wait(PICK_UP_SECONDS) is True
+        finally:
+            waiter.close()
+    finally:
+        if urls is not None:
+            backend.close()
 
 
 @pytest.mark.postgres

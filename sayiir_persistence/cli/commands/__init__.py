@@ -3,5 +3,6 @@
 - ``migrate``: ``migrate`` and ``demo``, the commands that create what they work on;
 - ``inspect``: ``list``, ``show``, ``claims``, which only read;
 - ``signals``: ``cancel``, ``pause`` and ``resume``;
+- ``retry``: ``retry``;
 - ``prune``: ``prune``.
 """

@@ -11,6 +11,7 @@ from .claims import ClaimContract
 from .completions import CompletionContract
 from .concurrency import ConcurrencyContract
 from .retention import RetentionContract
+from .retries import RetryContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
 from .starts import StartContract
@@ -27,6 +28,7 @@ class BackendContract(
     RetentionContract,
     SignalEventContract,
     AvailabilityContract,
+    RetryContract,
     AttemptContract,
     CompletionContract,
     ClaimContract,
