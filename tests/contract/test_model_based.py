@@ -489,6 +489,10 @@ def _is_in_progress(workflow: Workflow) -> bool:
     return workflow.status is WorkflowStatus.IN_PROGRESS
 
 
+def _is_failed(workflow: Workflow) -> bool:
+    return workflow.status is WorkflowStatus.FAILED
+
+
 def _is_paused(workflow: Workflow) -> bool:
     return workflow.status is WorkflowStatus.PAUSED
 
@@ -1229,6 +1233,17 @@ class ContractMachine(RuleBasedStateMachine):
             "unpause",
             lambda: self.model.unpause(instance_id),
             lambda: self.backend.unpause(instance_id),
+        )
+        if outcome is not None:
+            self.check_snapshot(outcome[1], outcome[0])
+
+    @rule(data=st.data())
+    def retry_workflow(self, data: st.DataObject) -> None:
+        instance_id = self.pick_instance(data, _is_failed)
+        outcome = self.both(
+            "retry_workflow",
+            lambda: self.model.retry_workflow(instance_id),
+            lambda: self.backend.retry_workflow(instance_id),
         )
         if outcome is not None:
             self.check_snapshot(outcome[1], outcome[0])

@@ -38,6 +38,7 @@ from sayiir_persistence import (
     CompletionOutcome,
     ConflictError,
     IfExists,
+    InvalidStateError,
     NotFoundError,
     NotStarted,
     SignalKind,
@@ -641,6 +642,21 @@ class ReferenceModel:
             raise CannotPauseError(instance_id)
         workflow.status = WorkflowStatus.IN_PROGRESS
         workflow.pause_request = None
+        workflow.bump(self.now)
+        return workflow
+
+    def retry_workflow(self, instance_id: str) -> Workflow:
+        """A failed workflow back in progress where it failed; its claims dropped and its
+        attempts counted anew; its pending signals cleared (docs/contract.md#retry_workflow)."""
+        workflow = self._get(instance_id)
+        if workflow.status is not WorkflowStatus.FAILED:
+            raise InvalidStateError(f"{instance_id} is {workflow.status.value}")
+        workflow.status = WorkflowStatus.IN_PROGRESS
+        workflow.draft = dataclasses.replace(workflow.draft, error=None)
+        for claim in workflow.claims.values():
+            claim.released = True
+            claim.attempt, claim.last_error, claim.deadline = 0, None, None
+        workflow.signals.clear()
         workflow.bump(self.now)
         return workflow
 
