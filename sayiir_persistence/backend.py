@@ -49,6 +49,7 @@ from .validation import (
     check_enum,
     check_id,
     check_limit,
+    check_optional_aware,
     check_optional_id,
     check_optional_limit,
     check_optional_payload,
@@ -290,6 +291,20 @@ class PersistentBackend(ABC):
                     continue  # deleted since the page was read
             after = page[-1]
         return found[:limit]
+
+    def fail_overdue_workflows(self, *, limit: int = 100) -> list[str]:
+        """Fail the in-progress and paused workflows whose ``deadline`` has passed by the
+        store clock, at most ``limit`` (earliest deadline first), in one atomic step; their
+        ids. Each is failed as its timeout says: error ``workflow timed out: ...``, version
+        +1, its claims dropped (holders fenced off). ``Worker`` calls it every
+        ``stall_sweep_every``. Not part of the contract's fixed names: an extension.
+        Contract: docs/contract.md#fail_overdue_workflows.
+
+        Raises:
+            InvalidInputError: ``limit`` is not a positive int.
+        """
+        check_limit(limit)
+        return self._fail_overdue_workflows(limit)
 
     # -- claims ---------------------------------------------------------------------------
 
@@ -720,6 +735,7 @@ class PersistentBackend(ABC):
             check_payload(output, f"snapshot.completed_tasks[{task_id!r}]", limit)
         check_optional_id(snapshot.last_completed_task_id, "snapshot.last_completed_task_id")
         check_optional_id(snapshot.input_task_id, "snapshot.input_task_id")
+        check_optional_aware(snapshot.deadline, "snapshot.deadline")
         check_optional_payload(snapshot.initial_input, "snapshot.initial_input", limit)
         check_optional_payload(snapshot.output, "snapshot.output", limit)
         check_text(snapshot.error, "snapshot.error")
@@ -773,6 +789,10 @@ class PersistentBackend(ABC):
         self, status: WorkflowStatus | None, after: str | None, limit: int | None
     ) -> list[str]:
         """See :meth:`list_snapshots`."""
+
+    @abstractmethod
+    def _fail_overdue_workflows(self, limit: int) -> list[str]:
+        """See :meth:`fail_overdue_workflows`."""
 
     @abstractmethod
     def _claim_task(

@@ -88,6 +88,7 @@ def _stored_copy(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
         completed_tasks=dict(snapshot.completed_tasks),
         tags=frozenset(snapshot.tags),
         created_at=snapshot.created_at.astimezone(UTC),
+        deadline=None if snapshot.deadline is None else snapshot.deadline.astimezone(UTC),
         cancel_request=_request_in_utc(snapshot.cancel_request),
         pause_request=_request_in_utc(snapshot.pause_request),
     )
@@ -367,6 +368,25 @@ class InMemoryBackend(PersistentBackend):
             for instance_id in doomed:
                 del self._instances[instance_id]  # its claims, signals and events with it
             return len(doomed)
+
+    def _fail_overdue_workflows(self, limit: int) -> list[str]:
+        with self._lock:
+            now = self._now()
+            overdue = sorted(
+                (instance.snapshot.deadline, instance_id)
+                for instance_id, instance in self._instances.items()
+                if instance.snapshot.deadline is not None
+                and now >= instance.snapshot.deadline
+                and not instance.snapshot.status.is_terminal
+            )[:limit]
+            for deadline, instance_id in overdue:
+                instance = self._instances[instance_id]
+                instance.snapshot.status = WorkflowStatus.FAILED
+                instance.snapshot.error = transitions.timed_out_error(deadline)
+                for claim in instance.claims.values():
+                    claim.released = True
+                self._bump(instance, now)
+            return [instance_id for _, instance_id in overdue]
 
     # -- claims ------------------------------------------------------------------------------
 

@@ -167,6 +167,9 @@ class WorkflowSnapshot:
 
     ``input_task_id`` is bookkeeping for :class:`AvailableTask.input`: the task whose output
     feeds the current position (``None``: the initial input). :meth:`move_to` sets it.
+
+    ``deadline``: the workflow-level timeout. Once the store clock passes it, a workflow still
+    in progress or paused is failed (docs/contract.md#fail_overdue_workflows).
     """
 
     instance_id: str
@@ -186,6 +189,7 @@ class WorkflowSnapshot:
     updated_at: datetime = field(default_factory=utc_now)
     version: int = 0
     input_task_id: str | None = None
+    deadline: datetime | None = None
 
     @classmethod
     def new(
@@ -197,8 +201,10 @@ class WorkflowSnapshot:
         first_task: str | None = None,
         priority: int = 3,
         tags: tuple[str, ...] | frozenset[str] | list[str] | set[str] = (),
+        deadline: datetime | None = None,
     ) -> Self:
-        """A new in-progress snapshot at ``AtTask(first_task)`` (or ``NotStarted()``)."""
+        """A new in-progress snapshot at ``AtTask(first_task)`` (or ``NotStarted()``), failed
+        by the store once ``deadline`` has passed (``None``: no workflow-level timeout)."""
         check_id(instance_id, "instance_id")
         check_id(definition_hash, "definition_hash")
         check_optional_bytes(initial_input, "initial_input")
@@ -213,6 +219,7 @@ class WorkflowSnapshot:
             tags=check_tags(tags),
             created_at=now,
             updated_at=now,
+            deadline=check_optional_aware(deadline, "deadline"),
         )
 
     # -- mutators (only while in progress) --

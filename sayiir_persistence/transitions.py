@@ -7,6 +7,7 @@ snapshot in place and knows nothing about locking or persistence.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 from .errors import CannotCancelError, CannotPauseError, InvalidStateError
 from .model import (
@@ -92,6 +93,11 @@ def retry(snapshot: WorkflowSnapshot) -> None:
         )
     snapshot.status = WorkflowStatus.IN_PROGRESS
     snapshot.error = None
+
+
+def timed_out_error(deadline: datetime) -> str:
+    """The error of a workflow failed by its deadline (docs/contract.md#fail_overdue_workflows)."""
+    return f"workflow timed out: its deadline {deadline.isoformat()} passed"
 
 
 def waits_for_event(snapshot: WorkflowSnapshot, name: str) -> bool:

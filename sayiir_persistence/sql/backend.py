@@ -77,6 +77,7 @@ from .dialects import READ_ONLY_OPTION, ClaimTerms, Granted, Locked, TaskKey, di
 from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
+from .overdue import OverdueStatements, fail_overdue
 from .pruning import PruneStatements, prune_workflows
 from .rows import (
     POSITION,
@@ -207,6 +208,7 @@ class SqlBackend(PersistentBackend):
         self._work_signal = WorkSignal.of(url.render_as_string(hide_password=False))
         self._completion_sql = CompletionStatements(self._dialect)
         self._prune_sql = PruneStatements()
+        self._overdue_sql = OverdueStatements(self._dialect)
         with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
@@ -616,6 +618,9 @@ class SqlBackend(PersistentBackend):
         if limit is not None:
             query = query.limit(limit)
         return self._transaction(lambda conn: list(conn.scalars(query)), read_only=True)
+
+    def _fail_overdue_workflows(self, limit: int) -> list[str]:
+        return self._transaction(lambda conn: fail_overdue(conn, self._overdue_sql, limit))
 
     def list_stalled_forks(self, *, limit: int = 100) -> list[str]:
         """See :meth:`PersistentBackend.list_stalled_forks`. One anti-join over the

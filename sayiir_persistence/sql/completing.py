@@ -122,6 +122,7 @@ _WORKFLOW_COLUMNS = (
     "position",
     "last_completed_task_id",
     "input_task_id",
+    "deadline",
     "initial_input",
     "output",
     "error",

@@ -57,6 +57,7 @@ def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnaps
         updated_at=row.updated_at,
         version=row.version,
         input_task_id=row.input_task_id,
+        deadline=row.deadline,
     )
 
 
@@ -113,6 +114,7 @@ def workflow_values(snapshot: WorkflowSnapshot, now: datetime) -> dict[str, obje
         "position": codec.encode_position(snapshot.position),
         "last_completed_task_id": snapshot.last_completed_task_id,
         "input_task_id": snapshot.input_task_id,
+        "deadline": snapshot.deadline,
         "initial_input": snapshot.initial_input,
         "output": snapshot.output,
         "error": snapshot.error,

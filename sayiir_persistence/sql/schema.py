@@ -71,7 +71,10 @@ workflows = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
     Column("version", Integer(), nullable=False),
+    # The workflow-level timeout (see the migration a8c3f5e0d214): the overdue sweep's index.
+    Column("deadline", UtcDateTime()),
     Index(None, "status", "instance_id"),
+    Index(None, "deadline"),
     **_MYSQL,
 )
 

@@ -48,6 +48,7 @@ def make_snapshot(
     initial_input: bytes | None = None,
     priority: int = 3,
     tags: Iterable[str] = (),
+    deadline: datetime | None = None,
 ) -> WorkflowSnapshot:
     return WorkflowSnapshot.new(
         instance_id,
@@ -56,6 +57,7 @@ def make_snapshot(
         first_task=first_task,
         priority=priority,
         tags=tuple(tags),
+        deadline=deadline,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from ..model import AtFork, AtTask, Position, WorkflowSnapshot, WorkflowStatus
 
@@ -51,15 +52,17 @@ class Pipeline:
         initial_input: bytes | None = None,
         priority: int = 3,
         tags: Iterable[str] = (),
+        deadline: datetime | None = None,
     ) -> WorkflowSnapshot:
         """A new snapshot positioned at the first step (start it with
-        ``backend.start_workflow``)."""
+        ``backend.start_workflow``); ``deadline``: the workflow-level timeout."""
         snapshot = WorkflowSnapshot.new(
             instance_id,
             definition_hash,
             initial_input=initial_input,
             priority=priority,
             tags=frozenset(tags),
+            deadline=deadline,
         )
         snapshot.move_to(self.position_of(0))
         return snapshot

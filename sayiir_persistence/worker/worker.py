@@ -142,7 +142,8 @@ class Worker:
             their claims.
         stall_sweep_every: how often to look for forks whose branches are all completed
             but whose workflow was not moved on (left by an older version of this worker, or
-            by a writer outside the worker); the first look comes at start.
+            by a writer outside the worker), and for workflows past their ``deadline`` (the
+            workflow-level timeout: they are failed); the first look comes at start.
         completion_batch: most outcomes recorded in one ``complete_tasks`` call.
         completion_wait: how long a finished task may wait for others to share its
             transaction. ``0`` (default): recorded as soon as the completion thread is free;
@@ -417,6 +418,7 @@ class Worker:
                 # On this thread, not the heartbeat's: a slow sweep may delay claiming new
                 # work, never the renewal of the claims already held.
                 self._sweep_stalled_forks()
+                self._fail_overdue()
                 next_sweep = time.monotonic() + self.stall_sweep_every.total_seconds()
             claimed: list[ClaimedTask] = []
             try:
@@ -758,6 +760,16 @@ class Worker:
             return list(self._running.values())
 
     # -- stalled forks ----------------------------------------------------------------------
+
+    def _fail_overdue(self) -> None:
+        """Fail the workflows past their deadline (``WorkflowSnapshot.deadline``)."""
+        try:
+            failed = self.backend.fail_overdue_workflows(limit=_SWEEP_LIMIT)
+        except PersistenceError as error:
+            logger.warning("worker %s could not fail overdue workflows (%s)", self.worker_id, error)
+            return
+        for instance_id in failed:
+            logger.warning("worker %s: workflow %r timed out, failed", self.worker_id, instance_id)
 
     def _sweep_stalled_forks(self) -> None:
         """Move on the workflows left at a completed fork (see ``stall_sweep_every``)."""

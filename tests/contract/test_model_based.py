@@ -379,7 +379,7 @@ class MemoryStore:
 # advance the clock. Positions (JSON text in sayiir_workflows.position) hold delay wake times
 # too; shift_stored_times rewrites them as well.
 SHIFTED_COLUMNS = {
-    workflows: ("updated_at",),
+    workflows: ("updated_at", "deadline"),
     task_results: ("completed_at",),
     ready_tasks: ("updated_at", "wake_at", "claimed_until"),
     task_claims: ("claimed_at", "expires_at", "deadline"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -166,3 +166,27 @@ def test_retry_delays_grow_exponentially_up_to_the_cap() -> None:
     assert all(timedelta(seconds=5) <= delay <= timedelta(seconds=10) for delay in samples)
     assert len(samples) > 1
     assert policy.retries(OSError(), 9) and not policy.retries(OSError(), 10)
+
+
+def test_a_workflow_past_its_deadline_is_failed_by_the_workers_sweep(
+    real_time_store: Store,
+) -> None:
+    store = real_time_store
+    pipeline = Pipeline("never")
+    backend = store.backend
+    soon = datetime.now(UTC) + timedelta(milliseconds=300)
+    backend.start_workflow(pipeline.start("late", store.definition, deadline=soon))
+    started = threading.Event()
+
+    def never(ctx: TaskContext) -> bytes:
+        started.set()
+        ctx.claim_lost.wait(30)  # runs until the workflow's failure takes its claim away
+        return b"too late"
+
+    sweep = {"stall_sweep_every": timedelta(milliseconds=200)}
+    with store.worker({"never": never}, pipeline, **sweep):
+        wait_until(started.is_set, "the task to start")
+        wait_until(all_done(store, ["late"]), "the timed-out workflow to fail")
+    snapshot = backend.load_snapshot("late")
+    assert snapshot.status is WorkflowStatus.FAILED
+    assert snapshot.error is not None and snapshot.error.startswith("workflow timed out")

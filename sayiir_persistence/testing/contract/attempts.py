@@ -7,9 +7,25 @@ from datetime import timedelta
 import pytest
 
 from ...backend import PersistentBackend
-from ...errors import ClaimLostError, InvalidInputError
-from ...model import AtFork, CompletionOutcome, TaskClaim, TaskCompletion, WorkflowStatus
-from ..builders import LONG_TTL, OTHER, WORKER, run_in_threads, save_at, save_new
+from ...errors import ClaimLostError, InvalidInputError, NotFoundError
+from ...model import (
+    AtFork,
+    CompletionOutcome,
+    SignalKind,
+    TaskClaim,
+    TaskCompletion,
+    WorkflowStatus,
+)
+from ..builders import (
+    LONG_TTL,
+    OTHER,
+    WORKER,
+    apply_signal,
+    make_snapshot,
+    run_in_threads,
+    save_at,
+    save_new,
+)
 from ..clocks import ContractClock
 from .base import ContractBase
 
@@ -257,3 +273,74 @@ class AttemptContract(ContractBase):
         [b] = result.next_tasks
         assert b.claim.deadline is not None
         assert b.claim.deadline == b.claim.claimed_at + self.short_ttl == b.claim.expires_at
+
+    # -- workflow deadlines ---------------------------------------------------------------
+
+    def test_overdue_workflows_are_failed_once(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        soon = clock.now() + self.short_ttl
+        later = clock.now() + LONG_TTL
+        for instance_id, deadline in (("due", soon), ("later", later), ("none", None)):
+            backend.start_workflow(make_snapshot(instance_id, deadline=deadline))
+        save_new(backend, "paused")
+        paused = backend.load_snapshot("paused")
+        paused.deadline = soon
+        backend.save_snapshot(paused)
+        apply_signal(backend, "paused", SignalKind.PAUSE)
+        save_new(backend, "done")
+        finished = backend.load_snapshot("done")
+        finished.deadline = soon
+        finished.mark_completed(b"out")
+        backend.save_snapshot(finished)
+        claim = backend.claim_task("due", "t1", WORKER, LONG_TTL)
+        assert claim is not None
+        assert backend.load_snapshot("due").deadline == soon
+        assert backend.fail_overdue_workflows() == []  # nothing is due yet
+
+        self.wait_past_short_ttl(clock)
+        assert sorted(backend.fail_overdue_workflows()) == ["due", "paused"]
+        due = backend.load_snapshot("due")
+        assert due.status is WorkflowStatus.FAILED
+        assert due.error == f"workflow timed out: its deadline {soon.isoformat()} passed"
+        assert backend.load_snapshot("paused").status is WorkflowStatus.FAILED
+        for untouched in ("later", "none"):
+            assert backend.load_snapshot(untouched).status is WorkflowStatus.IN_PROGRESS
+        assert backend.load_snapshot("done").status is WorkflowStatus.COMPLETED
+        # Its claim was dropped: the holder is fenced off; a second sweep finds nothing.
+        with pytest.raises(NotFoundError):
+            backend.extend_task_claim("due", "t1", WORKER, LONG_TTL, token=claim.token)
+        assert backend.fail_overdue_workflows() == []
+
+    def test_overdue_workflows_come_earliest_deadline_first_up_to_the_limit(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        now = clock.now()
+        for instance_id, seconds in (("a", 3), ("b", 1), ("c", 2)):
+            deadline = now - timedelta(seconds=seconds) if clock.exact else now
+            backend.start_workflow(make_snapshot(instance_id, deadline=deadline))
+        if not clock.exact:
+            self.wait_past_short_ttl(clock)
+        first = backend.fail_overdue_workflows(limit=2)
+        rest = backend.fail_overdue_workflows(limit=2)
+        assert len(first) == 2 and len(rest) == 1
+        assert sorted(first + rest) == ["a", "b", "c"]
+        if clock.exact:
+            assert first == ["a", "c"] and rest == ["b"]
+        with pytest.raises(InvalidInputError, match="limit"):
+            backend.fail_overdue_workflows(limit=0)
+
+    def test_concurrent_sweeps_fail_each_overdue_workflow_once(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        due = clock.now() + self.short_ttl
+        ids = [f"wf{index:02d}" for index in range(self.scaled(20))]
+        for instance_id in ids:
+            backend.start_workflow(make_snapshot(instance_id, deadline=due))
+        self.wait_past_short_ttl(clock)
+        failed = run_in_threads(4, lambda _: backend.fail_overdue_workflows(limit=7))
+        while extra := backend.fail_overdue_workflows(limit=7):
+            failed.append(extra)
+        everything = [instance_id for batch in failed for instance_id in batch]
+        assert sorted(everything) == ids  # each once
+        assert {backend.load_snapshot(i).version for i in ids} == {2}
