@@ -3,7 +3,8 @@
 With ``RetryPolicy(max_attempts=3)`` the store counts each claim as an attempt, so the task
 runs exactly three times, whichever processes die, and its workflow is then failed; the
 other workflows complete. Worker processes that die are started again, as a supervisor
-would.
+would. They run one task at a time, so that a kill takes no other task with it (a crash costs
+an attempt to every task its process was running: see README, Retries, limits and deadlines).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sayiir_persistence import SqlBackend, WorkflowStatus, migrate
 
 pytestmark = [pytest.mark.faults, pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
-PROCESSES = 2
+PROCESSES = 3
 HEALTHY_WORKFLOWS = 20
 WAIT_SECONDS = 120.0
 

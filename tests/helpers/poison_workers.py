@@ -41,7 +41,10 @@ def run_worker(url: str, directory: str, worker_id: str) -> None:
         {"poison": poison, "step_1": step, "step_2": step},
         {"poison": POISON, "healthy": HEALTHY},
         worker_id=worker_id,
-        threads=2,
+        # One task at a time: a kill then takes no other task with it. (A process running
+        # several tasks costs each of them an attempt when it dies: with 2 threads, a healthy
+        # task claimed three times by processes the poison killed fails too.)
+        threads=1,
         ttl=TTL,
         poll_interval=timedelta(milliseconds=100),
         retry=RetryPolicy(max_attempts=MAX_ATTEMPTS, initial_delay=timedelta(milliseconds=50)),
