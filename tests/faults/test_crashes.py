@@ -120,6 +120,10 @@ THREADS = 3
 #: Every third process started during the chaos is a victim (killed by the test).
 VICTIM_EVERY = 3
 VICTIM_KILL_AFTER = (0.05, 1.2)
+#: A self-killer whose point has not come this long after it was ready is killed by the test
+#: as a victim would be: some points are rare (the Worker releases a claim only when the
+#: store stopped answering), and processes waiting for them would hold every slot.
+PLAN_PATIENCE_SECONDS = 10.0
 #: Kills wanted per database, per test (at least; the chaos ends after the next poll).
 CYCLE_KILLS = 24
 WORKER_KILLS = 10
@@ -212,18 +216,23 @@ class Fleet:
         return [member for member in self.members if member.ended is None]
 
     def poll(self, *, kill_victims: bool) -> None:
-        """Notice deaths; kill the victims whose time has come."""
+        """Notice deaths; kill the victims whose time has come, and the self-killers whose
+        point did not come within the patience."""
         now = time.monotonic()
         for member in self.live():
             exitcode = member.process.exitcode
             if exitcode is not None:
                 member.exitcode, member.ended = exitcode, datetime.now(UTC)
                 continue
-            if not (member.victim and kill_victims):
+            if not kill_victims or not (member.victim or member.spec.plan is not None):
                 continue
             if member.kill_at is None:
                 if (self.directory / f"{member.worker_id}.ready").exists():
-                    member.kill_at = now + self.rng.uniform(*VICTIM_KILL_AFTER)
+                    member.kill_at = now + (
+                        self.rng.uniform(*VICTIM_KILL_AFTER)
+                        if member.victim
+                        else PLAN_PATIENCE_SECONDS
+                    )
             elif now >= member.kill_at:
                 member.killed_by_test = True
                 member.process.kill()
