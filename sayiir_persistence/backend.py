@@ -659,30 +659,69 @@ class PersistentBackend(ABC):
         check_id(instance_id, "instance_id")
         return self._retry_workflow(instance_id)
 
-    def send_event(self, instance_id: str, name: str, payload: bytes) -> None:
+    def send_event(
+        self,
+        instance_id: str,
+        name: str,
+        payload: bytes,
+        *,
+        idempotency_key: str | None = None,
+    ) -> None:
         """Deliver an event.
 
         A workflow in progress at ``AtSignal`` with this ``signal_name`` takes it at once:
         the payload becomes the result of ``signal_id`` and the workflow moves to
         ``AtTask(next_task_id)`` (or completes with the payload as output). Any other event
         is buffered for :meth:`consume_event`. ``NotFoundError`` if absent.
+
+        With ``idempotency_key`` (an id, unique per workflow instance) the event is delivered
+        at most once under that key: the key is recorded in the same atomic step as the
+        delivery (or buffering), and a repeat with the same key, name and payload does
+        nothing and returns as the first did. So a send whose outcome is unknown
+        (``BackendUnavailableError``) is simply repeated. Keys live as long as the workflow.
         Contract: docs/contract.md#send_event.
+
+        Raises:
+            NotFoundError: the instance is absent.
+            IdempotencyConflictError: the key was used for this instance with another
+                ``name`` or ``payload``; nothing is written.
+            InvalidInputError: bad arguments (``idempotency_key`` is checked as an id).
         """
         check_id(instance_id, "instance_id")
         check_id(name, "name")
         check_payload(payload, "payload", self.max_payload_bytes)
-        self._send_event(instance_id, name, payload)
+        if idempotency_key is None:
+            self._send_event(instance_id, name, payload)
+            return
+        check_id(idempotency_key, "idempotency_key")
+        self._send_event_keyed(instance_id, name, payload, idempotency_key)
 
-    def consume_event(self, instance_id: str, name: str) -> bytes | None:
+    def consume_event(
+        self, instance_id: str, name: str, *, consumer_key: str | None = None
+    ) -> bytes | None:
         """Take the oldest buffered event of that name (FIFO), or ``None``.
 
-        Each event is consumed exactly once across all consumers. ``NotFoundError`` if the
-        instance is absent.
+        Each event is consumed exactly once across all consumers. With ``consumer_key`` (an
+        id, unique per workflow instance) the consumption is recorded under the key in the
+        same atomic step as the take, with its payload: a repeat with the same key returns
+        that same payload again instead of taking the next event, so a consumer whose call
+        had an unknown outcome repeats it and loses nothing. A keyed call that finds no event
+        records nothing (a repeat may take an event buffered since). Records live as long as
+        the workflow.
         Contract: docs/contract.md#consume_event.
+
+        Raises:
+            NotFoundError: the instance is absent.
+            IdempotencyConflictError: ``consumer_key`` was used for this instance to consume
+                an event of another ``name``; nothing is taken.
+            InvalidInputError: bad arguments (``consumer_key`` is checked as an id).
         """
         check_id(instance_id, "instance_id")
         check_id(name, "name")
-        return self._consume_event(instance_id, name)
+        if consumer_key is None:
+            return self._consume_event(instance_id, name)
+        check_id(consumer_key, "consumer_key")
+        return self._consume_event_keyed(instance_id, name, consumer_key)
 
     # -- validation shared by the snapshot-writing methods -----------------------------------
 
@@ -888,3 +927,21 @@ class PersistentBackend(ABC):
     @abstractmethod
     def _consume_event(self, instance_id: str, name: str) -> bytes | None:
         """See :meth:`consume_event`."""
+
+    # Keyed sends and consumes: not abstract, so that a backend written before them still
+    # loads; one that does not implement them refuses keyed calls (the conformance suite
+    # says so) rather than ignoring the key.
+
+    def _send_event_keyed(self, instance_id: str, name: str, payload: bytes, key: str) -> None:
+        """See :meth:`send_event` with ``idempotency_key``: record ``key`` (with ``name`` and
+        a digest of ``payload``, see :mod:`sayiir_persistence.idempotency`) in the same
+        atomic step as the delivery; a repeat is judged by
+        :func:`~sayiir_persistence.idempotency.check_send_repeat`."""
+        raise NotImplementedError(f"{type(self).__name__} does not support idempotency_key")
+
+    def _consume_event_keyed(self, instance_id: str, name: str, key: str) -> bytes | None:
+        """See :meth:`consume_event` with ``consumer_key``: record the consumption (name and
+        payload) under ``key`` in the same atomic step as the take; a repeat returns the
+        recorded payload (judged by
+        :func:`~sayiir_persistence.idempotency.check_consume_repeat`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support consumer_key")

@@ -28,6 +28,21 @@ class WorkflowTerminalError(ConflictError):
     """The stored workflow is completed, failed or cancelled and may not change."""
 
 
+class IdempotencyConflictError(ConflictError):
+    """A key was used again with other arguments: ``send_event(..., idempotency_key=k)``
+    repeated with another event name or payload, or ``consume_event(..., consumer_key=k)``
+    with another event name. Nothing was written or taken; the first call's outcome stands.
+
+    The attributes ``instance_id`` and ``key`` name the key. A subclass of
+    :class:`ConflictError`. Contract: docs/contract.md#send_event, #consume_event.
+    """
+
+    def __init__(self, message: str, *, instance_id: str, key: str) -> None:
+        super().__init__(message)
+        self.instance_id = instance_id
+        self.key = key
+
+
 class InvalidStateError(PersistenceError):
     """A snapshot mutator was called on a workflow that is not in progress, or
     ``retry_workflow`` on one that is not failed."""

@@ -25,6 +25,7 @@ from .errors import (
     NotFoundError,
     WorkflowTerminalError,
 )
+from .idempotency import check_consume_repeat, check_send_repeat, payload_digest
 from .model import (
     AvailableTask,
     ClaimedTask,
@@ -68,6 +69,10 @@ class _Instance:
     claims: dict[str, _Claim] = field(default_factory=dict)
     signals: dict[SignalKind, SignalRequest] = field(default_factory=dict)
     events: dict[str, deque[bytes]] = field(default_factory=dict)
+    # Keyed sends (key -> event name, payload digest) and keyed consumptions (key -> event
+    # name, payload): they live and go with the instance (see docs/contract.md#send_event).
+    sent_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
+    consumed: dict[str, tuple[str, bytes]] = field(default_factory=dict)
 
 
 def _copy(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
@@ -604,15 +609,41 @@ class InMemoryBackend(PersistentBackend):
 
     def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
         with self._lock:
+            self._deliver_or_buffer(self._get(instance_id), name, payload)
+
+    def _send_event_keyed(self, instance_id: str, name: str, payload: bytes, key: str) -> None:
+        with self._lock:
             instance = self._get(instance_id)
-            if transitions.waits_for_event(instance.snapshot, name):
-                transitions.deliver_event(instance.snapshot, payload)
-                self._bump(instance, self._now())
-                self._announce_work()
-            else:
-                instance.events.setdefault(name, deque()).append(payload)
+            recorded = instance.sent_keys.get(key)
+            if recorded is not None:
+                check_send_repeat(instance_id, key, recorded, name, payload)
+                return  # sent once already: nothing to do
+            self._deliver_or_buffer(instance, name, payload)
+            instance.sent_keys[key] = (name, payload_digest(payload))
+
+    def _deliver_or_buffer(self, instance: _Instance, name: str, payload: bytes) -> None:
+        if transitions.waits_for_event(instance.snapshot, name):
+            transitions.deliver_event(instance.snapshot, payload)
+            self._bump(instance, self._now())
+            self._announce_work()
+        else:
+            instance.events.setdefault(name, deque()).append(payload)
 
     def _consume_event(self, instance_id: str, name: str) -> bytes | None:
         with self._lock:
             queue = self._get(instance_id).events.get(name)
             return queue.popleft() if queue else None
+
+    def _consume_event_keyed(self, instance_id: str, name: str, key: str) -> bytes | None:
+        with self._lock:
+            instance = self._get(instance_id)
+            recorded = instance.consumed.get(key)
+            if recorded is not None:
+                check_consume_repeat(instance_id, key, recorded[0], name)
+                return recorded[1]  # the same event again, not the next one
+            queue = instance.events.get(name)
+            if not queue:
+                return None  # nothing taken, nothing recorded
+            payload = queue.popleft()
+            instance.consumed[key] = (name, payload)
+            return payload

@@ -53,6 +53,7 @@ from ..errors import (
     NotFoundError,
     WorkflowTerminalError,
 )
+from ..idempotency import check_consume_repeat, check_send_repeat
 from ..model import (
     AtFork,
     AvailableTask,
@@ -71,7 +72,7 @@ from ..ordering import availability_key
 from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from ..wakeups import WorkSignal, WorkWaiter
-from . import codec
+from . import codec, event_keys
 from .completing import CompletionStatements, complete_tasks
 from .dialects import READ_ONLY_OPTION, ClaimTerms, Granted, Locked, TaskKey, dialect_for
 from .dialects.base import claimed_until
@@ -93,8 +94,10 @@ from .rows import (
 )
 from .schema import (
     CHILD_TABLES,
+    consumed_events,
     events,
     ready_tasks,
+    sent_events,
     signals,
     task_claims,
     task_results,
@@ -209,6 +212,7 @@ class SqlBackend(PersistentBackend):
         self._completion_sql = CompletionStatements(self._dialect)
         self._prune_sql = PruneStatements()
         self._overdue_sql = OverdueStatements(self._dialect)
+        self._event_key_sql = event_keys.EventKeyStatements()
         with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
@@ -449,7 +453,8 @@ class SqlBackend(PersistentBackend):
                 deadline=None,
             )
         )
-        for table in (task_results, signals, events, workflow_tags):
+        # A new run: its keyed sends and consumptions start from none, as after a delete.
+        for table in (task_results, signals, events, workflow_tags, sent_events, consumed_events):
             conn.execute(delete(table).where(table.c.instance_id == instance_id))
         conn.execute(
             update(workflows)
@@ -1111,37 +1116,96 @@ class SqlBackend(PersistentBackend):
     def _send_event(self, instance_id: str, name: str, payload: bytes) -> None:
         def work(conn: Connection) -> None:
             snapshot, stored = self._lock_snapshot(conn, instance_id)
-            if transitions.waits_for_event(snapshot, name):
-                stored_results = set(snapshot.completed_tasks)
-                signal_id = transitions.deliver_event(snapshot, payload)
-                self._write_snapshot(conn, snapshot, stored, stored.now)
-                if signal_id in stored_results:  # the write keeps stored results: replace it
-                    self._dialect.put_result(conn, instance_id, signal_id, payload, stored.now)
-            else:
-                conn.execute(
-                    insert(events).values(
-                        instance_id=instance_id, name=name, payload=payload, created_at=stored.now
-                    )
-                )
+            self._deliver_or_buffer(conn, snapshot, stored, name, payload)
 
         self._transaction(work)
 
+    def _send_event_keyed(self, instance_id: str, name: str, payload: bytes, key: str) -> None:
+        def work(conn: Connection) -> None:
+            # The row lock orders the senders of one instance: a repeat of the key waits for
+            # the first, then reads its record (see event_keys).
+            snapshot, stored = self._lock_snapshot(conn, instance_id)
+            recorded = event_keys.recorded_send(conn, self._event_key_sql, instance_id, key)
+            if recorded is not None:
+                check_send_repeat(instance_id, key, recorded, name, payload)
+                raise _Rollback(None)  # sent once already: nothing to write
+            try:
+                event_keys.record_send(
+                    conn, self._event_key_sql, instance_id, key, name, payload, stored.now
+                )
+            except sa_exc.IntegrityError as error:
+                raise _RestartTransaction(str(error.orig)) from error  # then it is a repeat
+            self._deliver_or_buffer(conn, snapshot, stored, name, payload)
+
+        self._transaction(work)
+
+    def _deliver_or_buffer(
+        self,
+        conn: Connection,
+        snapshot: WorkflowSnapshot,
+        stored: _Stored,
+        name: str,
+        payload: bytes,
+    ) -> None:
+        """Deliver the event to the locked workflow waiting for it, or buffer it."""
+        instance_id = snapshot.instance_id
+        if transitions.waits_for_event(snapshot, name):
+            stored_results = set(snapshot.completed_tasks)
+            signal_id = transitions.deliver_event(snapshot, payload)
+            self._write_snapshot(conn, snapshot, stored, stored.now)
+            if signal_id in stored_results:  # the write keeps stored results: replace it
+                self._dialect.put_result(conn, instance_id, signal_id, payload, stored.now)
+        else:
+            conn.execute(
+                insert(events).values(
+                    instance_id=instance_id, name=name, payload=payload, created_at=stored.now
+                )
+            )
+
+    def _take_oldest_event(self, conn: Connection, instance_id: str, name: str) -> bytes | None:
+        """Delete and return the oldest buffered event of that name, or ``None``."""
+        # SKIP LOCKED: concurrent consumers take the next event instead of waiting.
+        row = conn.execute(
+            select(events.c.id, events.c.payload)
+            .where(events.c.instance_id == instance_id, events.c.name == name)
+            .order_by(events.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=self._dialect.skip_locked)
+        ).first()
+        if row is None:
+            return None
+        conn.execute(delete(events).where(events.c.id == row.id))
+        payload: bytes = row.payload
+        return payload
+
     def _consume_event(self, instance_id: str, name: str) -> bytes | None:
         def work(conn: Connection) -> bytes | None:
-            # SKIP LOCKED: concurrent consumers take the next event instead of waiting.
-            row = conn.execute(
-                select(events.c.id, events.c.payload)
-                .where(events.c.instance_id == instance_id, events.c.name == name)
-                .order_by(events.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=self._dialect.skip_locked)
-            ).first()
+            payload = self._take_oldest_event(conn, instance_id, name)
+            if payload is None and not self._exists(conn, instance_id):
+                raise NotFoundError(f"workflow instance {instance_id!r} not found")
+            return payload
+
+        return self._transaction(work)
+
+    def _consume_event_keyed(self, instance_id: str, name: str, key: str) -> bytes | None:
+        def work(conn: Connection) -> bytes | None:
+            # The row lock orders the keyed consumers of one instance: a repeat of the key
+            # waits for the first, then reads its record instead of taking the next event.
+            row = self._lock_row(conn, instance_id)
             if row is None:
-                if not self._exists(conn, instance_id):
-                    raise NotFoundError(f"workflow instance {instance_id!r} not found")
-                return None
-            conn.execute(delete(events).where(events.c.id == row.id))
-            payload: bytes = row.payload
+                raise NotFoundError(f"workflow instance {instance_id!r} not found")
+            sql = self._event_key_sql
+            recorded = event_keys.recorded_consumption(conn, sql, instance_id, key)
+            if recorded is not None:
+                check_consume_repeat(instance_id, key, recorded[0], name)
+                raise _Rollback(recorded[1])  # the same event again; nothing to write
+            payload = self._take_oldest_event(conn, instance_id, name)
+            if payload is None:
+                return None  # nothing taken, nothing recorded
+            try:
+                event_keys.record_consumption(conn, sql, instance_id, key, name, payload, row.now)
+            except sa_exc.IntegrityError as error:
+                raise _RestartTransaction(str(error.orig)) from error  # then it is a repeat
             return payload
 
         return self._transaction(work)

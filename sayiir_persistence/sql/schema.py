@@ -15,6 +15,10 @@ Layout (one row per ...):
 - ``sayiir_signals``: pending cancel or pause request.
 - ``sayiir_events``: buffered event, FIFO by ``id``.
 - ``sayiir_workflow_tags``: tag of a workflow, for the worker tag filter.
+- ``sayiir_sent_events``: event sent with an ``idempotency_key`` (its name and payload
+  digest), so that a repeat is recognised; the key is the primary key with the instance.
+- ``sayiir_consumed_events``: event consumed with a ``consumer_key`` (its name and payload),
+  so that a repeat returns it again.
 
 No foreign keys: every write path locks the workflow row first and deletes children
 explicitly, and foreign keys would add MySQL shared locks on the parent row to every
@@ -163,6 +167,42 @@ workflow_tags = Table(
     **_MYSQL,
 )
 
-CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
+# Keyed sends (see docs/contract.md#send_event): the primary key is what makes a repeat of the
+# same key, by any number of concurrent callers, write once.
+sent_events = Table(
+    "sayiir_sent_events",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("idempotency_key", Identifier(), primary_key=True),
+    Column("name", Identifier(), nullable=False),
+    # SHA-256 of the payload, hex: a repeat with another payload is refused.
+    Column("payload_sha256", String(64), nullable=False),
+    Column("sent_at", UtcDateTime(), nullable=False),
+    **_MYSQL,
+)
+
+# Keyed consumptions (see docs/contract.md#consume_event): the payload taken, returned again
+# to a repeat of the same key.
+consumed_events = Table(
+    "sayiir_consumed_events",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("consumer_key", Identifier(), primary_key=True),
+    Column("name", Identifier(), nullable=False),
+    Column("payload", Payload(), nullable=False),
+    Column("consumed_at", UtcDateTime(), nullable=False),
+    **_MYSQL,
+)
+
+CHILD_TABLES = (
+    ready_tasks,
+    task_claims,
+    task_results,
+    signals,
+    events,
+    workflow_tags,
+    sent_events,
+    consumed_events,
+)
 """The tables whose rows belong to one workflow (by ``instance_id``): what deleting a workflow
 deletes first, in the order writers lock them after its row (ready rows before claim rows)."""

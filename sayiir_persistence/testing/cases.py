@@ -379,9 +379,21 @@ _VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
     ("retry_workflow", {"instance_id": ("id", "existing")}),
     (
         "send_event",
-        {"instance_id": ("id", "existing"), "name": ("id", "e"), "payload": ("payload", b"")},
+        {
+            "instance_id": ("id", "existing"),
+            "name": ("id", "e"),
+            "payload": ("payload", b""),
+            "idempotency_key": ("optional_id", None),
+        },
     ),
-    ("consume_event", {"instance_id": ("id", "existing"), "name": ("id", "e")}),
+    (
+        "consume_event",
+        {
+            "instance_id": ("id", "existing"),
+            "name": ("id", "e"),
+            "consumer_key": ("optional_id", None),
+        },
+    ),
     (
         "prune_workflows",
         {

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from ...backend import PersistentBackend
-from ...errors import CannotCancelError, CannotPauseError, InvalidInputError, NotFoundError
-from ...model import AtFork, AtSignal, AtTask, Position, SignalKind, SignalRequest, WorkflowStatus
+from ...errors import (
+    CannotCancelError,
+    CannotPauseError,
+    ConflictError,
+    IdempotencyConflictError,
+    InvalidInputError,
+    NotFoundError,
+)
+from ...model import (
+    AtFork,
+    AtSignal,
+    AtTask,
+    IfExists,
+    Position,
+    SignalKind,
+    SignalRequest,
+    WorkflowStatus,
+)
 from ..builders import (
     FINISHED,
     LONG_TTL,
@@ -20,6 +37,8 @@ from ..builders import (
     apply_signal,
     assert_utc,
     make_request,
+    make_snapshot,
+    run_in_threads,
     save_at,
     save_new,
     save_with_status,
@@ -31,7 +50,8 @@ from .base import ContractBase
 
 class SignalEventContract(ContractBase):
     """Signals and events: store, apply and clear cancel/pause requests; unpause; send and
-    consume events, and the events that wake a workflow at ``AtSignal``.
+    consume events, and the events that wake a workflow at ``AtSignal``; keyed sends and
+    consumes (repeats, conflicts, lifetime, and concurrent callers of one key).
 
     Checks docs/contract.md, section "Signals and events" (``#signals-and-events``), and
     section "Timers and parked workflows" (``#timers-and-parked-workflows``) for ``send_event``.
@@ -237,6 +257,14 @@ class SignalEventContract(ContractBase):
             pytest.param(lambda b: b.unpause("ghost"), id="unpause"),
             pytest.param(lambda b: b.send_event("ghost", "ev", b"x"), id="send_event"),
             pytest.param(lambda b: b.consume_event("ghost", "ev"), id="consume_event"),
+            pytest.param(
+                lambda b: b.send_event("ghost", "ev", b"x", idempotency_key="k"),
+                id="send_event-keyed",
+            ),
+            pytest.param(
+                lambda b: b.consume_event("ghost", "ev", consumer_key="k"),
+                id="consume_event-keyed",
+            ),
         ],
     )
     def test_signal_and_event_calls_on_absent_instance_not_found(
@@ -313,3 +341,188 @@ class SignalEventContract(ContractBase):
     def test_consume_event_empty_is_none(self, backend: PersistentBackend) -> None:
         save_new(backend, "wf")
         assert backend.consume_event("wf", "ev") is None
+
+    # -- keyed sends: send_event(..., idempotency_key=...) ----------------------------------
+
+    def test_send_event_keyed_repeat_of_a_buffered_event_is_a_noop(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")
+        backend.send_event("wf", "ev", b"once", idempotency_key="k1")
+        before = backend.load_snapshot("wf")
+        backend.send_event("wf", "ev", b"once", idempotency_key="k1")
+        assert backend.load_snapshot("wf") == before
+        assert backend.consume_event("wf", "ev") == b"once"
+        assert backend.consume_event("wf", "ev") is None  # buffered once, not twice
+        backend.send_event("wf", "ev", b"once", idempotency_key="k1")  # consumed since: still
+        assert backend.consume_event("wf", "ev") is None  # nothing sent again
+
+    def test_send_event_keyed_repeat_of_a_delivered_event_is_a_noop(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_at(backend, "wf", AtSignal("s1", "approved", None, "t2"))
+        backend.send_event("wf", "approved", b"yes", idempotency_key="k1")
+        delivered = backend.load_snapshot("wf")
+        assert (delivered.position, delivered.version) == (AtTask("t2"), 2)
+        backend.send_event("wf", "approved", b"yes", idempotency_key="k1")
+        assert backend.load_snapshot("wf") == delivered
+        assert backend.consume_event("wf", "approved") is None  # nor buffered
+        # Even once the workflow waits for that event name again, at another signal: the
+        # repeat is the first send, which was delivered, not a new event.
+        delivered.mark_task_completed("t2", b"two")
+        delivered.move_to(AtSignal("s2", "approved", None, "t3"))
+        backend.save_snapshot(delivered)
+        backend.send_event("wf", "approved", b"yes", idempotency_key="k1")
+        assert backend.load_snapshot("wf").position == AtSignal("s2", "approved", None, "t3")
+        assert backend.load_task_result("wf", "s2") is None
+        assert backend.consume_event("wf", "approved") is None
+
+    @pytest.mark.parametrize(
+        ("name", "payload"),
+        [
+            pytest.param("other", b"first", id="other-name"),
+            pytest.param("ev", b"second", id="other-payload"),
+            pytest.param("ev", b"", id="empty-payload"),
+        ],
+    )
+    def test_send_event_keyed_repeat_with_other_arguments_conflicts(
+        self, backend: PersistentBackend, name: str, payload: bytes
+    ) -> None:
+        save_new(backend, "wf")
+        backend.send_event("wf", "ev", b"first", idempotency_key="k1")
+        before = backend.load_snapshot("wf")
+        with pytest.raises(IdempotencyConflictError, match="k1") as raised:
+            backend.send_event("wf", name, payload, idempotency_key="k1")
+        assert isinstance(raised.value, ConflictError)
+        assert (raised.value.instance_id, raised.value.key) == ("wf", "k1")
+        assert backend.load_snapshot("wf") == before
+        assert backend.consume_event("wf", "other") is None
+        assert backend.consume_event("wf", "ev") == b"first"
+        assert backend.consume_event("wf", "ev") is None
+
+    def test_send_event_keys_are_per_workflow_and_per_key(self, backend: PersistentBackend) -> None:
+        save_new(backend, "wf")
+        save_new(backend, "wf-2")
+        backend.send_event("wf", "ev", b"a", idempotency_key="k1")
+        backend.send_event("wf-2", "ev", b"a", idempotency_key="k1")  # another workflow's key
+        backend.send_event("wf", "ev", b"a", idempotency_key="k2")  # another key
+        backend.send_event("wf", "ev", b"a")  # no key: always sent
+        assert [backend.consume_event("wf", "ev") for _ in range(4)] == [b"a", b"a", b"a", None]
+        assert backend.consume_event("wf-2", "ev") == b"a"
+
+    # -- keyed consumes: consume_event(..., consumer_key=...) -------------------------------
+
+    def test_consume_event_keyed_repeat_returns_the_same_event(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")
+        for payload in (b"1", b"2", b"3"):
+            backend.send_event("wf", "ev", payload)
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"1"
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"1"  # not b"2"
+        assert backend.consume_event("wf", "ev", consumer_key="c2") == b"2"
+        assert backend.consume_event("wf", "ev") == b"3"
+        assert backend.consume_event("wf", "ev") is None
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"1"  # still answers
+
+    def test_consume_event_keyed_finding_nothing_records_nothing(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") is None
+        backend.send_event("wf", "ev", b"later")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"later"
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"later"
+
+    def test_consume_event_keyed_repeat_with_other_name_conflicts(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")
+        backend.send_event("wf", "ev", b"1")
+        backend.send_event("wf", "other", b"x")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"1"
+        with pytest.raises(IdempotencyConflictError, match="c1") as raised:
+            backend.consume_event("wf", "other", consumer_key="c1")
+        assert (raised.value.instance_id, raised.value.key) == ("wf", "c1")
+        assert backend.consume_event("wf", "other") == b"x"  # not taken
+
+    def test_consumer_keys_are_per_workflow(self, backend: PersistentBackend) -> None:
+        save_new(backend, "wf")
+        save_new(backend, "wf-2")
+        backend.send_event("wf", "ev", b"mine")
+        backend.send_event("wf-2", "ev", b"theirs")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"mine"
+        assert backend.consume_event("wf-2", "ev", consumer_key="c1") == b"theirs"
+
+    # -- how long keys live: as long as the workflow ----------------------------------------
+
+    @pytest.mark.parametrize("removal", ["delete_snapshot", "prune_workflows", "terminate"])
+    def test_event_keys_go_with_the_workflow(
+        self, backend: PersistentBackend, removal: str
+    ) -> None:
+        save_with_status(backend, "wf", WorkflowStatus.COMPLETED)
+        backend.send_event("wf", "ev", b"old", idempotency_key="k1")
+        backend.send_event("wf", "ev", b"old-2")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"old"
+        removals: dict[str, Callable[[], object]] = {
+            "delete_snapshot": lambda: backend.delete_snapshot("wf"),
+            "prune_workflows": lambda: backend.prune_workflows(
+                finished_before=datetime(2999, 1, 1, tzinfo=UTC)
+            ),
+            "terminate": lambda: backend.start_workflow(
+                make_snapshot("wf"), if_exists=IfExists.TERMINATE_EXISTING
+            ),
+        }
+        removals[removal]()
+        if removal != "terminate":
+            save_new(backend, "wf")
+        # The new run knows neither key: the same key and payload are a new event.
+        backend.send_event("wf", "ev", b"new", idempotency_key="k1")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"new"
+        assert backend.consume_event("wf", "ev") is None
+
+    def test_event_keys_kept_by_retry_workflow(self, backend: PersistentBackend) -> None:
+        save_with_status(backend, "wf", WorkflowStatus.FAILED)
+        backend.send_event("wf", "ev", b"1", idempotency_key="k1")
+        backend.send_event("wf", "ev", b"2")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"1"
+        backend.retry_workflow("wf")  # the same run goes on: its keys stay
+        backend.send_event("wf", "ev", b"1", idempotency_key="k1")
+        assert backend.consume_event("wf", "ev", consumer_key="c1") == b"1"
+        assert backend.consume_event("wf", "ev") == b"2"
+        assert backend.consume_event("wf", "ev") is None
+
+    # -- concurrent callers of one key: once ------------------------------------------------
+
+    @pytest.mark.parametrize("waiting", [False, True], ids=["buffered", "delivered"])
+    def test_concurrent_keyed_sends_of_one_key_deliver_once(
+        self, backend: PersistentBackend, waiting: bool
+    ) -> None:
+        if waiting:
+            save_at(backend, "wf", AtSignal("s1", "ev", None, "t2"))
+        else:
+            save_new(backend, "wf")
+        run_in_threads(
+            self.scaled(16),
+            lambda _: backend.send_event("wf", "ev", b"once", idempotency_key="k1"),
+        )
+        loaded = backend.load_snapshot("wf")
+        if waiting:
+            assert (loaded.position, loaded.version) == (AtTask("t2"), 2)
+            assert backend.consume_event("wf", "ev") is None
+        else:
+            assert loaded.version == 1
+            assert backend.consume_event("wf", "ev") == b"once"
+            assert backend.consume_event("wf", "ev") is None
+
+    def test_concurrent_keyed_consumes_of_one_key_take_one_event(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")
+        for payload in (b"1", b"2", b"3"):
+            backend.send_event("wf", "ev", payload)
+        got = run_in_threads(
+            self.scaled(16), lambda _: backend.consume_event("wf", "ev", consumer_key="c1")
+        )
+        assert set(got) == {b"1"}
+        assert [backend.consume_event("wf", "ev") for _ in range(3)] == [b"2", b"3", None]
