@@ -148,7 +148,11 @@ class PersistentBackend(ABC):
         return self._start_workflow(snapshot, policy)
 
     def save_snapshot(
-        self, snapshot: WorkflowSnapshot, *, expected_version: int | None = None
+        self,
+        snapshot: WorkflowSnapshot,
+        *,
+        expected_version: int | None = None,
+        write_id: str | None = None,
     ) -> int:
         """Insert or replace the snapshot of ``snapshot.instance_id``.
 
@@ -156,18 +160,32 @@ class PersistentBackend(ABC):
         ``snapshot.version``. Task results already stored are kept: a save never removes a
         completed task's output, and an output already stored is not rewritten (use
         :meth:`save_task_result` to replace one).
+
+        With ``write_id`` (an id, unique per workflow instance) the save is applied at most
+        once under that id: the id is recorded with the version it got in the same atomic
+        step, and a repeat with the same id and snapshot writes nothing and returns that
+        version, whatever was written since. So a save whose outcome is unknown
+        (``BackendUnavailableError``) is simply repeated: it returns the version if the lost
+        call applied it, applies it now if not, or raises ``ConflictError`` if another write
+        came first. Write ids live as long as the workflow.
         Contract: docs/contract.md#save_snapshot.
 
         Raises:
             ConflictError: ``expected_version`` is given and differs from the stored version
                 (``0`` means "create only if absent"); nothing is written.
+            IdempotencyConflictError: ``write_id`` was used for this instance to save
+                another snapshot; nothing is written.
             WorkflowTerminalError: the stored workflow is completed, failed or cancelled.
             InvalidInputError: the snapshot is malformed (names the field).
         """
         self._check_snapshot(snapshot)
         if expected_version is not None:
             check_version(expected_version, "expected_version")
-        version = self._save_snapshot(snapshot, expected_version)
+        if write_id is None:
+            version = self._save_snapshot(snapshot, expected_version)
+        else:
+            check_id(write_id, "write_id")
+            version = self._save_snapshot_keyed(snapshot, expected_version, write_id)
         snapshot.version = version
         return version
 
@@ -928,9 +946,19 @@ class PersistentBackend(ABC):
     def _consume_event(self, instance_id: str, name: str) -> bytes | None:
         """See :meth:`consume_event`."""
 
-    # Keyed sends and consumes: not abstract, so that a backend written before them still
+    # Keyed saves, sends and consumes: not abstract, so that a backend written before them still
     # loads; one that does not implement them refuses keyed calls (the conformance suite
     # says so) rather than ignoring the key.
+
+    def _save_snapshot_keyed(
+        self, snapshot: WorkflowSnapshot, expected_version: int | None, write_id: str
+    ) -> int:
+        """See :meth:`save_snapshot` with ``write_id``: a recorded ``write_id`` returns its
+        version (judged by :func:`~sayiir_persistence.idempotency.check_save_repeat`) before
+        ``expected_version`` and the terminal guard are checked; else save as
+        :meth:`_save_snapshot` and record the id, the version and
+        :func:`~sayiir_persistence.idempotency.snapshot_digest` in the same atomic step."""
+        raise NotImplementedError(f"{type(self).__name__} does not support write_id")
 
     def _send_event_keyed(self, instance_id: str, name: str, payload: bytes, key: str) -> None:
         """See :meth:`send_event` with ``idempotency_key``: record ``key`` (with ``name`` and

@@ -37,7 +37,7 @@ class IdempotencyConflictError(ConflictError):
     :class:`ConflictError`. Contract: docs/contract.md#send_event, #consume_event.
     """
 
-    def __init__(self, message: str, *, instance_id: str, key: str) -> None:
+    def __init__(self, message: str, *, instance_id: str = "", key: str = "") -> None:
         super().__init__(message)
         self.instance_id = instance_id
         self.key = key

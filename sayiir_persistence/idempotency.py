@@ -1,16 +1,30 @@
-"""Keyed event calls: how a repeat of ``send_event(..., idempotency_key=k)`` or
-``consume_event(..., consumer_key=k)`` is judged, the same way on every backend.
+"""Keyed calls: how a repeat of ``send_event(..., idempotency_key=k)``,
+``consume_event(..., consumer_key=k)`` or ``save_snapshot(..., write_id=k)`` is judged, the
+same way on every backend.
 
 A key names one call's effect for one workflow instance (docs/contract.md#send_event,
-#consume_event). A repeat with the same arguments is that call again and answers as it did;
-a repeat with other arguments is a mistake that must not pass silently.
+#consume_event, #save_snapshot). A repeat with the same arguments is that call again and
+answers as it did; a repeat with other arguments is a mistake that must not pass silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Protocol
 
 from .errors import IdempotencyConflictError
+from .model import WorkflowSnapshot
+
+
+class _Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+# Fields the store sets, which a repeat of a save need not carry as the first did.
+_STORE_SET = frozenset({"version", "updated_at"})
 
 
 def payload_digest(payload: bytes) -> str:
@@ -56,4 +70,68 @@ def check_consume_repeat(instance_id: str, key: str, recorded_name: str, name: s
             f"{recorded_name!r}, not {name!r}",
             instance_id=instance_id,
             key=key,
+        )
+
+
+def snapshot_digest(snapshot: WorkflowSnapshot) -> str:
+    """What a keyed save's record keeps of the snapshot: the SHA-256, in hex, of a canonical
+    encoding of every field but ``version`` and ``updated_at`` (sets and dicts sorted,
+    timestamps in UTC), the same in every process."""
+    digest = hashlib.sha256()
+    for field in dataclasses.fields(WorkflowSnapshot):
+        if field.name not in _STORE_SET:
+            _feed(digest, field.name)
+            _feed(digest, getattr(snapshot, field.name))
+    return digest.hexdigest()
+
+
+def _feed(digest: _Digest, value: object) -> None:
+    """Add ``value`` to ``digest``, tagged by kind and length so no two values collide."""
+    if value is None or isinstance(value, bool | int | Enum):
+        _chunk(digest, b"v", repr(value).encode())
+    elif isinstance(value, str):
+        _chunk(digest, b"s", value.encode("utf-8"))
+    elif isinstance(value, bytes):
+        _chunk(digest, b"b", value)
+    elif isinstance(value, datetime):
+        _chunk(digest, b"t", value.astimezone(UTC).isoformat().encode())
+    elif isinstance(value, dict):
+        _chunk(digest, b"d", str(len(value)).encode())
+        for key in sorted(value):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, frozenset | set):
+        _chunk(digest, b"f", str(len(value)).encode())
+        for item in sorted(value):
+            _feed(digest, item)
+    elif isinstance(value, tuple | list):
+        _chunk(digest, b"l", str(len(value)).encode())
+        for item in value:
+            _feed(digest, item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        _chunk(digest, b"o", type(value).__name__.encode())
+        for field in dataclasses.fields(value):
+            _feed(digest, getattr(value, field.name))
+    else:
+        raise TypeError(f"cannot digest a {type(value).__name__}")
+
+
+def _chunk(digest: _Digest, tag: bytes, data: bytes) -> None:
+    digest.update(tag + len(data).to_bytes(8, "big") + data)
+
+
+def check_save_repeat(
+    instance_id: str, write_id: str, recorded_digest: str, snapshot: WorkflowSnapshot
+) -> None:
+    """A save repeated under ``write_id``, whose first call recorded ``recorded_digest``.
+
+    Raises:
+        IdempotencyConflictError: the repeat saves another snapshot (a field other than
+            ``version`` and ``updated_at`` differs).
+    """
+    if recorded_digest != snapshot_digest(snapshot):
+        raise IdempotencyConflictError(
+            f"write_id {write_id!r} of workflow {instance_id!r} was used to save another snapshot",
+            instance_id=instance_id,
+            key=write_id,
         )

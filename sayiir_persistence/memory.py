@@ -25,7 +25,13 @@ from .errors import (
     NotFoundError,
     WorkflowTerminalError,
 )
-from .idempotency import check_consume_repeat, check_send_repeat, payload_digest
+from .idempotency import (
+    check_consume_repeat,
+    check_save_repeat,
+    check_send_repeat,
+    payload_digest,
+    snapshot_digest,
+)
 from .model import (
     AvailableTask,
     ClaimedTask,
@@ -73,6 +79,8 @@ class _Instance:
     # name, payload): they live and go with the instance (see docs/contract.md#send_event).
     sent_keys: dict[str, tuple[str, str]] = field(default_factory=dict)
     consumed: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    # Keyed saves: write id -> the version it got, the snapshot's digest.
+    writes: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 def _copy(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
@@ -288,14 +296,31 @@ class InMemoryBackend(PersistentBackend):
 
     def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
         with self._lock:
-            existing = self._instances.get(snapshot.instance_id)
-            stored_version = 0 if existing is None else existing.snapshot.version
-            if expected_version is not None and expected_version != stored_version:
-                raise ConflictError(
-                    f"workflow {snapshot.instance_id!r} is at version {stored_version}, "
-                    f"expected {expected_version}"
-                )
-            return self._write_snapshot(snapshot, existing, self._now())
+            return self._save_versioned(snapshot, expected_version)
+
+    def _save_snapshot_keyed(
+        self, snapshot: WorkflowSnapshot, expected_version: int | None, write_id: str
+    ) -> int:
+        instance_id = snapshot.instance_id
+        with self._lock:
+            existing = self._instances.get(instance_id)
+            recorded = None if existing is None else existing.writes.get(write_id)
+            if recorded is not None:
+                check_save_repeat(instance_id, write_id, recorded[1], snapshot)
+                return recorded[0]  # saved once already: the version it got
+            version = self._save_versioned(snapshot, expected_version)
+            self._instances[instance_id].writes[write_id] = (version, snapshot_digest(snapshot))
+            return version
+
+    def _save_versioned(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
+        existing = self._instances.get(snapshot.instance_id)
+        stored_version = 0 if existing is None else existing.snapshot.version
+        if expected_version is not None and expected_version != stored_version:
+            raise ConflictError(
+                f"workflow {snapshot.instance_id!r} is at version {stored_version}, "
+                f"expected {expected_version}"
+            )
+        return self._write_snapshot(snapshot, existing, self._now())
 
     def _save_snapshot_fenced(
         self, snapshot: WorkflowSnapshot, task_id: str, worker_id: str, token: int | None

@@ -53,7 +53,7 @@ from ..errors import (
     NotFoundError,
     WorkflowTerminalError,
 )
-from ..idempotency import check_consume_repeat, check_send_repeat
+from ..idempotency import check_consume_repeat, check_save_repeat, check_send_repeat
 from ..model import (
     AtFork,
     AvailableTask,
@@ -72,7 +72,7 @@ from ..ordering import availability_key
 from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from ..wakeups import WorkSignal, WorkWaiter
-from . import codec, event_keys
+from . import codec, keyed
 from .completing import CompletionStatements, complete_tasks
 from .dialects import READ_ONLY_OPTION, ClaimTerms, Granted, Locked, TaskKey, dialect_for
 from .dialects.base import claimed_until
@@ -94,10 +94,9 @@ from .rows import (
 )
 from .schema import (
     CHILD_TABLES,
-    consumed_events,
+    KEY_TABLES,
     events,
     ready_tasks,
-    sent_events,
     signals,
     task_claims,
     task_results,
@@ -212,7 +211,7 @@ class SqlBackend(PersistentBackend):
         self._completion_sql = CompletionStatements(self._dialect)
         self._prune_sql = PruneStatements()
         self._overdue_sql = OverdueStatements(self._dialect)
-        self._event_key_sql = event_keys.EventKeyStatements()
+        self._keyed_sql = keyed.KeyedStatements()
         with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
                 engine = engine_or_url
@@ -454,7 +453,7 @@ class SqlBackend(PersistentBackend):
             )
         )
         # A new run: its keyed sends and consumptions start from none, as after a delete.
-        for table in (task_results, signals, events, workflow_tags, sent_events, consumed_events):
+        for table in (task_results, signals, events, workflow_tags, *KEY_TABLES):
             conn.execute(delete(table).where(table.c.instance_id == instance_id))
         conn.execute(
             update(workflows)
@@ -499,17 +498,53 @@ class SqlBackend(PersistentBackend):
     def _save_snapshot(self, snapshot: WorkflowSnapshot, expected_version: int | None) -> int:
         def work(conn: Connection) -> int:
             stored = self._lock_state(conn, snapshot.instance_id)
-            stored_version = 0 if stored is None else stored.version
-            if expected_version is not None and expected_version != stored_version:
-                raise ConflictError(
-                    f"workflow {snapshot.instance_id!r} is at version {stored_version}, "
-                    f"expected {expected_version}"
-                )
-            self._refuse_terminal(stored, snapshot.instance_id)
-            now = stored.now if stored else self._clock(conn)
-            return self._write_snapshot(conn, snapshot, stored, now)
+            return self._save_versioned(conn, snapshot, expected_version, stored)[0]
 
         return self._transaction(work)
+
+    def _save_snapshot_keyed(
+        self, snapshot: WorkflowSnapshot, expected_version: int | None, write_id: str
+    ) -> int:
+        instance_id = snapshot.instance_id
+
+        def work(conn: Connection) -> int:
+            # The row lock orders the savers of one instance: a repeat of the id waits for
+            # the first, then reads its record (see sql/keyed.py). Two first saves of an
+            # absent instance conflict on the workflow row's key instead, and the loser runs
+            # again, finding the row and the record.
+            stored = self._lock_state(conn, instance_id)
+            if stored is not None:
+                recorded = keyed.recorded_write(conn, self._keyed_sql, instance_id, write_id)
+                if recorded is not None:
+                    check_save_repeat(instance_id, write_id, recorded[1], snapshot)
+                    raise _Rollback(recorded[0])  # saved once already: the version it got
+            version, now = self._save_versioned(conn, snapshot, expected_version, stored)
+            try:
+                keyed.record_write(conn, self._keyed_sql, snapshot, write_id, version, now)
+            except sa_exc.IntegrityError as error:
+                raise _RestartTransaction(str(error.orig)) from error  # then it is a repeat
+            return version
+
+        return self._transaction(work)
+
+    def _save_versioned(
+        self,
+        conn: Connection,
+        snapshot: WorkflowSnapshot,
+        expected_version: int | None,
+        stored: _Stored | None,
+    ) -> tuple[int, datetime]:
+        """Save over the locked (or absent) row as ``save_snapshot`` does; the new version
+        and the database clock's time of the save."""
+        stored_version = 0 if stored is None else stored.version
+        if expected_version is not None and expected_version != stored_version:
+            raise ConflictError(
+                f"workflow {snapshot.instance_id!r} is at version {stored_version}, "
+                f"expected {expected_version}"
+            )
+        self._refuse_terminal(stored, snapshot.instance_id)
+        now = stored.now if stored else self._clock(conn)
+        return self._write_snapshot(conn, snapshot, stored, now), now
 
     def _clock(self, conn: Connection) -> datetime:
         now: datetime = conn.execute(select(self._dialect.now())).scalar_one()
@@ -1123,15 +1158,15 @@ class SqlBackend(PersistentBackend):
     def _send_event_keyed(self, instance_id: str, name: str, payload: bytes, key: str) -> None:
         def work(conn: Connection) -> None:
             # The row lock orders the senders of one instance: a repeat of the key waits for
-            # the first, then reads its record (see event_keys).
+            # the first, then reads its record (see sql/keyed.py).
             snapshot, stored = self._lock_snapshot(conn, instance_id)
-            recorded = event_keys.recorded_send(conn, self._event_key_sql, instance_id, key)
+            recorded = keyed.recorded_send(conn, self._keyed_sql, instance_id, key)
             if recorded is not None:
                 check_send_repeat(instance_id, key, recorded, name, payload)
                 raise _Rollback(None)  # sent once already: nothing to write
             try:
-                event_keys.record_send(
-                    conn, self._event_key_sql, instance_id, key, name, payload, stored.now
+                keyed.record_send(
+                    conn, self._keyed_sql, instance_id, key, name, payload, stored.now
                 )
             except sa_exc.IntegrityError as error:
                 raise _RestartTransaction(str(error.orig)) from error  # then it is a repeat
@@ -1194,8 +1229,8 @@ class SqlBackend(PersistentBackend):
             row = self._lock_row(conn, instance_id)
             if row is None:
                 raise NotFoundError(f"workflow instance {instance_id!r} not found")
-            sql = self._event_key_sql
-            recorded = event_keys.recorded_consumption(conn, sql, instance_id, key)
+            sql = self._keyed_sql
+            recorded = keyed.recorded_consumption(conn, sql, instance_id, key)
             if recorded is not None:
                 check_consume_repeat(instance_id, key, recorded[0], name)
                 raise _Rollback(recorded[1])  # the same event again; nothing to write
@@ -1203,7 +1238,7 @@ class SqlBackend(PersistentBackend):
             if payload is None:
                 return None  # nothing taken, nothing recorded
             try:
-                event_keys.record_consumption(conn, sql, instance_id, key, name, payload, row.now)
+                keyed.record_consumption(conn, sql, instance_id, key, name, payload, row.now)
             except sa_exc.IntegrityError as error:
                 raise _RestartTransaction(str(error.orig)) from error  # then it is a repeat
             return payload

@@ -19,6 +19,8 @@ Layout (one row per ...):
   digest), so that a repeat is recognised; the key is the primary key with the instance.
 - ``sayiir_consumed_events``: event consumed with a ``consumer_key`` (its name and payload),
   so that a repeat returns it again.
+- ``sayiir_snapshot_writes``: save made with a ``write_id`` (the version it got and the
+  snapshot's digest), so that a repeat returns that version.
 
 No foreign keys: every write path locks the workflow row first and deletes children
 explicitly, and foreign keys would add MySQL shared locks on the parent row to every
@@ -194,6 +196,23 @@ consumed_events = Table(
     **_MYSQL,
 )
 
+# Keyed saves (see docs/contract.md#save_snapshot): the version a write id got.
+snapshot_writes = Table(
+    "sayiir_snapshot_writes",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("write_id", Identifier(), primary_key=True),
+    Column("version", Integer(), nullable=False),
+    # SHA-256 of the snapshot's canonical encoding, hex: a repeat with another one is refused.
+    Column("snapshot_sha256", String(64), nullable=False),
+    Column("written_at", UtcDateTime(), nullable=False),
+    **_MYSQL,
+)
+
+KEY_TABLES = (sent_events, consumed_events, snapshot_writes)
+"""The records of keyed calls (idempotency keys, consumer keys, write ids): they belong to one
+run of a workflow, and go with it (deleted, pruned, or replaced by ``TERMINATE_EXISTING``)."""
+
 CHILD_TABLES = (
     ready_tasks,
     task_claims,
@@ -201,8 +220,7 @@ CHILD_TABLES = (
     signals,
     events,
     workflow_tags,
-    sent_events,
-    consumed_events,
+    *KEY_TABLES,
 )
 """The tables whose rows belong to one workflow (by ``instance_id``): what deleting a workflow
 deletes first, in the order writers lock them after its row (ready rows before claim rows)."""

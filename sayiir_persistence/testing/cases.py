@@ -296,7 +296,11 @@ _VALID_CALLS: list[tuple[str, dict[str, tuple[str, Any]]]] = [
     ),
     (
         "save_snapshot",
-        {"snapshot": ("snapshot", None), "expected_version": ("expected_version", None)},
+        {
+            "snapshot": ("snapshot", None),
+            "expected_version": ("expected_version", None),
+            "write_id": ("optional_id", None),
+        },
     ),
     (
         "start_workflow",

@@ -15,6 +15,7 @@ from sayiir_persistence import (
     ClaimLostError,
     ConflictError,
     CorruptDataError,
+    IdempotencyConflictError,
     InvalidInputError,
     InvalidStateError,
     NotFoundError,
@@ -37,11 +38,13 @@ def test_error_hierarchy() -> None:
         SchemaError,
         BackendUnavailableError,
         CorruptDataError,
+        IdempotencyConflictError,
     ):
         assert issubclass(error, PersistenceError), error
     assert issubclass(NotFoundError, LookupError)
     assert issubclass(InvalidInputError, ValueError)
     assert issubclass(WorkflowTerminalError, ConflictError)
+    assert issubclass(IdempotencyConflictError, ConflictError)
 
 
 def test_corrupt_data_error_names_the_row_and_survives_pickling() -> None:
@@ -49,3 +52,9 @@ def test_corrupt_data_error_names_the_row_and_survives_pickling() -> None:
     copy = pickle.loads(pickle.dumps(error))
     assert (str(copy), copy.instance_id, copy.column) == ("row", "wf", "sayiir_workflows.tags")
     assert not isinstance(error, ValueError)  # not a caller's bad input
+
+
+def test_idempotency_conflict_error_names_the_key_and_survives_pickling() -> None:
+    error = IdempotencyConflictError("reused", instance_id="wf", key="k1")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.instance_id, copy.key) == ("reused", "wf", "k1")

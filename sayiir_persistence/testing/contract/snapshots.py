@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from ...backend import PersistentBackend
-from ...errors import ConflictError, InvalidInputError, NotFoundError, WorkflowTerminalError
+from ...errors import (
+    ConflictError,
+    IdempotencyConflictError,
+    InvalidInputError,
+    NotFoundError,
+    WorkflowTerminalError,
+)
 from ...model import (
     AtDelay,
     AtFork,
@@ -34,6 +40,7 @@ from ..builders import (
     assert_utc,
     make_request,
     make_snapshot,
+    run_in_threads,
     save_at,
     save_new,
     save_with_status,
@@ -212,6 +219,91 @@ class SnapshotContract(ContractBase):
         assert backend.load_snapshot("wf").status is WorkflowStatus.PAUSED
 
     # -- save_task_result -----------------------------------------------------------------
+
+    # -- save_snapshot(..., write_id=...): once per id ---------------------------------------
+
+    def test_save_snapshot_write_id_repeat_returns_the_first_version_and_writes_nothing(
+        self, backend: PersistentBackend
+    ) -> None:
+        created = make_snapshot("wf")
+        assert backend.save_snapshot(created, expected_version=0, write_id="w0") == 1
+        moved = backend.load_snapshot("wf")
+        moved.mark_task_completed("t1", b"one")
+        moved.move_to(AtTask("t2"))
+        assert backend.save_snapshot(moved, expected_version=1, write_id="w1") == 2
+        stored = backend.load_snapshot("wf")
+        moved.version = 0  # a repeat answers with the version the first save got
+        assert backend.save_snapshot(moved, expected_version=1, write_id="w1") == 2
+        assert moved.version == 2
+        assert backend.load_snapshot("wf") == stored  # not written again (updated_at too)
+        # Whatever was written since, the repeat is the first save, answered again.
+        assert backend.save_task_result("wf", "side", b"x") == 3
+        assert backend.save_snapshot(moved, expected_version=1, write_id="w1") == 2
+        assert backend.save_snapshot(created, expected_version=0, write_id="w0") == 1
+        assert backend.load_snapshot("wf").version == 3
+
+    def test_save_snapshot_write_id_repeat_after_the_workflow_finished_returns_its_version(
+        self, backend: PersistentBackend
+    ) -> None:
+        snapshot = save_new(backend, "wf")
+        snapshot.mark_completed(b"done")
+        assert backend.save_snapshot(snapshot, expected_version=1, write_id="finish") == 2
+        # Not WorkflowTerminalError: the repeat is the save that finished it.
+        assert backend.save_snapshot(snapshot, expected_version=1, write_id="finish") == 2
+        with pytest.raises(WorkflowTerminalError):
+            backend.save_snapshot(snapshot, expected_version=2, write_id="another")
+
+    def test_save_snapshot_write_id_reused_for_another_snapshot_conflicts(
+        self, backend: PersistentBackend
+    ) -> None:
+        first = save_new(backend, "wf")
+        first.move_to(AtTask("t2"))
+        backend.save_snapshot(first, write_id="w1")
+        before = backend.load_snapshot("wf")
+        other = backend.load_snapshot("wf")
+        other.move_to(AtTask("t3"))
+        with pytest.raises(IdempotencyConflictError, match="w1") as raised:
+            backend.save_snapshot(other, write_id="w1")
+        assert (raised.value.instance_id, raised.value.key) == ("wf", "w1")
+        assert backend.load_snapshot("wf") == before
+
+    def test_save_snapshot_write_id_of_a_refused_save_is_not_recorded(
+        self, backend: PersistentBackend
+    ) -> None:
+        snapshot = save_new(backend, "wf")
+        snapshot.move_to(AtTask("t2"))
+        with pytest.raises(ConflictError):
+            backend.save_snapshot(snapshot, expected_version=7, write_id="w1")
+        assert backend.save_snapshot(snapshot, expected_version=1, write_id="w1") == 2
+
+    def test_save_snapshot_write_ids_are_per_workflow_and_go_with_it(
+        self, backend: PersistentBackend
+    ) -> None:
+        assert backend.save_snapshot(make_snapshot("wf"), write_id="w1") == 1
+        assert backend.save_snapshot(make_snapshot("wf-2"), write_id="w1") == 1
+        again = backend.load_snapshot("wf")
+        again.move_to(AtTask("t2"))
+        assert backend.save_snapshot(again, write_id="w2") == 2
+        backend.delete_snapshot("wf")
+        # A new instance of the id knows none of the old one's write ids.
+        assert backend.save_snapshot(again, expected_version=0, write_id="w2") == 1
+
+    @pytest.mark.parametrize("expected_version", [0, 1], ids=["creating", "updating"])
+    def test_concurrent_saves_of_one_write_id_write_once(
+        self, backend: PersistentBackend, expected_version: int
+    ) -> None:
+        if expected_version:
+            save_new(backend, "wf")
+        snapshot = make_snapshot("wf")
+        snapshot.move_to(AtTask("t2"))
+        versions = run_in_threads(
+            self.scaled(16),
+            lambda _: backend.save_snapshot(
+                snapshot, expected_version=expected_version, write_id="w1"
+            ),
+        )
+        assert set(versions) == {expected_version + 1}
+        assert backend.load_snapshot("wf").version == expected_version + 1
 
     def test_save_task_result_merges_parallel_branches(self, backend: PersistentBackend) -> None:
         save_at(backend, "wf", AtFork("f", ("a", "b")), completed={"t0": b"zero"})

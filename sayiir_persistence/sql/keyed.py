@@ -1,6 +1,6 @@
-"""Keyed ``send_event`` and ``consume_event`` on SQL: the records of
-``sayiir_sent_events`` and ``sayiir_consumed_events`` (docs/contract.md#send_event,
-#consume_event).
+"""Keyed ``send_event``, ``consume_event`` and ``save_snapshot`` on SQL: the records of
+``sayiir_sent_events``, ``sayiir_consumed_events`` and ``sayiir_snapshot_writes``
+(docs/contract.md#send_event, #consume_event, #save_snapshot).
 
 The caller holds the workflow row's lock (``SELECT ... FOR UPDATE``) before it reads a record,
 so callers of one instance with the same key run one after another, and the read, a new
@@ -16,12 +16,13 @@ from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, insert, select
 
-from ..idempotency import payload_digest
-from .schema import consumed_events, sent_events
+from ..idempotency import payload_digest, snapshot_digest
+from ..model import WorkflowSnapshot
+from .schema import consumed_events, sent_events, snapshot_writes
 
 
-class EventKeyStatements:
-    """The statements of the keyed event calls, built once per backend."""
+class KeyedStatements:
+    """The statements of the keyed calls, built once per backend."""
 
     def __init__(self) -> None:
         self.read_sent = select(sent_events.c.name, sent_events.c.payload_sha256).where(
@@ -34,10 +35,17 @@ class EventKeyStatements:
             consumed_events.c.consumer_key == bindparam("p_key"),
         )
         self.record_consumed = insert(consumed_events)
+        self.read_write = select(
+            snapshot_writes.c.version, snapshot_writes.c.snapshot_sha256
+        ).where(
+            snapshot_writes.c.instance_id == bindparam("p_instance_id"),
+            snapshot_writes.c.write_id == bindparam("p_key"),
+        )
+        self.record_write = insert(snapshot_writes)
 
 
 def recorded_send(
-    conn: Connection, sql: EventKeyStatements, instance_id: str, key: str
+    conn: Connection, sql: KeyedStatements, instance_id: str, key: str
 ) -> tuple[str, str] | None:
     """The event name and payload digest recorded under ``key``, or ``None``."""
     row = conn.execute(sql.read_sent, {"p_instance_id": instance_id, "p_key": key}).first()
@@ -46,7 +54,7 @@ def recorded_send(
 
 def record_send(
     conn: Connection,
-    sql: EventKeyStatements,
+    sql: KeyedStatements,
     instance_id: str,
     key: str,
     name: str,
@@ -67,7 +75,7 @@ def record_send(
 
 
 def recorded_consumption(
-    conn: Connection, sql: EventKeyStatements, instance_id: str, key: str
+    conn: Connection, sql: KeyedStatements, instance_id: str, key: str
 ) -> tuple[str, bytes] | None:
     """The event name and payload consumed under ``key``, or ``None``."""
     row = conn.execute(sql.read_consumed, {"p_instance_id": instance_id, "p_key": key}).first()
@@ -76,7 +84,7 @@ def recorded_consumption(
 
 def record_consumption(
     conn: Connection,
-    sql: EventKeyStatements,
+    sql: KeyedStatements,
     instance_id: str,
     key: str,
     name: str,
@@ -92,5 +100,34 @@ def record_consumption(
             "name": name,
             "payload": payload,
             "consumed_at": now,
+        },
+    )
+
+
+def recorded_write(
+    conn: Connection, sql: KeyedStatements, instance_id: str, write_id: str
+) -> tuple[int, str] | None:
+    """The version and snapshot digest recorded under ``write_id``, or ``None``."""
+    row = conn.execute(sql.read_write, {"p_instance_id": instance_id, "p_key": write_id}).first()
+    return None if row is None else (row.version, row.snapshot_sha256)
+
+
+def record_write(
+    conn: Connection,
+    sql: KeyedStatements,
+    snapshot: WorkflowSnapshot,
+    write_id: str,
+    version: int,
+    now: datetime,
+) -> None:
+    """Record a keyed save. Raises ``IntegrityError`` if the id is recorded already."""
+    conn.execute(
+        sql.record_write,
+        {
+            "instance_id": snapshot.instance_id,
+            "write_id": write_id,
+            "version": version,
+            "snapshot_sha256": snapshot_digest(snapshot),
+            "written_at": now,
         },
     )

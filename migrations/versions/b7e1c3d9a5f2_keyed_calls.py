@@ -1,4 +1,4 @@
-"""Keyed events: sayiir_sent_events and sayiir_consumed_events.
+"""Keyed calls: sayiir_sent_events, sayiir_consumed_events, sayiir_snapshot_writes.
 
 Revision ID: b7e1c3d9a5f2
 Revises: a8c3f5e0d214
@@ -7,8 +7,9 @@ Create Date: 2026-11-30 16:30:00.000000
 ``send_event(..., idempotency_key=k)`` records ``k`` in ``sayiir_sent_events`` (with the event
 name and the payload's SHA-256) in the transaction that delivers or buffers the event;
 ``consume_event(..., consumer_key=k)`` records the event it took (name and payload) in
-``sayiir_consumed_events``. The primary key ``(instance_id, key)`` makes a repeated key write
-once. Rows belong to their workflow and are deleted with it.
+``sayiir_consumed_events``; ``save_snapshot(..., write_id=k)`` records the version it got (and
+the snapshot's SHA-256) in ``sayiir_snapshot_writes``. The primary key ``(instance_id, key)``
+makes a repeated key write once. Rows belong to their workflow and are deleted with it.
 
 Frozen history: do not import the live ``metadata`` here.
 """
@@ -32,7 +33,7 @@ _MYSQL = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4"}
 
 
 def upgrade() -> None:
-    """Create ``sayiir_sent_events`` and ``sayiir_consumed_events``."""
+    """Create ``sayiir_sent_events``, ``sayiir_consumed_events``, ``sayiir_snapshot_writes``."""
     op.create_table(
         "sayiir_sent_events",
         sa.Column("instance_id", Identifier(), nullable=False),
@@ -57,9 +58,20 @@ def upgrade() -> None:
         ),
         **_MYSQL,
     )
+    op.create_table(
+        "sayiir_snapshot_writes",
+        sa.Column("instance_id", Identifier(), nullable=False),
+        sa.Column("write_id", Identifier(), nullable=False),
+        sa.Column("version", sa.Integer(), nullable=False),
+        sa.Column("snapshot_sha256", sa.String(64), nullable=False),
+        sa.Column("written_at", UtcDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("instance_id", "write_id", name=op.f("pk_sayiir_snapshot_writes")),
+        **_MYSQL,
+    )
 
 
 def downgrade() -> None:
-    """Drop both tables."""
+    """Drop the three tables."""
+    op.drop_table("sayiir_snapshot_writes")
     op.drop_table("sayiir_consumed_events")
     op.drop_table("sayiir_sent_events")
