@@ -115,10 +115,13 @@ from sayiir_persistence import (
 from sayiir_persistence.sql import codec
 from sayiir_persistence.sql.dialects import dialect_for
 from sayiir_persistence.sql.schema import (
+    consumed_events,
     events,
     metadata,
     ready_tasks,
+    sent_events,
     signals,
+    snapshot_writes,
     task_claims,
     task_results,
     workflows,
@@ -139,6 +142,8 @@ WORKERS = ("w1", "w2", "w3")
 TAGS = ("gpu", "eu")
 ALL_TAGS = frozenset(TAGS)
 EVENT_NAMES = ("go", "other")
+# Keys of keyed sends and consumes: few, so that repeats (and conflicts) happen; None: no key.
+EVENT_KEYS = (None, None, "k1", "k2")
 FORK_ID = "fork"
 DELAY_ID = "delay"
 
@@ -384,6 +389,9 @@ SHIFTED_COLUMNS = {
     ready_tasks: ("updated_at", "wake_at", "claimed_until"),
     task_claims: ("claimed_at", "expires_at", "deadline"),
     events: ("created_at",),
+    sent_events: ("sent_at",),
+    consumed_events: ("consumed_at",),
+    snapshot_writes: ("written_at",),
 }
 # Caller-supplied timestamps the store returns as given and never compares with its clock.
 UNSHIFTED_COLUMNS = {workflows: ("created_at",), signals: ("requested_at",)}
@@ -1248,24 +1256,26 @@ class ContractMachine(RuleBasedStateMachine):
         if outcome is not None:
             self.check_snapshot(outcome[1], outcome[0])
 
-    @rule(data=st.data(), payload=payloads)
-    def send_event(self, data: st.DataObject, payload: bytes) -> None:
+    @rule(data=st.data(), payload=payloads, key=st.sampled_from(EVENT_KEYS))
+    def send_event(self, data: st.DataObject, payload: bytes, key: str | None) -> None:
         instance_id = self.pick_instance(data, _awaits_event)
         name = self.pick_event_name(data, instance_id)
+        if key is not None:  # few payloads: a key is often repeated with the same one
+            payload = data.draw(st.sampled_from((b"", b"a")), label="keyed payload")
         self.both(
-            "send_event",
-            lambda: self.model.send_event(instance_id, name, payload),
-            lambda: self.backend.send_event(instance_id, name, payload),
+            "send_event" if key is None else "send_event (keyed)",
+            lambda: self.model.send_event(instance_id, name, payload, key),
+            lambda: self.backend.send_event(instance_id, name, payload, idempotency_key=key),
         )
 
-    @rule(data=st.data())
-    def consume_event(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), key=st.sampled_from(EVENT_KEYS))
+    def consume_event(self, data: st.DataObject, key: str | None) -> None:
         instance_id = self.pick_instance(data)
         name = self.pick_event_name(data, instance_id)
         outcome = self.both(
-            "consume_event",
-            lambda: self.model.consume_event(instance_id, name),
-            lambda: self.backend.consume_event(instance_id, name),
+            "consume_event" if key is None else "consume_event (keyed)",
+            lambda: self.model.consume_event(instance_id, name, key),
+            lambda: self.backend.consume_event(instance_id, name, consumer_key=key),
         )
         if outcome is not None:
             assert outcome[1] == outcome[0]

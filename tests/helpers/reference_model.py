@@ -37,6 +37,7 @@ from sayiir_persistence import (
     ClaimLostError,
     CompletionOutcome,
     ConflictError,
+    IdempotencyConflictError,
     IfExists,
     InvalidStateError,
     NotFoundError,
@@ -118,6 +119,10 @@ class Workflow:
     claims: dict[str, Claim] = field(default_factory=dict)
     signals: dict[SignalKind, SignalRequest] = field(default_factory=dict)
     events: dict[str, deque[bytes]] = field(default_factory=dict)
+    # Keyed calls of this run (docs/contract.md#keys-and-unknown-outcomes): idempotency key ->
+    # the event sent (name, payload); consumer key -> the event taken (name, payload).
+    sent_keys: dict[str, tuple[str, bytes]] = field(default_factory=dict)
+    consumed: dict[str, tuple[str, bytes]] = field(default_factory=dict)
 
     def runnable_task_ids(self, now: int) -> list[str]:
         """Tasks runnable by position and clock, not completed (none unless in progress)."""
@@ -261,10 +266,12 @@ class ReferenceModel:
             version=1 if existing is None else existing.version + 1,
             updated_at=self.now,
         )
-        if existing is not None:  # claims, signals and events belong to the instance
+        if existing is not None:  # claims, signals, events and keys belong to the instance
             workflow.claims = existing.claims
             workflow.signals = existing.signals
             workflow.events = existing.events
+            workflow.sent_keys = existing.sent_keys
+            workflow.consumed = existing.consumed
         self.workflows[draft.instance_id] = workflow
         return workflow.version
 
@@ -660,8 +667,16 @@ class ReferenceModel:
         workflow.bump(self.now)
         return workflow
 
-    def send_event(self, instance_id: str, name: str, payload: bytes) -> None:
+    def send_event(
+        self, instance_id: str, name: str, payload: bytes, key: str | None = None
+    ) -> None:
+        """Deliver or buffer; with a key, at most once per key of this run (a repeat with
+        other arguments is a conflict)."""
         workflow = self._get(instance_id)
+        if key is not None and key in workflow.sent_keys:
+            if workflow.sent_keys[key] != (name, payload):
+                raise IdempotencyConflictError(key)
+            return
         position = workflow.position
         if (
             workflow.status is WorkflowStatus.IN_PROGRESS
@@ -680,7 +695,21 @@ class ReferenceModel:
             workflow.bump(self.now)
         else:
             workflow.events.setdefault(name, deque()).append(payload)
+        if key is not None:
+            workflow.sent_keys[key] = (name, payload)
 
-    def consume_event(self, instance_id: str, name: str) -> bytes | None:
-        queue = self._get(instance_id).events.get(name)
-        return queue.popleft() if queue else None
+    def consume_event(self, instance_id: str, name: str, key: str | None = None) -> bytes | None:
+        """The oldest event of that name; with a key, the one taken under it, again."""
+        workflow = self._get(instance_id)
+        if key is not None and key in workflow.consumed:
+            taken_name, payload = workflow.consumed[key]
+            if taken_name != name:
+                raise IdempotencyConflictError(key)
+            return payload
+        queue = workflow.events.get(name)
+        if not queue:
+            return None
+        payload = queue.popleft()
+        if key is not None:
+            workflow.consumed[key] = (name, payload)
+        return payload
