@@ -15,6 +15,10 @@ Layout (one row per ...):
 - ``sayiir_signals``: pending cancel or pause request.
 - ``sayiir_events``: buffered event, FIFO by ``id``.
 - ``sayiir_workflow_tags``: tag of a workflow, for the worker tag filter.
+- ``sayiir_token_floors``: deleted workflow instance that had claims: the greatest fencing
+  token its claims reached. Written when its claim rows are deleted (``delete_snapshot``,
+  ``prune_workflows``), read by a task's first claim (token = floor + 1), never deleted: kept
+  when the id is created again, so tokens never repeat for an (instance id, task id).
 
 No foreign keys: every write path locks the workflow row first and deletes children
 explicitly, and foreign keys would add MySQL shared locks on the parent row to every
@@ -163,6 +167,15 @@ workflow_tags = Table(
     **_MYSQL,
 )
 
+token_floors = Table(
+    "sayiir_token_floors",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("token_floor", BigInteger(), nullable=False),
+    **_MYSQL,
+)
+
 CHILD_TABLES = (ready_tasks, task_claims, task_results, signals, events, workflow_tags)
 """The tables whose rows belong to one workflow (by ``instance_id``): what deleting a workflow
-deletes first, in the order writers lock them after its row (ready rows before claim rows)."""
+deletes first, in the order writers lock them after its row (ready rows before claim rows).
+Not ``sayiir_token_floors``: a token floor outlives its workflow."""
