@@ -127,6 +127,9 @@ class InMemoryBackend(PersistentBackend):
         self._clock: Clock = clock or utc_now
         self._lock = threading.Lock()
         self._instances: dict[str, _Instance] = {}
+        # Token floors of deleted instances (docs/contract.md#claims): the greatest token
+        # their claims reached, which the id's first claims go on from. Never removed.
+        self._token_floors: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"InMemoryBackend(instances={len(self._instances)})"
@@ -217,14 +220,15 @@ class InMemoryBackend(PersistentBackend):
     ) -> TaskClaim:
         previous = instance.claims.get(task_id)
         expires_at, deadline = claim_times(now, ttl, timeout)
+        floor = self._token_floors.get(instance.snapshot.instance_id, 0)
         claim = _Claim(
             worker_id=worker_id,
-            token=1 if previous is None else previous.token + 1,
+            token=floor + 1 if previous is None else previous.token + 1,
             claimed_at=now,
             expires_at=expires_at,
             deadline=deadline,
             last_error=None if previous is None else previous.last_error,
-            attempt_offset=0 if previous is None else previous.attempt_offset,
+            attempt_offset=floor if previous is None else previous.attempt_offset,
         )
         instance.claims[task_id] = claim
         return self._to_task_claim(instance, task_id, claim)
@@ -359,7 +363,15 @@ class InMemoryBackend(PersistentBackend):
     def _delete_snapshot(self, instance_id: str) -> None:
         with self._lock:
             self._get(instance_id)
-            del self._instances[instance_id]
+            self._delete(instance_id)
+
+    def _delete(self, instance_id: str) -> None:
+        """Delete an instance and everything attached, keeping its token floor (with the
+        lock held)."""
+        tokens = [claim.token for claim in self._instances.pop(instance_id).claims.values()]
+        if tokens:
+            floor = max(max(tokens), self._token_floors.get(instance_id, 0))
+            self._token_floors[instance_id] = floor
 
     def _list_snapshots(
         self, status: WorkflowStatus | None, after: str | None, limit: int | None
@@ -396,7 +408,7 @@ class InMemoryBackend(PersistentBackend):
                 and instance.snapshot.updated_at < finished_before
             )[:batch_size]
             for instance_id in doomed:
-                del self._instances[instance_id]  # its claims, signals and events with it
+                self._delete(instance_id)  # its claims, signals and events with it
             return len(doomed)
 
     def _fail_overdue_workflows(self, limit: int) -> list[str]:

@@ -74,7 +74,16 @@ from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from ..wakeups import WorkSignal, WorkWaiter
 from . import codec, keyed
 from .completing import CompletionStatements, complete_tasks
-from .dialects import READ_ONLY_OPTION, ClaimTerms, Granted, Locked, TaskKey, dialect_for
+from .deleting import delete_attached
+from .dialects import (
+    READ_ONLY_OPTION,
+    ClaimTerms,
+    Granted,
+    Locked,
+    TaskKey,
+    TokenFloors,
+    dialect_for,
+)
 from .dialects.base import claimed_until
 from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
@@ -93,7 +102,6 @@ from .rows import (
     workflow_values,
 )
 from .schema import (
-    CHILD_TABLES,
     KEY_TABLES,
     events,
     ready_tasks,
@@ -641,8 +649,8 @@ class SqlBackend(PersistentBackend):
         def work(conn: Connection) -> None:
             if self._lock_row(conn, instance_id) is None:
                 raise NotFoundError(f"workflow instance {instance_id!r} not found")
-            for table in CHILD_TABLES:
-                conn.execute(delete(table).where(table.c.instance_id == instance_id))
+            # Its token floor is recorded before its claim rows go (see deleting.py).
+            delete_attached(conn, self._dialect, [instance_id])
             conn.execute(delete(workflows).where(workflows.c.instance_id == instance_id))
 
         self._transaction(work)
@@ -725,7 +733,9 @@ class SqlBackend(PersistentBackend):
             if ready.signalled or (ready.wake_at is not None and ready.wake_at > now):
                 return None
             terms = ClaimTerms(worker_id, now, *claim_times(now, ttl, timeout))
-            granted = self._dialect.claim(conn, (instance_id, task_id), terms)
+            floor = getattr(ready, "token_floor", None)  # read where the dialect needs it
+            floors = {} if floor is None else {instance_id: int(floor)}
+            granted = self._dialect.claim(conn, (instance_id, task_id), terms, floors)
             if granted is None:
                 return None
             self._mark_claimed(conn, [(instance_id, task_id)], terms.expires_at)
@@ -865,17 +875,19 @@ class SqlBackend(PersistentBackend):
         worker_tags: frozenset[str],
         aging_interval: timedelta,
         limit: int,
-    ) -> tuple[Locked, datetime | None]:
+    ) -> tuple[Locked, TokenFloors, datetime | None]:
         """Lock the best ``limit`` available tasks no one else is claiming (best first),
-        and the database clock at that moment (``None`` when there are none)."""
+        the token floors the lock read, and the database clock at that moment (``None`` when
+        there are none)."""
         # Read more candidates than needed where rows can be skipped: some will be locked
         # or claimed by concurrent callers by the time we lock them.
         wanted = limit * 2 + 16 if self._dialect.skip_locked else limit
         candidates = self._candidates(conn, worker_tags, aging_interval, wanted)
         if not candidates:
-            return {}, None
+            return {}, {}, None
         keys = [(row.instance_id, row.task_id) for row in candidates]
-        return self._dialect.lock_candidates(conn, keys, limit), candidates[0].now
+        locked, floors = self._dialect.lock_candidates(conn, keys, limit)
+        return locked, floors, candidates[0].now
 
     def _available_tasks(
         self, conn: Connection, keys: Sequence[tuple[str, str]]
@@ -971,13 +983,13 @@ class SqlBackend(PersistentBackend):
         aging_interval: timedelta,
         timeout: timedelta | None,
     ) -> list[ClaimedTask]:
-        locked, now = self._find_and_lock(conn, tags, aging_interval, limit)
+        locked, floors, now = self._find_and_lock(conn, tags, aging_interval, limit)
         if now is None:
             return []
         terms = ClaimTerms(worker_id, now, *claim_times(now, ttl, timeout))
         # The guarded claim, not the lock, decides: a row claimed and committed just
         # before we locked it is refused here.
-        granted = self._dialect.claim_many(conn, locked, terms)
+        granted = self._dialect.claim_many(conn, locked, terms, floors)
         claimed = [key for key in locked if key in granted]
         self._mark_claimed(conn, claimed, terms.expires_at)
         tasks = self._available_tasks(conn, claimed)
@@ -1017,7 +1029,7 @@ class SqlBackend(PersistentBackend):
         # One transaction per batch: its locks last a few statements, whatever the backlog.
         return self._transaction(
             lambda conn: prune_workflows(
-                conn, self._prune_sql, finished_before, statuses, batch_size
+                conn, self._prune_sql, self._dialect, finished_before, statuses, batch_size
             )
         )
 

@@ -48,7 +48,7 @@ from ..model import (
     TaskCompletion,
     WorkflowSnapshot,
 )
-from .dialects import ClaimRow, ClaimTerms, Granted, SqlDialect, TaskKey
+from .dialects import ClaimRow, ClaimTerms, Granted, SqlDialect, TaskKey, TokenFloors
 from .dialects.base import claimed_until
 from .rows import granted_claim, new_results, ready_rows, snapshot_from_row, workflow_values
 from .schema import ready_tasks, signals, task_claims, task_results, workflow_tags, workflows
@@ -64,8 +64,13 @@ class CompletionStatements:
         keys: BindParameter[list[TaskKey]] = bindparam("p_keys", expanding=True)
         claim_key = tuple_(task_claims.c.instance_id, task_claims.c.task_id)
         signalled = exists().where(signals.c.instance_id == workflows.c.instance_id)
+        locked: list[Any] = [workflows, now.label("now"), signalled.label("signalled")]
+        # The token floor, for next claims, where the dialect's claim cannot return its token.
+        floor = dialect.floor_read(workflows.c.instance_id)
+        if floor is not None:
+            locked.append(floor.label("token_floor"))
         self.lock_workflows = (
-            select(workflows, now.label("now"), signalled.label("signalled"))
+            select(*locked)
             .where(workflows.c.instance_id.in_(instance_ids))
             .order_by(workflows.c.instance_id)
             .with_for_update()
@@ -143,6 +148,7 @@ class _Locked:
     signalled: bool
     current: WorkflowSnapshot
     written: bool = False
+    token_floor: int | None = None  # read where the dialect needs it (SqlDialect.floor_read)
 
 
 def complete_tasks(
@@ -219,6 +225,7 @@ def complete_tasks(
         # still claimed when an earlier one looks for next tasks.
         signalled = {instance_id for instance_id, w in locked.items() if w.signalled}
         expires_at, deadline = claim_times(now, ttl, timeout)
+        floors = {i: w.token_floor for i, w in locked.items() if w.token_floor is not None}
         results = _claim_next(
             conn,
             sql,
@@ -227,6 +234,7 @@ def complete_tasks(
             results,
             after,
             signalled,
+            floors,
             claim_next,
             now,
             expires_at,
@@ -257,6 +265,7 @@ def _lock_workflows(
             stored_results=frozenset(stored.completed_tasks),
             signalled=bool(row.signalled),
             current=stored,
+            token_floor=getattr(row, "token_floor", None),
         )
     now: datetime = rows[0].now
     return locked, now
@@ -323,6 +332,7 @@ def _claim_next(
     results: list[CompletionResult],
     after: dict[int, WorkflowSnapshot],
     signalled: set[str],
+    floors: TokenFloors,
     limit: int,
     now: datetime,
     expires_at: datetime | None,
@@ -374,7 +384,7 @@ def _claim_next(
     tokens: dict[TaskKey, Granted] = {}
     terms = {worker_id: ClaimTerms(worker_id, now, expires_at, deadline) for worker_id in by_worker}
     for worker_id, claims in by_worker.items():
-        tokens |= dialect.claim_many(conn, claims, terms[worker_id])
+        tokens |= dialect.claim_many(conn, claims, terms[worker_id], floors)
     if tokens:
         conn.execute(
             sql.mark_claimed, {"p_keys": list(tokens), "p_until": claimed_until(expires_at)}

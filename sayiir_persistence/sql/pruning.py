@@ -11,8 +11,9 @@ Per call (docs/contract.md#prune_workflows), whatever the batch size, a few stat
    skipping it (no ``SKIP LOCKED``): when that batch's rows are gone once it commits, the
    candidates are read again, so a call returns 0 only when nothing is left to prune;
 3. delete the locked workflows' rows of every child table (ready rows before claim rows, the
-   global lock order), then the workflow rows, a ``DELETE`` that checks status and age once
-   more.
+   global lock order), recording their token floors before their claim rows go
+   (``deleting.py``; floors are never pruned), then the workflow rows, a ``DELETE`` that
+   checks status and age once more.
 
 Step 1 takes no lock and steps 2-3 touch only the batch's rows: the transaction holds few
 locks, for the time of a handful of statements. On SQLite the transaction holds the database's
@@ -27,8 +28,10 @@ from sqlalchemy import BindParameter, Connection, Integer, and_, bindparam, dele
 
 from ..model import WorkflowStatus
 from ..retention import PRUNABLE_STATUSES
+from .deleting import delete_attached
+from .dialects import SqlDialect
 from .errors import RetryableConflict
-from .schema import CHILD_TABLES, workflows
+from .schema import workflows
 
 # Rounds of read-then-lock in one call while every candidate read was deleted by a concurrent
 # pruner before it could be locked. Each round follows another caller's commit, so this is
@@ -55,15 +58,13 @@ class PruneStatements:
             .order_by(workflows.c.instance_id)
             .with_for_update()
         )
-        self.delete_children = [
-            delete(table).where(table.c.instance_id.in_(ids)) for table in CHILD_TABLES
-        ]
         self.delete_workflows = delete(workflows).where(workflows.c.instance_id.in_(ids), prunable)
 
 
 def prune_workflows(
     conn: Connection,
     sql: PruneStatements,
+    dialect: SqlDialect,
     finished_before: datetime,
     statuses: frozenset[WorkflowStatus],
     batch_size: int,
@@ -87,8 +88,7 @@ def prune_workflows(
         # Every candidate went while we waited for its lock: read what is left.
     else:
         raise RetryableConflict(f"prune_workflows could not lock a batch in {_LOOKS} rounds")
-    for statement in sql.delete_children:
-        conn.execute(statement, {"p_ids": locked})
+    delete_attached(conn, dialect, locked)
     deleted = conn.execute(sql.delete_workflows, {"p_ids": locked, **guard}).rowcount
     if deleted != len(locked):
         # Cannot happen while we hold the rows' locks; never commit children without parents.

@@ -21,6 +21,10 @@ Layout (one row per ...):
   so that a repeat returns it again.
 - ``sayiir_snapshot_writes``: save made with a ``write_id`` (the version it got and the
   snapshot's digest), so that a repeat returns that version.
+- ``sayiir_token_floors``: deleted workflow instance that had claims: the greatest fencing
+  token its claims reached. Written when its claim rows are deleted (``delete_snapshot``,
+  ``prune_workflows``), read by a task's first claim (token = floor + 1), never deleted: kept
+  when the id is created again, so tokens never repeat for an (instance id, task id).
 
 No foreign keys: every write path locks the workflow row first and deletes children
 explicitly, and foreign keys would add MySQL shared locks on the parent row to every
@@ -169,6 +173,14 @@ workflow_tags = Table(
     **_MYSQL,
 )
 
+token_floors = Table(
+    "sayiir_token_floors",
+    metadata,
+    Column("instance_id", Identifier(), primary_key=True),
+    Column("token_floor", BigInteger(), nullable=False),
+    **_MYSQL,
+)
+
 # Keyed sends (see docs/contract.md#send_event): the primary key is what makes a repeat of the
 # same key, by any number of concurrent callers, write once.
 sent_events = Table(
@@ -223,4 +235,5 @@ CHILD_TABLES = (
     *KEY_TABLES,
 )
 """The tables whose rows belong to one workflow (by ``instance_id``): what deleting a workflow
-deletes first, in the order writers lock them after its row (ready rows before claim rows)."""
+deletes first, in the order writers lock them after its row (ready rows before claim rows).
+Not ``sayiir_token_floors``: a token floor outlives its workflow."""

@@ -235,11 +235,13 @@ class Statements:
         self.read_bumped: Select[Any] = select(*bumped).where(_workflow_key())
 
         # -- ready rows
-        self.lock_ready_task = (
-            select(ready_tasks.c.wake_at, now.label("now"), signal_pending().label("signalled"))
-            .where(_ready_key())
-            .with_for_update()
-        )
+        # claim_task's lock: what the claim needs to know of the task (its token floor where
+        # the dialect's claim statement cannot return its token: see SqlDialect.floor_read).
+        ready_task = [ready_tasks.c.wake_at, now.label("now"), signal_pending().label("signalled")]
+        floor = dialect.floor_read(ready_tasks.c.instance_id)
+        if floor is not None:
+            ready_task.append(floor.label("token_floor"))
+        self.lock_ready_task = select(*ready_task).where(_ready_key()).with_for_update()
         self.delete_ready_task = delete(ready_tasks).where(_ready_key())
         # The claim hint of ready rows: set by a claim, cleared by a release.
         self.mark_claimed = mark_claimed()

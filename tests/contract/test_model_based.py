@@ -10,14 +10,16 @@ written from docs/contract.md.
 After every step the whole observable state is compared as well: the instance list, every
 stored snapshot and the tasks available to a worker that fits every tag. Any divergence in a
 return value, the class of a raised error, a stored field, a claim's holder or token (which
-must strictly increase), or the FIFO order of events fails the test.
+must strictly increase, also past the tokens of a deleted instance of the same id), or the FIFO
+order of events fails the test.
 
 The world is kept small so that sequences collide often: three instances, three task ids (plus
 a signal id that can also carry a result), three workers, two tags, two event names, and the
 positions ``NotStarted``, ``AtTask``, ``AtFork``, ``AtDelay`` and ``AtSignal``. Targets are
 drawn at run time from the model's state most of the time (a stored instance, a runnable task,
 a claim by its holder, a pending signal, the event an instance waits for) and otherwise from
-the whole world, so that absent instances, foreign claims and stale tokens come up too.
+the whole world, so that absent instances, foreign claims and stale tokens come up too (the
+holders of claims of deleted instances among them, with their old tokens).
 
 Time. The model counts whole seconds from the start of an example ("virtual time"). The clock
 only ever advances by whole minutes, and every claim TTL and delay is a whole minute plus 30 s,
@@ -186,7 +188,8 @@ expected_versions: st.SearchStrategy[VersionChoice] = (
     st.none() | st.sampled_from(("stored", "behind", "ahead")) | st.just(0)
 )
 # No token, the stored claim's token, one behind, one ahead.
-token_choices = st.sampled_from(("none", "stored", "behind", "ahead"))
+# "retired": the token of the task's claim in a deleted instance of the id (a stale holder).
+token_choices = st.sampled_from(("none", "stored", "behind", "ahead", "retired"))
 requests = st.builds(
     SignalRequest,
     reason=st.none() | st.just("maintenance"),
@@ -327,7 +330,7 @@ step_specs: st.SearchStrategy[StepSpec | None] = st.none() | st.one_of(
     st.tuples(st.just("move"), position_specs),
     st.tuples(st.sampled_from(("complete", "fail", "raise", "keep")), st.none()),
 )
-completion_tokens = st.sampled_from(("stored", "stored", "stored", "behind", "ahead"))
+completion_tokens = st.sampled_from(("stored", "stored", "stored", "behind", "ahead", "retired"))
 
 
 class AdvanceBroke(Exception):
@@ -736,6 +739,12 @@ class ContractMachine(RuleBasedStateMachine):
             for task_id, claim in workflow.claims.items()
             if claim.worker_id  # not a scheduled retry's wait (held by no worker)
         )
+        # Holders of claims of deleted instances too (their ids may exist again).
+        claims += sorted(
+            (instance_id, task_id, claim.worker_id)
+            for (instance_id, task_id), claim in self.model.retired.items()
+            if claim.worker_id
+        )
         if claims and data.draw(st.integers(0, 3), label="known claim") > 0:
             instance_id, task_id, holder = data.draw(st.sampled_from(claims), label="claim")
             by_holder = data.draw(st.integers(0, 3), label="by holder") > 0
@@ -748,6 +757,8 @@ class ContractMachine(RuleBasedStateMachine):
         workflow = self.model.workflows.get(instance_id)
         claim = None if workflow is None else workflow.claims.get(task_id)
         stored = 1 if claim is None else claim.token
+        if choice == "retired":
+            return max(1, self.model.retired_token(instance_id, task_id))
         return {"none": None, "stored": stored, "behind": stored - 1, "ahead": stored + 1}[choice]
 
     def version_for(self, choice: VersionChoice, instance_id: str) -> int | None:

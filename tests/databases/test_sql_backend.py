@@ -253,7 +253,7 @@ def test_mysql_batch_of_first_claims_is_refused_whole_if_a_claim_row_exists(
             transaction = conn.begin()
             with pytest.raises(RetryableConflict, match="1 of 2 first claims already existed"):
                 terms = ClaimTerms("w2", now, now + timedelta(minutes=1))
-                MySqlDialect().claim_many(conn, misread, terms)
+                MySqlDialect().claim_many(conn, misread, terms, {})
             transaction.rollback()  # what SqlBackend does before running it again
 
         again = backend.claim_task("held", "t", "w2", timedelta(minutes=1))

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from helpers.isolated_db import isolated_database
 from sayiir_persistence import SqlBackend, WorkflowSnapshot, WorkflowStatus, migrate
-from sayiir_persistence.sql.schema import CHILD_TABLES, workflows
+from sayiir_persistence.sql.schema import CHILD_TABLES, token_floors, workflows
 
 LONG_TTL = timedelta(minutes=10)
 CUTOFF_AGE = timedelta(days=1)
@@ -131,12 +131,16 @@ def test_a_batch_is_a_few_set_based_statements_whatever_its_size(backend: SqlBac
         assert backend.prune_workflows(finished_before=cutoff(), batch_size=2) == 2
     with Statements(backend) as large:
         assert backend.prune_workflows(finished_before=cutoff(), batch_size=38) == 38
-    # One candidate read, one lock, a delete per child table, the workflows' delete (and
-    # SQLite's BEGIN IMMEDIATE): the same for 2 workflows as for 38.
-    assert len(large.of(this)) == len(small.of(this)) <= len(CHILD_TABLES) + 4
+    # One candidate read, one lock, a delete per child table, one upsert of the token floors,
+    # the workflows' delete (and SQLite's BEGIN IMMEDIATE): the same for 2 workflows as for 38.
+    assert len(large.of(this)) == len(small.of(this)) <= len(CHILD_TABLES) + 5
     assert len(large.of(this, is_lock)) == 1
     assert backend.list_snapshots() == []
     assert all(rows_of(backend, instance_id) == 0 for instance_id in old)
+    # What is left of each: its token floor (its claim's token), never pruned.
+    with backend.engine.connect() as conn:
+        floors = {row.instance_id: row.token_floor for row in conn.execute(sa.select(token_floors))}
+    assert floors == dict.fromkeys(old, 1)
 
 
 def test_the_write_rechecks_status_and_age_after_the_candidates_were_read(

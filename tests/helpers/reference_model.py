@@ -11,8 +11,10 @@ What is left out on purpose:
   ``test_model_based.py``), so delays here carry their wake time in virtual seconds
   (:class:`Delay`) instead of an ``AtDelay`` with a ``datetime``.
 - Fencing tokens: the contract only says a new claim's token is greater than every earlier
-  token of that task. :meth:`ReferenceModel.claim_task` answers the least acceptable token and
-  :meth:`ReferenceModel.grant` records the token the store actually chose.
+  token of that task, those of deleted instances of the same id included.
+  :meth:`ReferenceModel.claim_task` answers the least acceptable token and
+  :meth:`ReferenceModel.grant` records the token the store actually chose; the claims of
+  deleted instances are kept apart (:attr:`ReferenceModel.retired`), for their tokens only.
 - Which of several equally ranked tasks ``claim_available_tasks`` hands out when its limit
   cuts through them: :meth:`ReferenceModel.available` ranks the candidates, the test checks
   the store's choice against the ranking and grants what the store chose.
@@ -232,6 +234,10 @@ class ReferenceModel:
     def __init__(self) -> None:
         self.now = 0
         self.workflows: dict[str, Workflow] = {}
+        # The last claim of each (instance, task) of a deleted instance (delete_snapshot,
+        # prune_workflows): a claim of the id created again must have a greater token, and
+        # its holder is fenced off (docs/contract.md#claims).
+        self.retired: dict[tuple[str, str], Claim] = {}
 
     def advance(self, seconds: int) -> None:
         assert seconds >= 0
@@ -335,7 +341,17 @@ class ReferenceModel:
 
     def delete_snapshot(self, instance_id: str) -> None:
         self._get(instance_id)
-        del self.workflows[instance_id]
+        self._delete(instance_id)
+
+    def _delete(self, instance_id: str) -> None:
+        """Delete an instance and everything attached; its claims' tokens are retired."""
+        for task_id, claim in self.workflows.pop(instance_id).claims.items():
+            self.retired[(instance_id, task_id)] = claim
+
+    def retired_token(self, instance_id: str, task_id: str) -> int:
+        """The greatest token of the task in deleted instances of the id (0: none)."""
+        claim = self.retired.get((instance_id, task_id))
+        return 0 if claim is None else claim.token
 
     def list_snapshots(
         self, status: WorkflowStatus | None, after: str | None, limit: int | None
@@ -360,7 +376,7 @@ class ReferenceModel:
     def prune(self, instance_ids: set[str]) -> None:
         """Delete the workflows a ``prune_workflows`` call chose, everything attached."""
         for instance_id in instance_ids:
-            del self.workflows[instance_id]
+            self._delete(instance_id)
 
     # -- claims ------------------------------------------------------------------------------
 
@@ -388,7 +404,8 @@ class ReferenceModel:
             worker_id=worker_id,
             claimed_at=self.now,
             expires_at=self.now + min(lifetimes) if lifetimes else None,
-            min_token=1 if claim is None else claim.token + 1,
+            min_token=1
+            + (self.retired_token(instance_id, task_id) if claim is None else claim.token),
             pending_signals=frozenset(),
             attempt=1 if claim is None else claim.attempt + 1,
             deadline=None if timeout is None else self.now + timeout,
@@ -399,6 +416,8 @@ class ReferenceModel:
         """Record a claim the store granted with ``token``."""
         previous = self.workflows[expected.instance_id].claims.get(expected.task_id)
         assert previous is None or token > previous.token, "fencing token did not increase"
+        retired = self.retired_token(expected.instance_id, expected.task_id)
+        assert token > retired, "fencing token repeated one of a deleted instance"
         self.workflows[expected.instance_id].claims[expected.task_id] = Claim(
             worker_id=expected.worker_id,
             token=token,

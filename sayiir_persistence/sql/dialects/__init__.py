@@ -17,6 +17,7 @@ from .base import (
     Locked,
     SqlDialect,
     TaskKey,
+    TokenFloors,
     claim_key,
     dialect_class,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SqlDialect",
     "SqliteDialect",
     "TaskKey",
+    "TokenFloors",
     "claim_key",
     "dialect_class",
     "dialect_for",

@@ -6,7 +6,9 @@ see ``sayiir_persistence.sql.dialects``) holds everything that differs between d
 - the database clock as a SQL expression (expiry is judged by the server, not the worker);
 - how to claim a task in one guarded write (the guard ``released OR expires_at <= now``
   lives in the statement itself, so a row that another worker claimed an instant ago is
-  never taken over);
+  never taken over), a task's first claim going on from its instance's token floor (see
+  ``schema.token_floors``);
+- how to record the token floors of workflows whose claim rows are being deleted;
 - how to lock the best candidates with ``SKIP LOCKED`` (SQLite serialises writers instead);
 - how to prepare an engine (isolation level, SQLite pragmas and ``BEGIN IMMEDIATE``);
 - the lock that serialises concurrent migrations;
@@ -34,15 +36,18 @@ from sqlalchemy import (
     Engine,
     Executable,
     FromClause,
+    ScalarSelect,
     Select,
     Table,
     and_,
     bindparam,
+    func,
     or_,
+    select,
 )
 
 from ..errors import ErrorKind
-from ..schema import task_claims, task_results
+from ..schema import task_claims, task_results, token_floors
 
 TaskKey = tuple[str, str]
 
@@ -86,9 +91,9 @@ class Granted:
     last_error: str | None = None
 
     @classmethod
-    def first(cls) -> Granted:
-        """A task's first claim."""
-        return cls(token=1, attempt=1)
+    def first(cls, token_floor: int = 0) -> Granted:
+        """A task's first claim, in an instance whose token floor is ``token_floor``."""
+        return cls(token=token_floor + 1, attempt=1)
 
     @classmethod
     def from_row(cls, row: Any) -> Granted:
@@ -111,18 +116,51 @@ def claim_parameters(keys: list[TaskKey], terms: ClaimTerms) -> list[dict[str, o
     ]
 
 
+# Token floors (see schema.token_floors): a deleted instance's greatest token, which the
+# first claim of each task of the id created again goes on from.
+TokenFloors = Mapping[str, int]
+
+
+def token_floor_of(instance_id: ColumnElement[str]) -> ScalarSelect[int]:
+    """The token floor of ``instance_id`` (NULL when the id was never deleted with claims)."""
+    return (
+        select(token_floors.c.token_floor)
+        .where(token_floors.c.instance_id == instance_id)
+        .scalar_subquery()
+    )
+
+
+def floor_or_zero(instance_id: ColumnElement[str]) -> ColumnElement[int]:
+    """The token floor of ``instance_id``, 0 when it has none."""
+    return func.coalesce(token_floor_of(instance_id), 0)
+
+
 def new_claim() -> dict[str, object]:
-    """The values of a first claim, bound by :func:`claim_parameters`."""
+    """The values of a first claim, bound by :func:`claim_parameters`. Its token goes on from
+    the instance's token floor, read by the claim statement itself (after the caller locked
+    the task's ready row or workflow row, so a floor committed before the id was created
+    again is seen); the attempt offset is the floor, so the attempt is 1."""
+    floor = floor_or_zero(bindparam("p_instance_id"))
     return {
         "instance_id": bindparam("p_instance_id"),
         "task_id": bindparam("p_task_id"),
         "worker_id": bindparam("p_worker_id"),
-        "token": 1,
+        "token": floor + 1,
         "claimed_at": bindparam("p_now"),
         "expires_at": bindparam("p_expires_at"),
         "released": False,
         "deadline": bindparam("p_deadline"),
+        "attempt_offset": floor,
     }
+
+
+def claims_token_floors() -> Select[Any]:
+    """The greatest token of the claim rows of each of the instances ``p_ids`` (expanding)."""
+    return (
+        select(task_claims.c.instance_id, func.max(task_claims.c.token))
+        .where(task_claims.c.instance_id.in_(bindparam("p_ids", expanding=True)))
+        .group_by(task_claims.c.instance_id)
+    )
 
 
 # A takeover's new values (a first claim's are new_claim()): the error of the last failed
@@ -190,6 +228,19 @@ def claim_key() -> ColumnElement[bool]:
     )
 
 
+def on_conflict_floor_upsert(
+    insert: Callable[[Table], Any], greatest: Callable[..., ColumnElement[int]]
+) -> Executable:
+    """Record the token floors of the instances ``p_ids`` from their claim rows, keeping the
+    greater floor, on a database with ``INSERT ... ON CONFLICT``."""
+    floors = insert(token_floors).from_select(["instance_id", "token_floor"], claims_token_floors())
+    upsert: Executable = floors.on_conflict_do_update(
+        index_elements=[token_floors.c.instance_id],
+        set_={"token_floor": greatest(token_floors.c.token_floor, floors.excluded.token_floor)},
+    )
+    return upsert
+
+
 def on_conflict_upserts(insert: Callable[[Table], Any]) -> tuple[Executable, Executable]:
     """The claim and result upserts of a database with ``INSERT ... ON CONFLICT``.
 
@@ -249,6 +300,7 @@ class SqlDialect(ABC):
         # Built once: building SQLAlchemy statements costs more client CPU than running
         # their cached compiled form. Values are bound at each call.
         self._claim_statement, self._put_result_statement = self._build_upserts()
+        self._record_floors_statement = self._build_floor_upsert()
 
     # -- the clock -----------------------------------------------------------------------
 
@@ -323,9 +375,34 @@ class SqlDialect(ABC):
         and gathers the ``RETURNING`` rows); a row whose claim is live returns nothing.
         """
 
-    def claim(self, conn: Connection, key: TaskKey, terms: ClaimTerms) -> Granted | None:
-        """Claim if no live claim exists; ``None`` if one does."""
-        return self.claim_many(conn, {key: ClaimRow.UNKNOWN}, terms).get(key)
+    @abstractmethod
+    def _build_floor_upsert(self) -> Executable:
+        """The statement of :meth:`record_token_floors` (bound: ``p_ids``, expanding)."""
+
+    def record_token_floors(self, conn: Connection, instance_ids: list[str]) -> None:
+        """Record the greatest token of the claim rows of ``instance_ids`` as their token
+        floors (keeping a greater floor already recorded), before those rows are deleted.
+
+        The caller holds the workflow rows and has deleted their ready rows: every claim
+        locks one of them first, so no claim of these instances can change while the
+        statement reads their claim rows (and a claim that got a lock first has committed).
+        """
+        if instance_ids:
+            conn.execute(self._record_floors_statement, {"p_ids": instance_ids})
+
+    def floor_read(self, instance_id: ColumnElement[str]) -> ColumnElement[int] | None:
+        """What a statement that locks a task's ready or workflow row selects to learn the
+        instance's token floor, for a dialect whose claim statement cannot return the token
+        it wrote (``None``: the claim statement returns it, nothing to read)."""
+        return None
+
+    def claim(
+        self, conn: Connection, key: TaskKey, terms: ClaimTerms, floors: TokenFloors
+    ) -> Granted | None:
+        """Claim if no live claim exists; ``None`` if one does. ``floors``: the token floors
+        read with :meth:`floor_read` by the statement that locked the task (empty where that
+        reads nothing)."""
+        return self.claim_many(conn, {key: ClaimRow.UNKNOWN}, terms, floors).get(key)
 
     def claim_available_query(self, candidates: CompoundSelect[Any]) -> Select[Any] | None:
         """One statement that finds, locks, claims and describes the best candidates, where
@@ -334,14 +411,18 @@ class SqlDialect(ABC):
         return None
 
     @abstractmethod
-    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
+    def lock_candidates(
+        self, conn: Connection, keys: list[TaskKey], limit: int
+    ) -> tuple[Locked, TokenFloors]:
         """Lock the first ``limit`` of ``keys`` (best first) that no one else is claiming,
-        each with what the lock tells of its claim row."""
+        each with what the lock tells of its claim row, and the token floors of their
+        instances where :meth:`floor_read` reads them."""
 
     def claim_many(
-        self, conn: Connection, locked: Locked, terms: ClaimTerms
+        self, conn: Connection, locked: Locked, terms: ClaimTerms, floors: TokenFloors
     ) -> dict[TaskKey, Granted]:
-        """Claim each locked key that has no live claim; return the claims made."""
+        """Claim each locked key that has no live claim; return the claims made. ``floors``:
+        as for :meth:`claim`."""
         if not locked:
             return {}
         rows = conn.execute(self._claim_statement, claim_parameters(list(locked), terms))

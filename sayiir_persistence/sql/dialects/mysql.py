@@ -26,7 +26,7 @@ from sqlalchemy.dialects import mysql
 
 from ...errors import SchemaError
 from ..errors import ErrorKind, RetryableConflict
-from ..schema import ready_tasks, task_claims, task_results
+from ..schema import ready_tasks, task_claims, task_results, token_floors
 from ..types import MYSQL_DIALECTS, UtcDateTime
 from .base import (
     GRANTED_COLUMNS,
@@ -36,9 +36,11 @@ from .base import (
     Locked,
     SqlDialect,
     TaskKey,
+    TokenFloors,
     claim_is_free,
     claim_key,
     claim_parameters,
+    claims_token_floors,
     new_claim,
     new_result,
     ready_is_free,
@@ -63,6 +65,15 @@ class MySqlDialect(SqlDialect):
     row exists yet, an ``INSERT IGNORE`` (the primary key lets one concurrent inserter
     win). ``ON DUPLICATE KEY UPDATE`` is avoided for claims: its assignments run left to
     right, so a guard cannot see the row as it was before the first assignment.
+
+    Without ``RETURNING``, a first claim's token (its instance's token floor + 1) is bound,
+    not read by the ``INSERT``: the statement that locks the task reads the floor with a
+    locking read (:meth:`floor_read`), which sees the latest committed floor and keeps it
+    until commit, so the bound token is the one the ``INSERT`` would have read. (A plain
+    subquery there would read the statement's snapshot, which may predate a delete and
+    re-creation of the instance that committed before its row was reached.) Bound values
+    also keep the multi-row ``INSERT IGNORE`` one statement (PyMySQL batches ``VALUES``
+    made of placeholders only).
     """
 
     names = MYSQL_DIALECTS
@@ -100,7 +111,12 @@ class MySqlDialect(SqlDialect):
         # A locking read sees each row's latest committed version, so a row claimed since the
         # candidates were read (its claim hint set) is left out here, and the next one locked.
         self._lock_statement = (
-            select(ready_tasks.c.instance_id, ready_tasks.c.task_id, claim_token.label("token"))
+            select(
+                ready_tasks.c.instance_id,
+                ready_tasks.c.task_id,
+                claim_token.label("token"),
+                self.floor_read(ready_tasks.c.instance_id).label("token_floor"),
+            )
             .where(
                 tuple_(ready_tasks.c.instance_id, ready_tasks.c.task_id).in_(
                     bindparam("p_keys", expanding=True)
@@ -191,9 +207,32 @@ class MySqlDialect(SqlDialect):
                 needed,
             )
 
+    def floor_read(self, instance_id: ColumnElement[str]) -> ColumnElement[int]:
+        # A locking read (a shared lock: claimers do not wait for each other), see the class.
+        return (
+            select(token_floors.c.token_floor)
+            .where(token_floors.c.instance_id == instance_id)
+            .with_for_update(read=True)
+            .scalar_subquery()
+        )
+
+    def _build_floor_upsert(self) -> Executable:
+        floors = mysql.insert(token_floors).from_select(
+            ["instance_id", "token_floor"], claims_token_floors()
+        )
+        return floors.on_duplicate_key_update(
+            token_floor=func.greatest(token_floors.c.token_floor, floors.inserted.token_floor)
+        )
+
     def _build_upserts(self) -> tuple[Executable, Executable]:
-        # First claims only: the primary key lets one concurrent inserter win.
-        claim = insert(task_claims).prefix_with("IGNORE").values(new_claim())
+        # First claims only: the primary key lets one concurrent inserter win. The token and
+        # attempt offset are bound from the token floor (see the class).
+        first_claim = {
+            **new_claim(),
+            "token": bindparam("p_token", type_=BigInteger()),
+            "attempt_offset": bindparam("p_attempt_offset", type_=BigInteger()),
+        }
+        claim = insert(task_claims).prefix_with("IGNORE").values(first_claim)
         result = mysql.insert(task_results).values(new_result())
         result = result.on_duplicate_key_update(
             output=result.inserted.output, completed_at=result.inserted.completed_at
@@ -209,38 +248,48 @@ class MySqlDialect(SqlDialect):
         # last error are read back from our locked row.
         return Granted.from_row(conn.execute(self._granted_statement, parameters).one())
 
-    def claim(self, conn: Connection, key: TaskKey, terms: ClaimTerms) -> Granted | None:
+    def claim(
+        self, conn: Connection, key: TaskKey, terms: ClaimTerms, floors: TokenFloors
+    ) -> Granted | None:
         [parameters] = claim_parameters([key], terms)
         granted = self._take_over(conn, parameters)
         if granted is not None:
             return granted
-        inserted = conn.execute(self._claim_statement, parameters)
-        return Granted.first() if inserted.rowcount == 1 else None
+        floor = floors.get(key[0], 0)
+        inserted = conn.execute(self._claim_statement, _first_claim(parameters, floor))
+        return Granted.first(floor) if inserted.rowcount == 1 else None
 
-    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
+    def lock_candidates(
+        self, conn: Connection, keys: list[TaskKey], limit: int
+    ) -> tuple[Locked, TokenFloors]:
         # InnoDB locks every row a locking read visits before sorting and limiting, so the
         # candidates are not locked with ORDER BY ... LIMIT: lock the best ``limit`` keys by
         # primary key, and as many of the next ones as rows were skipped, until enough.
         locked: dict[TaskKey, ClaimRow] = {}
+        floors: dict[str, int] = {}
         tried = 0
         while len(locked) < limit and tried < len(keys):
             batch = keys[tried : tried + limit - len(locked)]
             tried += len(batch)
             rows = conn.execute(self._lock_statement, {"p_keys": batch})
-            locked.update(
-                ((row.instance_id, row.task_id), _claim_row(row.token is not None)) for row in rows
-            )
-        return {key: locked[key] for key in keys[:tried] if key in locked}
+            for row in rows:
+                locked[(row.instance_id, row.task_id)] = _claim_row(row.token is not None)
+                if row.token_floor is not None:
+                    floors[row.instance_id] = int(row.token_floor)
+        return {key: locked[key] for key in keys[:tried] if key in locked}, floors
 
     def claim_many(
-        self, conn: Connection, locked: Locked, terms: ClaimTerms
+        self, conn: Connection, locked: Locked, terms: ClaimTerms, floors: TokenFloors
     ) -> dict[TaskKey, Granted]:
         tokens: dict[TaskKey, Granted] = {}
         # First claims, the usual case, in one multi-row INSERT IGNORE. The ready-row
         # locks we hold keep other claimers out, so every one of them must go in.
         first = [key for key, row in locked.items() if row is ClaimRow.ABSENT]
         if first:
-            parameters = claim_parameters(first, terms)
+            parameters = [
+                _first_claim(values, floors.get(key[0], 0))
+                for key, values in zip(first, claim_parameters(first, terms), strict=True)
+            ]
             inserted = conn.execute(self._claim_statement, parameters).rowcount
             if inserted != len(first):
                 # A claim row read as absent exists (committed in the instant between the
@@ -249,7 +298,7 @@ class MySqlDialect(SqlDialect):
                 raise RetryableConflict(
                     f"{len(first) - inserted} of {len(first)} first claims already existed"
                 )
-            tokens.update(dict.fromkeys(first, Granted.first()))
+            tokens.update((key, Granted.first(floors.get(key[0], 0))) for key in first)
         for key, row in locked.items():
             if row is ClaimRow.ABSENT:
                 continue
@@ -257,10 +306,15 @@ class MySqlDialect(SqlDialect):
                 [takeover] = claim_parameters([key], terms)
                 granted = self._take_over(conn, takeover)
             else:
-                granted = self.claim(conn, key, terms)
+                granted = self.claim(conn, key, terms, floors)
             if granted is not None:
                 tokens[key] = granted
         return tokens
+
+
+def _first_claim(parameters: dict[str, object], token_floor: int) -> dict[str, object]:
+    """The parameters of a first claim in an instance whose token floor is ``token_floor``."""
+    return {**parameters, "p_token": token_floor + 1, "p_attempt_offset": token_floor}
 
 
 def _claim_row(exists: bool) -> ClaimRow:

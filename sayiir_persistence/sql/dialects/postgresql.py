@@ -38,7 +38,10 @@ from .base import (
     Locked,
     SqlDialect,
     TaskKey,
+    TokenFloors,
     claim_is_free,
+    floor_or_zero,
+    on_conflict_floor_upsert,
     on_conflict_upserts,
     ready_is_free,
     takeover_values,
@@ -94,6 +97,9 @@ class PostgresDialect(SqlDialect):
         )
         return on_conflict_upserts(postgresql.insert)
 
+    def _build_floor_upsert(self) -> Executable:
+        return on_conflict_floor_upsert(postgresql.insert, func.greatest)
+
     def claim_available_query(self, candidates: CompoundSelect[Any]) -> Select[Any]:
         """Find, lock, claim and describe the best available tasks in one statement.
 
@@ -103,7 +109,10 @@ class PostgresDialect(SqlDialect):
         the locked row itself, so that a row claimed by a commit after this statement's
         snapshot is rechecked on its new version and skipped too. ``claimed``: the guarded
         claim upsert of those rows (a live claim row refuses, and returns nothing). ``marked``:
-        the claims' expiry copied to their ready rows. The outer select adds what the worker
+        the claims' expiry copied to their ready rows. A first claim goes on from its
+        instance's token floor (read by this statement, whose snapshot holds every floor
+        written before the locked ready rows' workflow was created). The outer select adds
+        what the worker
         needs to run each task. Bound: the candidates' parameters, ``p_aging_us``,
         ``p_take``, ``p_worker_id``, ``p_ttl`` (an interval, or NULL for no expiry; already
         cut to the timeout), ``p_timeout`` (an interval, or NULL for no deadline).
@@ -144,12 +153,13 @@ class PostgresDialect(SqlDialect):
                 "expires_at",
                 "released",
                 "deadline",
+                "attempt_offset",
             ],
             select(
                 locked.c.instance_id,
                 locked.c.task_id,
                 bindparam("p_worker_id", type_=Identifier()),
-                literal(1, BigInteger()),
+                floor_or_zero(locked.c.instance_id) + literal(1, BigInteger()),
                 now,
                 self.now_plus_ttl(),
                 false(),
@@ -157,6 +167,7 @@ class PostgresDialect(SqlDialect):
                     func.statement_timestamp() + bindparam("p_timeout", type_=Interval()),
                     UtcDateTime(),
                 ),
+                floor_or_zero(locked.c.instance_id),
             ),
         )
         claimed = (
@@ -228,5 +239,7 @@ class PostgresDialect(SqlDialect):
             .add_cte(marked)
         )
 
-    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
+    def lock_candidates(
+        self, conn: Connection, keys: list[TaskKey], limit: int
+    ) -> tuple[Locked, TokenFloors]:
         raise NotImplementedError("PostgreSQL claims in one statement: claim_available_query")

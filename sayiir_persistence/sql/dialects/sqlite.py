@@ -32,6 +32,8 @@ from .base import (
     Locked,
     SqlDialect,
     TaskKey,
+    TokenFloors,
+    on_conflict_floor_upsert,
     on_conflict_upserts,
 )
 
@@ -171,10 +173,17 @@ class SqliteDialect(SqlDialect):
     def _build_upserts(self) -> tuple[Executable, Executable]:
         return on_conflict_upserts(sqlite.insert)
 
-    def lock_candidates(self, conn: Connection, keys: list[TaskKey], limit: int) -> Locked:
+    def _build_floor_upsert(self) -> Executable:
+        # SQLite's max() of two arguments is the greater one.
+        return on_conflict_floor_upsert(sqlite.insert, func.max)
+
+    def lock_candidates(
+        self, conn: Connection, keys: list[TaskKey], limit: int
+    ) -> tuple[Locked, TokenFloors]:
         # The transaction holds the database's write lock: the candidates just read are
-        # exactly what is available, and nobody else can claim them before we commit.
-        return dict.fromkeys(keys[:limit], ClaimRow.UNKNOWN)
+        # exactly what is available, and nobody else can claim them before we commit. The
+        # claim statement reads the token floors itself (and returns its tokens).
+        return dict.fromkeys(keys[:limit], ClaimRow.UNKNOWN), {}
 
 
 def _use_wal(dbapi_connection: Any) -> None:

@@ -8,7 +8,16 @@ import pytest
 
 from ...backend import PersistentBackend
 from ...errors import ClaimLostError, NotFoundError
-from ...model import AtDelay, AtFork, SignalKind, WorkflowStatus
+from ...model import (
+    AtDelay,
+    AtFork,
+    AtTask,
+    CompletionOutcome,
+    SignalKind,
+    TaskClaim,
+    TaskCompletion,
+    WorkflowStatus,
+)
 from ..builders import (
     LONG_TTL,
     NOT_IN_PROGRESS,
@@ -23,6 +32,25 @@ from ..builders import (
 from ..cases import UNRUNNABLE, UnrunnableSetup
 from ..clocks import ContractClock
 from .base import ContractBase
+
+
+def assert_fenced_off(backend: PersistentBackend, stale: TaskClaim) -> None:
+    """A holder of ``stale``, a claim of an earlier instance of its id whose task was claimed
+    anew, passes no fenced call, and nothing it tried was written."""
+    instance_id, task_id, worker_id = stale.instance_id, stale.task_id, stale.worker_id
+    assert not backend.save_snapshot_fenced(
+        backend.load_snapshot(instance_id), task_id, worker_id, token=stale.token
+    )
+    [completed] = backend.complete_tasks(
+        [TaskCompletion(instance_id, task_id, worker_id, stale.token, output=b"stale")],
+        ttl=LONG_TTL,
+    )
+    assert completed.outcome is CompletionOutcome.CLAIM_LOST
+    with pytest.raises(ClaimLostError):
+        backend.extend_task_claim(instance_id, task_id, worker_id, LONG_TTL, token=stale.token)
+    with pytest.raises(ClaimLostError):
+        backend.release_task_claim(instance_id, task_id, worker_id, token=stale.token)
+    assert backend.load_task_result(instance_id, task_id) is None
 
 
 class ClaimContract(ContractBase):
@@ -321,3 +349,101 @@ class ClaimContract(ContractBase):
         backend.store_signal("wf", kind, make_request())
         extended = backend.extend_task_claim("wf", "t1", WORKER, LONG_TTL)
         assert extended.pending_signals == frozenset({kind})
+
+    # -- fencing tokens across a deletion ---------------------------------------------------
+
+    def test_a_re_created_instance_goes_on_from_the_tokens_of_the_deleted_one(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_at(backend, "wf", AtFork("f", ("t1", "t2")))
+        first = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert first is not None
+        backend.release_task_claim("wf", "t1", WORKER, token=first.token)
+        old = backend.claim_task("wf", "t1", WORKER, LONG_TTL)  # token 2 or more
+        old_other = backend.claim_task("wf", "t2", OTHER, LONG_TTL)  # live when deleted
+        assert old is not None and old_other is not None
+
+        backend.delete_snapshot("wf")
+        save_at(backend, "wf", AtFork("f", ("t1", "t2")))
+
+        # Nothing is claimed yet: the old holders have no claim.
+        with pytest.raises(NotFoundError):
+            backend.extend_task_claim("wf", "t2", OTHER, LONG_TTL, token=old_other.token)
+        assert not backend.save_snapshot_fenced(
+            backend.load_snapshot("wf"), "t1", WORKER, token=old.token
+        )
+        # The same worker claims the task again (claim_task), the other worker takes the
+        # other branch (claim_available_tasks): greater tokens, attempts counted from 1.
+        new = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert new is not None and new.token > old.token and new.attempt == 1
+        [other_new] = backend.claim_available_tasks(OTHER, 10, LONG_TTL)
+        assert other_new.claim.task_id == "t2"
+        assert other_new.claim.token > old_other.token and other_new.claim.attempt == 1
+        assert_fenced_off(backend, old)
+        assert_fenced_off(backend, old_other)  # a token 1 too
+
+        # The new holders go on as usual.
+        [done] = backend.complete_tasks(
+            [TaskCompletion("wf", "t1", WORKER, new.token, output=b"fresh")], ttl=LONG_TTL
+        )
+        assert done.outcome is CompletionOutcome.RECORDED
+        assert backend.extend_task_claim("wf", "t2", OTHER, LONG_TTL).token == (
+            other_new.claim.token
+        )
+
+    def test_next_claims_of_a_re_created_instance_go_on_from_the_deleted_ones_tokens(
+        self, backend: PersistentBackend
+    ) -> None:
+        save_new(backend, "wf")  # at t1, then t2
+
+        def chain(worker_id: str) -> TaskClaim:
+            """Claim t1, complete it moving to t2 and claim t2 with the completion."""
+            claim = backend.claim_task("wf", "t1", worker_id, LONG_TTL)
+            assert claim is not None
+            [done] = backend.complete_tasks(
+                [
+                    TaskCompletion(
+                        "wf",
+                        "t1",
+                        worker_id,
+                        claim.token,
+                        output=b"one",
+                        advance=lambda s: s.move_to(AtTask("t2")),
+                    )
+                ],
+                ttl=LONG_TTL,
+                claim_next=1,
+            )
+            assert done.outcome is CompletionOutcome.RECORDED
+            [claimed] = done.next_tasks
+            return claimed.claim
+
+        old = chain(WORKER)
+        backend.delete_snapshot("wf")
+        save_new(backend, "wf")
+        new = chain(WORKER)
+        assert new.task_id == "t2" and new.token > old.token and new.attempt == 1
+        assert_fenced_off(backend, old)
+
+    def test_tokens_keep_increasing_over_several_deletions(
+        self, backend: PersistentBackend
+    ) -> None:
+        seen: list[int] = []
+        for _ in range(2):
+            save_new(backend, "wf")
+            claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+            assert claim is not None and claim.attempt == 1
+            seen.append(claim.token)
+            backend.delete_snapshot("wf")
+            # An instance deleted before any claim leaves the earlier tokens' mark as it was.
+            save_new(backend, "wf")
+            backend.delete_snapshot("wf")
+        save_new(backend, "wf")
+        claim = backend.claim_task("wf", "t1", WORKER, LONG_TTL)
+        assert claim is not None and claim.attempt == 1
+        seen.append(claim.token)
+        assert seen == sorted(set(seen)), seen  # strictly increasing
+        # Other ids are not affected: a never deleted id starts at token 1.
+        save_new(backend, "other")
+        fresh = backend.claim_task("other", "t1", WORKER, LONG_TTL)
+        assert fresh is not None and fresh.token == 1

@@ -6,8 +6,8 @@ import random
 from collections import Counter
 
 from ...backend import PersistentBackend
-from ...errors import ConflictError
-from ...model import AtFork, AtTask, IfExists, WorkflowSnapshot
+from ...errors import ClaimLostError, ConflictError, NotFoundError
+from ...model import AtFork, AtTask, IfExists, TaskClaim, TaskCompletion, WorkflowSnapshot
 from ..builders import LONG_TTL, make_snapshot, run_in_threads, save_at, save_new, task_pairs
 from .base import ContractBase
 
@@ -15,7 +15,8 @@ from .base import ContractBase
 class ConcurrencyContract(ContractBase):
     """Concurrency (real threads; sizes scaled by ``concurrency_scale``): exactly one winner
     per claimed task, tasks handed out once, no lost branch result, one winning versioned
-    save, each event consumed once, concurrent starts of one instance as if one at a time.
+    save, each event consumed once, concurrent starts of one instance as if one at a time,
+    no fencing token handed out twice while instances are deleted and created again.
 
     Checks docs/contract.md, section "Concurrency" (``#concurrency``).
     """
@@ -172,3 +173,68 @@ class ConcurrencyContract(ContractBase):
         assert task_pairs(backend.find_available_tasks("w", 100)) == [
             ("wf", loaded.position.task_id)
         ]
+
+    def test_tokens_never_repeat_while_instances_are_deleted_and_created_again(
+        self, backend: PersistentBackend
+    ) -> None:
+        """One thread deletes and re-creates a few fork workflows over and over while others
+        claim their branches (claim_task, claim_available_tasks, next claims of completions)
+        and release or complete them: every (instance, task, token) is handed out once."""
+        instance_ids = [f"wf-{index}" for index in range(self.scaled(3))]
+        fork = AtFork("f", ("a", "b"))
+        for instance_id in instance_ids:
+            save_at(backend, instance_id, fork)
+        rounds = self.scaled(15)
+
+        def recreate() -> None:
+            for _ in range(rounds):
+                for instance_id in instance_ids:
+                    backend.delete_snapshot(instance_id)
+                    save_at(backend, instance_id, fork)
+
+        def claim_and_finish(index: int) -> list[TaskClaim]:
+            rng, worker_id, granted = random.Random(index), f"w{index}", []
+            for _ in range(rounds * len(instance_ids)):
+                try:
+                    if rng.random() < 0.5:
+                        claims = [
+                            item.claim
+                            for item in backend.claim_available_tasks(worker_id, 2, LONG_TTL)
+                        ]
+                    else:
+                        one = backend.claim_task(
+                            rng.choice(instance_ids), rng.choice("ab"), worker_id, LONG_TTL
+                        )
+                        claims = [] if one is None else [one]
+                    granted += claims
+                    for claim in claims:
+                        granted += self._finish(backend, rng, claim)
+                except (NotFoundError, ClaimLostError):
+                    pass  # deleted (and perhaps created again) meanwhile
+            return granted
+
+        def work(index: int) -> list[TaskClaim]:
+            if index == 0:
+                recreate()
+                return []
+            return claim_and_finish(index)
+
+        granted = [claim for claims in run_in_threads(self.scaled(4), work) for claim in claims]
+        handed_out = Counter((c.instance_id, c.task_id, c.token) for c in granted)
+        assert granted and handed_out.most_common(1)[0][1] == 1, handed_out.most_common(3)
+
+    @staticmethod
+    def _finish(
+        backend: PersistentBackend, rng: random.Random, claim: TaskClaim
+    ) -> list[TaskClaim]:
+        """Release ``claim`` or complete it (taking the next task): the next claims made."""
+        if rng.random() < 0.5:
+            backend.release_task_claim(
+                claim.instance_id, claim.task_id, claim.worker_id, token=claim.token
+            )
+            return []
+        completion = TaskCompletion(
+            claim.instance_id, claim.task_id, claim.worker_id, claim.token, output=b"done"
+        )
+        [result] = backend.complete_tasks([completion], ttl=LONG_TTL, claim_next=1)
+        return [item.claim for item in result.next_tasks]

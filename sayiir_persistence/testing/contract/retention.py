@@ -9,7 +9,7 @@ import pytest
 
 from ...backend import PersistentBackend
 from ...errors import InvalidInputError, NotFoundError
-from ...model import AtFork, SignalKind, WorkflowStatus
+from ...model import AtFork, AtTask, SignalKind, WorkflowStatus
 from ...retention import MAX_PRUNE_BATCH
 from ..builders import (
     LONG_TTL,
@@ -25,6 +25,7 @@ from ..builders import (
 )
 from ..clocks import ContractClock
 from .base import ContractBase
+from .claims import assert_fenced_off
 
 # Long enough for any store clock to tick between two groups of saves (SQLite's counts
 # milliseconds).
@@ -177,6 +178,43 @@ class RetentionContract(ContractBase):
         assert backend.claim_task("wf", "b", OTHER, LONG_TTL) is not None
         assert backend.load_task_result("bystander", "t1") is None  # untouched, still there
         assert backend.load_snapshot("bystander").status is WorkflowStatus.COMPLETED
+
+    def test_a_pruned_id_created_again_goes_on_from_its_tokens(
+        self, backend: PersistentBackend, clock: ContractClock
+    ) -> None:
+        save_at(backend, "wf", AtFork("f", ("a", "b")))
+        held = backend.claim_task("wf", "b", WORKER, LONG_TTL)  # still live when it finishes
+        first = backend.claim_task("wf", "a", OTHER, LONG_TTL)
+        assert held is not None and first is not None
+        backend.release_task_claim("wf", "a", OTHER, token=first.token)
+        again = backend.claim_task("wf", "a", OTHER, LONG_TTL)
+        assert again is not None
+        snapshot = backend.load_snapshot("wf")
+        snapshot.mark_failed("boom")
+        backend.save_snapshot(snapshot)
+        clock.advance(_TICK)
+        save_with_status(backend, "bystander", WorkflowStatus.COMPLETED)
+        assert backend.prune_workflows(finished_before=_updated_at(backend, "bystander")) == 1
+
+        save_at(backend, "wf", AtFork("f", ("a", "b")))
+        new_b = backend.claim_task("wf", "b", WORKER, LONG_TTL)
+        assert new_b is not None and new_b.token > held.token and new_b.attempt == 1
+        [new_a] = backend.claim_available_tasks(OTHER, 10, LONG_TTL)
+        assert new_a.claim.task_id == "a"
+        assert new_a.claim.token > again.token and new_a.claim.attempt == 1
+        assert_fenced_off(backend, held)
+        assert_fenced_off(backend, again)
+        # Pruned again (no claim since): the tokens still go on.
+        snapshot = backend.load_snapshot("wf")
+        snapshot.move_to(AtTask("c"))
+        snapshot.mark_completed(b"done")
+        backend.save_snapshot(snapshot)
+        clock.advance(_TICK)
+        save_with_status(backend, "later", WorkflowStatus.COMPLETED)
+        assert backend.prune_workflows(finished_before=_updated_at(backend, "later")) == 2
+        save_at(backend, "wf", AtTask("b"))
+        last = backend.claim_task("wf", "b", WORKER, LONG_TTL)
+        assert last is not None and last.token > new_b.token and last.attempt == 1
 
     # -- concurrency ------------------------------------------------------------------------
 
