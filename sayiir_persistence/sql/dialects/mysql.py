@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
+import math
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
+    URL,
     BigInteger,
     ColumnElement,
     Connection,
+    Engine,
     Executable,
     bindparam,
+    event,
     func,
     insert,
     literal_column,
@@ -30,12 +36,17 @@ from ..schema import ready_tasks, task_claims, task_results
 from ..types import MYSQL_DIALECTS, UtcDateTime
 from .base import (
     GRANTED_COLUMNS,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE_SECONDS,
+    KEEPALIVE_INTERVAL_SECONDS,
+    TCP_USER_TIMEOUT_MS,
     ClaimRow,
     ClaimTerms,
     Granted,
     Locked,
     SqlDialect,
     TaskKey,
+    Timeouts,
     claim_is_free,
     claim_key,
     claim_parameters,
@@ -50,7 +61,8 @@ logger = logging.getLogger(__name__)
 _RETRYABLE = frozenset({1213, 1205})  # deadlock, lock wait timeout
 _UNDEFINED = frozenset({1146, 1054})  # no such table, unknown column
 _TOO_BIG = frozenset({1153, 1301})  # packet larger than max_allowed_packet
-_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053})
+# ... and 1969: MariaDB's max_statement_time exceeded (the call ran past its time).
+_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053, 1969})
 
 # Concurrent migrations queue on this named lock (a session lock: MySQL's DDL commits
 # implicitly, so a transaction-level lock would not last).
@@ -165,17 +177,50 @@ class MySqlDialect(SqlDialect):
             return ErrorKind.UNAVAILABLE
         return None
 
-    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, object]:
-        options = super().engine_options(driver, max_payload_bytes)
+    def engine_options(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        options = super().engine_options(url, max_payload_bytes, timeouts)
         # The pool's reset of a returned connection is a ROLLBACK round trip on MySQL drivers
         # (PostgreSQL's and SQLite's skip it when no transaction is open). Every transaction
         # of the backend has ended by then (committed, or rolled back by SQLAlchemy's
         # Connection.close()), so it would only cost one more round trip per call.
         options["pool_reset_on_return"] = None
-        if driver == "pymysql":
-            # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
-            options["connect_args"] = {"max_allowed_packet": self.packet_bytes(max_payload_bytes)}
         return options
+
+    def connect_args(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        """PyMySQL's arguments: the packet size, ``connect_timeout`` (the TCP connect),
+        ``read_timeout`` / ``write_timeout`` (each socket operation, the handshake's
+        included), and MariaDB's server-side timeouts of the session (``init_command``)."""
+        if url.get_driver_name() != "pymysql":
+            return {}
+        args: dict[str, object] = {
+            # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
+            "max_allowed_packet": self.packet_bytes(max_payload_bytes),
+            "connect_timeout": timeouts.connect.total_seconds(),
+        }
+        if timeouts.call is not None:
+            call = timeouts.call.total_seconds()
+            # No single read or write of a call waits longer than the call may last. These
+            # also bound what runs outside a call's watch: the handshake after the TCP
+            # connect, the start-up checks.
+            args["read_timeout"] = args["write_timeout"] = call
+            args["init_command"] = _server_timeouts(call)
+        return args
+
+    def prepare_engine(self, engine: Engine, *, created: bool) -> Engine:
+        engine = super().prepare_engine(engine, created=created)
+        if created and engine.dialect.driver == "pymysql":
+            # PyMySQL turns keepalives on with the system's timers (2 hours): use ours.
+            event.listen(engine, "connect", _tune_keepalives)
+        return engine
+
+    @staticmethod
+    def socket_of(dbapi_connection: Any) -> int | None:
+        sock = getattr(dbapi_connection, "_sock", None)  # PyMySQL's socket (no fileno())
+        return None if sock is None else int(sock.fileno())
 
     def check_server(self, conn: Connection, max_payload_bytes: int) -> None:
         allowed = conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
@@ -261,6 +306,37 @@ class MySqlDialect(SqlDialect):
             if granted is not None:
                 tokens[key] = granted
         return tokens
+
+
+def _tune_keepalives(dbapi_connection: Any, _record: Any) -> None:
+    """Set the keepalive timers and ``TCP_USER_TIMEOUT`` on a new PyMySQL connection's
+    socket (where the system has them: Linux)."""
+    sock = getattr(dbapi_connection, "_sock", None)
+    if sock is None:
+        return
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_MS),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def _server_timeouts(call_seconds: float) -> str:
+    """The session's server-side timeouts, on MariaDB only: no statement of a call runs
+    longer than the call, nor does its transaction idle longer (past that, the client has
+    given up; a server going on would hold its row locks for nothing until it notices the
+    client is gone, 8 hours by default). The ``/*M! ... */`` part is MariaDB's executable
+    comment: MariaDB runs it, MySQL (which has neither setting) skips it, and the
+    statement is then a harmless assignment of a user variable."""
+    whole = max(1, math.ceil(call_seconds))
+    return (
+        "SET @sayiir_timeouts = 1 /*M!, SESSION max_statement_time = "
+        f"{call_seconds:.3f}, SESSION idle_transaction_timeout = {whole:d} */"
+    )
 
 
 def _claim_row(exists: bool) -> ClaimRow:
