@@ -203,8 +203,8 @@ class SqlBackend(PersistentBackend):
         connect_timeout: how long opening a connection may take (PostgreSQL and MySQL;
             default 10 s: milliseconds on a LAN, well under a second across regions, room
             for a server busy authenticating a burst of connections). libpq counts it for
-            the whole set-up (at least 2 s); PyMySQL for the TCP connect, its
-            ``read_timeout`` (the call timeout) then bounds the handshake.
+            the whole set-up (at least 2 s); PyMySQL for the TCP connect and each read of
+            the handshake.
         call_timeout: the longest a call waits for the database, all of it (waiting for a
             pooled connection, statements, ``COMMIT``, its own retries) before it raises
             ``BackendUnavailableError``; a call that must also open a connection may take

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -82,6 +82,8 @@ class MySqlDialect(SqlDialect):
 
     def __init__(self) -> None:
         super().__init__()
+        # PyMySQL's read timeout during the handshake and after it (see connect_args).
+        self._read_timeout_after_connect: tuple[float, float | None] | None = None
         # The takeover of a released or expired claim.
         self._takeover_statement = (
             update(task_claims)
@@ -192,21 +194,26 @@ class MySqlDialect(SqlDialect):
         self, url: URL, max_payload_bytes: int, timeouts: Timeouts
     ) -> dict[str, object]:
         """PyMySQL's arguments: the packet size, ``connect_timeout`` (the TCP connect),
-        ``read_timeout`` / ``write_timeout`` (each socket operation, the handshake's
-        included), and MariaDB's server-side timeouts of the session (``init_command``)."""
+        ``read_timeout`` (the connect timeout during the handshake, then the call timeout:
+        see :meth:`prepare_engine`), ``write_timeout``, and MariaDB's server-side timeouts
+        of the session (``init_command``)."""
         if url.get_driver_name() != "pymysql":
             return {}
+        connect = timeouts.connect.total_seconds()
         args: dict[str, object] = {
             # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
             "max_allowed_packet": self.packet_bytes(max_payload_bytes),
-            "connect_timeout": timeouts.connect.total_seconds(),
+            "connect_timeout": connect,
+            # PyMySQL reads the handshake with read_timeout, not connect_timeout.
+            "read_timeout": connect,
         }
-        if timeouts.call is not None:
-            call = timeouts.call.total_seconds()
-            # No single read or write of a call waits longer than the call may last. These
-            # also bound what runs outside a call's watch: the handshake after the TCP
-            # connect, the start-up checks.
-            args["read_timeout"] = args["write_timeout"] = call
+        call = None if timeouts.call is None else timeouts.call.total_seconds()
+        if "read_timeout" not in url.query:
+            self._read_timeout_after_connect = (connect, call)
+        if call is not None:
+            # Once connected, no single read or write of a call waits longer than the call
+            # may last (a bound on what runs outside a call's watch too).
+            args["write_timeout"] = call
             args["init_command"] = _server_timeouts(call)
         return args
 
@@ -215,6 +222,9 @@ class MySqlDialect(SqlDialect):
         if created and engine.dialect.driver == "pymysql":
             # PyMySQL turns keepalives on with the system's timers (2 hours): use ours.
             event.listen(engine, "connect", _tune_keepalives)
+            if self._read_timeout_after_connect is not None:
+                handshake, call = self._read_timeout_after_connect
+                event.listen(engine, "connect", _raising_read_timeout(handshake, call))
         return engine
 
     @staticmethod
@@ -306,6 +316,19 @@ class MySqlDialect(SqlDialect):
             if granted is not None:
                 tokens[key] = granted
         return tokens
+
+
+def _raising_read_timeout(handshake: float, call: float | None) -> Callable[[Any, Any], None]:
+    """A ``connect`` hook that gives a new PyMySQL connection, read with the connect timeout
+    so far, the call timeout for its reads from now on (PyMySQL has no public setter; it
+    applies ``_read_timeout`` at its next read). A read timeout the caller chose (their
+    ``connect_args``) is left alone."""
+
+    def raise_read_timeout(dbapi_connection: Any, _record: Any) -> None:
+        if getattr(dbapi_connection, "_read_timeout", None) == handshake:
+            dbapi_connection._read_timeout = call
+
+    return raise_read_timeout
 
 
 def _tune_keepalives(dbapi_connection: Any, _record: Any) -> None:
