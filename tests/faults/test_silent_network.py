@@ -351,7 +351,10 @@ def test_a_worker_rides_out_a_silent_network(silent: Silent) -> None:
         assert snapshot.completed_tasks.keys() == {"a", "b", "c", "d"}
         for task_id, output in snapshot.completed_tasks.items():
             assert output in produced[instance_id, task_id], "a result no execution made"
-            assert recorded[instance_id, task_id] == 1, f"{instance_id}/{task_id} recorded twice"
+            # 0: a completion whose answer the blackhole held (its outcome unknown to the
+            # worker) was committed all the same; the store has it.
+            times = recorded[instance_id, task_id]
+            assert times <= 1, f"{instance_id}/{task_id} recorded {times} times"
     # The store itself: one result row per task, none lost, none extra.
     with direct.engine.connect() as conn:
         rows = conn.execute(
