@@ -373,8 +373,9 @@ class SqlBackend(PersistentBackend):
                 logger.info("connection to %s lost before COMMIT; running again", self._where)
 
     def _deadline(self) -> float | None:
-        """When a call starting now must have ended (``time.monotonic()``), if bounded."""
-        if self._call_timeout is None:
+        """When a call starting now must have ended (``time.monotonic()``), if bounded
+        (not on SQLite: no network, its busy timeout bounds the waits)."""
+        if self._call_timeout is None or self._watchdog is None:
             return None
         return time.monotonic() + self._call_timeout.total_seconds()
 
