@@ -156,18 +156,23 @@ def current_revision(connection: Connection) -> str | None:
     return context.get_current_revision()
 
 
-def check_schema(engine: Engine) -> None:
+def check_schema(engine: Engine | Connection) -> None:
     """Raise :class:`SchemaError` unless the database is at :func:`head_revision`.
 
-    The message names the database (password masked) and the command that fixes it.
+    The message names the database (password masked) and the command that fixes it. Given
+    a ``Connection``, the check runs on it (its transaction is left open).
 
     Raises:
         SchemaError: the database is not provisioned, behind head, or ahead of this package.
         BackendUnavailableError: the database cannot be reached.
     """
-    shown = mask_url(engine.url)
-    with _translate_errors(engine, "check the schema of"), engine.connect() as connection:
-        current = current_revision(connection)
+    shown = mask_url(engine.engine.url)
+    with _translate_errors(engine.engine, "check the schema of"):
+        if isinstance(engine, Connection):
+            current = current_revision(engine)
+        else:
+            with engine.connect() as connection:
+                current = current_revision(connection)
     head = head_revision()
     if current == head:
         return

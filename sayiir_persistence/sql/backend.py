@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -84,7 +85,12 @@ from .dialects import (
     TokenFloors,
     dialect_for,
 )
-from .dialects.base import claimed_until
+from .dialects.base import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    Timeouts,
+    claimed_until,
+)
 from .errors import RetryableConflict, translated_errors
 from .listening import PostgresWorkWaiter, listens
 from .overdue import OverdueStatements, fail_overdue
@@ -112,6 +118,7 @@ from .schema import (
     workflows,
 )
 from .statements import Statements
+from .watchdog import CallWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +155,29 @@ def _connection_lost(error: BackendUnavailableError) -> bool:
     return isinstance(cause, sa_exc.DBAPIError) and cause.connection_invalidated
 
 
+def _timeouts(connect_timeout: timedelta, call_timeout: timedelta | None) -> Timeouts:
+    """The backend's timeouts, checked.
+
+    Raises:
+        InvalidInputError: a timeout that is not a positive ``timedelta``.
+    """
+    for name, value in (("connect_timeout", connect_timeout), ("call_timeout", call_timeout)):
+        if value is None and name == "call_timeout":
+            continue
+        if not isinstance(value, timedelta) or value <= timedelta(0):
+            raise InvalidInputError(f"{name} must be a positive timedelta, got {value!r}")
+    return Timeouts(connect=connect_timeout, call=call_timeout)
+
+
+def _merged_options(defaults: dict[str, object], given: dict[str, Any]) -> dict[str, Any]:
+    """``create_engine`` options: the caller's over the defaults, ``connect_args`` merged
+    key by key (the caller's win)."""
+    merged = {**defaults, **given}
+    if "connect_args" in defaults and "connect_args" in given:
+        merged["connect_args"] = {**defaults["connect_args"], **given["connect_args"]}  # type: ignore[dict-item]
+    return merged
+
+
 def _backend_url(engine_or_url: Engine | URL | str) -> URL:
     if isinstance(engine_or_url, Engine):
         return engine_or_url.url
@@ -180,9 +210,33 @@ class SqlBackend(PersistentBackend):
         sqlite_busy_timeout: how long a SQLite write waits for the file lock before
             ``BackendUnavailableError``.
         max_retries: attempts of a transaction that hit a deadlock or serialization failure.
+        connect_timeout: how long opening a connection may take (PostgreSQL and MySQL;
+            default 10 s: milliseconds on a LAN, well under a second across regions, room
+            for a server busy authenticating a burst of connections). libpq counts it for
+            the whole set-up (at least 2 s); PyMySQL for the TCP connect and each read of
+            the handshake.
+        call_timeout: the longest a call waits for the database, all of it (waiting for a
+            pooled connection, statements, ``COMMIT``, its own retries) before it raises
+            ``BackendUnavailableError``; a call that must also open a connection may take
+            ``connect_timeout`` more (default 60 s: every call is one short transaction,
+            whose longest legitimate forms, such as a 16 MiB payload or a large prune batch,
+            take seconds; ``None``: no bound). Enforced by a watchdog thread of the backend
+            that closes the connection of an overdue call (libpq has no read timeout), and
+            by the server too: the session's statement and idle-in-transaction timeouts
+            (PostgreSQL ``statement_timeout`` and ``idle_in_transaction_session_timeout``,
+            MariaDB ``max_statement_time`` and ``idle_transaction_timeout``) are set to it,
+            so that the server ends a transaction whose client gave up. The outcome of a
+            write that timed out is unknown, as after any ``BackendUnavailableError``.
+            SQLite, a local file, has no network to wait on: its writes wait for the lock
+            at most ``sqlite_busy_timeout``.
         **engine_options: passed to ``create_engine`` when a URL is given, over the
-            defaults (``pool_size=10, max_overflow=30``; keep the pool
-            at least as large as the number of threads sharing the backend).
+            defaults (``pool_size=10, max_overflow=30``, ``pool_timeout`` the call timeout,
+            and the driver's timeouts and TCP keepalives in ``connect_args``; keep the pool
+            at least as large as the number of threads sharing the backend). Your own
+            ``connect_args``, and parameters in the URL's query, win over the defaults (a
+            PostgreSQL URL's ``options`` are appended to the backend's, so that theirs win).
+            With your own ``Engine``, set the driver's timeouts in it: the backend then
+            applies only ``call_timeout``'s watchdog.
 
     Raises:
         SchemaError: the database is not provisioned or behind (``check_schema``).
@@ -198,9 +252,12 @@ class SqlBackend(PersistentBackend):
         check_schema: bool = True,
         sqlite_busy_timeout: timedelta = timedelta(seconds=30),
         max_retries: int = 5,
+        connect_timeout: timedelta = DEFAULT_CONNECT_TIMEOUT,
+        call_timeout: timedelta | None = DEFAULT_CALL_TIMEOUT,
         **engine_options: Any,
     ) -> None:
         super().__init__(max_payload_bytes=max_payload_bytes)
+        timeouts = _timeouts(connect_timeout, call_timeout)
         self._owns_engine = not isinstance(engine_or_url, Engine)
         url = _backend_url(engine_or_url)
         self._where = mask_url(url)
@@ -225,21 +282,22 @@ class SqlBackend(PersistentBackend):
                 engine = engine_or_url
             else:
                 try:
-                    options = self._dialect.engine_options(url.get_driver_name(), max_payload_bytes)
-                    engine = create_engine(url, **{**options, **engine_options})
+                    options = self._dialect.engine_options(url, max_payload_bytes, timeouts)
+                    engine = create_engine(url, **_merged_options(options, engine_options))
                 except (sa_exc.NoSuchModuleError, ImportError) as error:
                     raise InvalidInputError(
                         f"no driver for {self._where}: {error} (install the matching extra, "
                         "e.g. sayiir-persistence[postgres] or [mysql])"
                     ) from None
             self._engine = self._dialect.prepare_engine(engine, created=self._owns_engine)
+            self._call_timeout = call_timeout
+            self._watchdog = (
+                CallWatchdog(call_timeout.total_seconds(), self._where)
+                if call_timeout is not None and self._dialect.watches_calls
+                else None
+            )
             if check_schema:
-                from ..provisioning import check_schema as _check_schema
-
-                # A read: on SQLite it must not wait for (nor take) the write lock.
-                _check_schema(self._engine.execution_options(**{READ_ONLY_OPTION: True}))
-                with self._engine.connect() as conn:
-                    self._dialect.check_server(conn, max_payload_bytes)
+                self._check_database(max_payload_bytes)
 
     @property
     def engine(self) -> Engine:
@@ -251,14 +309,29 @@ class SqlBackend(PersistentBackend):
 
     def close(self) -> None:
         """Dispose of the connection pool if this backend created the engine."""
+        if self._watchdog is not None:
+            self._watchdog.close()
         if self._owns_engine:
             self._engine.dispose()
+
+    def _check_database(self, max_payload_bytes: int) -> None:
+        """The start-up checks (schema at head, server settings), on one watched connection."""
+        from ..provisioning import check_schema as _check_schema
+
+        deadline = self._deadline()
+        # A read: on SQLite it must not wait for (nor take) the write lock.
+        engine = self._engine.execution_options(**{READ_ONLY_OPTION: True})
+        with engine.connect() as conn, self._watched(conn, deadline):
+            _check_schema(conn)
+            self._dialect.check_server(conn, max_payload_bytes)
 
     # -- transactions ------------------------------------------------------------------------
 
     def _transaction(self, work: Callable[[Connection], T], *, read_only: bool = False) -> T:
         """Run ``work`` in one transaction, retrying deadlocks and first-save races, and
-        once on a new connection if the connection is found dead before ``COMMIT``."""
+        once on a new connection if the connection is found dead before ``COMMIT``; all of
+        it within the call timeout (see :meth:`_watched`)."""
+        deadline = self._deadline()
         attempt = 0
         reconnected = False
         while True:
@@ -272,6 +345,7 @@ class SqlBackend(PersistentBackend):
                     self._engine.connect().execution_options(
                         **{READ_ONLY_OPTION: read_only}
                     ) as conn,
+                    self._watched(conn, deadline),
                     conn.begin() as transaction,
                 ):
                     try:
@@ -284,13 +358,20 @@ class SqlBackend(PersistentBackend):
                     self._announce_work()  # committed: wake this process's idle workers
                 return result
             except (RetryableConflict, _RestartTransaction) as conflict:
-                if attempt >= self._max_retries:
+                if attempt >= self._max_retries or self._overdue(deadline):
                     raise BackendUnavailableError(
                         f"gave up after {attempt} attempts on {self._where}: {conflict}"
                     ) from conflict
                 logger.info("retrying transaction after %s (attempt %d)", conflict, attempt)
                 time.sleep(random.uniform(0, 0.01 * attempt))
             except BackendUnavailableError as error:
+                if self._overdue(deadline):
+                    # The watchdog (or the driver's own read timeout, or the server's
+                    # statement timeout) ended the call: its time is spent, no retry.
+                    raise BackendUnavailableError(
+                        f"no answer from {self._where} within the call timeout "
+                        f"({self._call_timeout}): {error}"
+                    ) from error.__cause__
                 # A connection that died before COMMIT was sent (typically one that died
                 # idle in the pool: a restarted server) committed nothing, the server rolls
                 # it back: run the transaction again on a fresh connection, once. The pool
@@ -302,6 +383,37 @@ class SqlBackend(PersistentBackend):
                 reconnected = True
                 logger.info("connection to %s lost before COMMIT; running again", self._where)
 
+    def _deadline(self) -> float | None:
+        """When a call starting now must have ended (``time.monotonic()``), if bounded
+        (not on SQLite: no network, its busy timeout bounds the waits)."""
+        if self._call_timeout is None or self._watchdog is None:
+            return None
+        return time.monotonic() + self._call_timeout.total_seconds()
+
+    @staticmethod
+    def _overdue(deadline: float | None) -> bool:
+        return deadline is not None and time.monotonic() >= deadline
+
+    def _watched(self, conn: Connection, deadline: float | None) -> AbstractContextManager[Any]:
+        """Bound the use of ``conn`` by ``deadline``: past it, the watchdog shuts its
+        socket down, and the driver, blocked or not, fails at once (lost connection)."""
+        return self._watched_socket(conn.connection.dbapi_connection, deadline)
+
+    def _watched_socket(
+        self, dbapi_connection: Any, deadline: float | None
+    ) -> AbstractContextManager[Any]:
+        if self._watchdog is None or deadline is None:
+            return nullcontext()
+        fd = self._dialect.socket_of(dbapi_connection)
+        if fd is None:
+            return nullcontext()
+        return self._watchdog.watch(fd, deadline)
+
+    def _bounded_call(self, dbapi_connection: Any) -> AbstractContextManager[Any]:
+        """A call on a DBAPI connection of the backend's engine outside :meth:`_transaction`
+        (the work waiter's ``LISTEN``), bounded by the call timeout from now."""
+        return self._watched_socket(dbapi_connection, self._deadline())
+
     def _announce(self, conn: Connection) -> None:
         """The transaction in ``conn`` makes a task runnable that nobody claimed with it:
         wake idle workers once it commits (this process's, and on PostgreSQL every one)."""
@@ -312,7 +424,7 @@ class SqlBackend(PersistentBackend):
         """See :meth:`PersistentBackend.work_waiter`. On PostgreSQL (psycopg2 or psycopg 3)
         the waiter listens on its own connection for every process's announcements."""
         if listens(self._engine):
-            return PostgresWorkWaiter(self._engine)
+            return PostgresWorkWaiter(self._engine, bounded=self._bounded_call)
         return super().work_waiter()
 
     # -- shared statements -------------------------------------------------------------------

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import select
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from sqlalchemy import Engine
@@ -37,10 +39,22 @@ class PostgresWorkWaiter:
     """A :class:`~sayiir_persistence.wakeups.WorkWaiter` on ``LISTEN sayiir_work``.
 
     Not thread-safe: one per waiting thread.
+
+    Args:
+        engine: whose pool lends the connection (detached from it for good).
+        bounded: wraps the ``LISTEN`` call on a new connection (given the DBAPI connection),
+            e.g. to bound how long it may wait for the server. Waits for notifications
+            have their own timeout.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        bounded: Callable[[Any], AbstractContextManager[Any]] | None = None,
+    ) -> None:
         self._engine = engine
+        self._bounded = bounded or (lambda _connection: nullcontext())
         self._driver = engine.dialect.driver
         self._connection: Any = None
         self._retry_at = 0.0
@@ -73,9 +87,10 @@ class PostgresWorkWaiter:
             pooled.detach()  # ours for good: not returned to the pool, closed by us
             connection: Any = pooled.dbapi_connection
             connection.autocommit = True
-            cursor = connection.cursor()
-            cursor.execute(_LISTEN)
-            cursor.close()
+            with self._bounded(connection):
+                cursor = connection.cursor()
+                cursor.execute(_LISTEN)
+                cursor.close()
         except Exception as error:
             logger.info("cannot listen for work (%s); polling meanwhile", error)
             self._retry_at = time.monotonic() + _RECONNECT_SECONDS

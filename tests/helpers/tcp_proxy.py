@@ -13,7 +13,14 @@ bytes both ways until told otherwise:
   reaches the server), or once the server answered it with the answer thrown away
   (``deliver=True``: the server ran it, e.g. committed, but the client never learns);
 - :meth:`TcpProxy.cut_after`: cut once a number of further client-to-server bytes went
-  through, e.g. in the middle of a large payload being streamed to the server.
+  through, e.g. in the middle of a large payload being streamed to the server;
+- :meth:`TcpProxy.blackhole` / :meth:`TcpProxy.restore`: a silent network. Connections, open
+  and new, stay up and are still accepted, but nothing is forwarded either way, and nothing
+  is reset or closed: what each side sends waits in the proxy's socket buffers (the proxy's
+  kernel acknowledges it, as a middlebox would, so TCP keepalives and ``TCP_USER_TIMEOUT``
+  do not fire). A client that does not bound its own waits hangs. :meth:`restore` forwards
+  again, as a network that heals: what waited is delivered (a client that gave up meanwhile
+  has closed its side, and that connection then ends).
 
 Each proxied connection has two pumping threads (one per direction) that poll their socket with
 a short timeout, so a cut takes effect within a few milliseconds; a hook-triggered cut happens
@@ -97,12 +104,19 @@ class _Link:
     def _pump(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         try:
             while not self.dead.is_set():
+                if self.proxy.silent.is_set():
+                    self.dead.wait(_POLL_SECONDS)  # read nothing: it waits in the buffers
+                    continue
                 try:
                     data = source.recv(_CHUNK)
                 except TimeoutError:
                     continue
                 except OSError:
                     break
+                # Read just as the network went silent: held (an end of stream too) until
+                # it is restored.
+                while self.proxy.silent.is_set() and not self.dead.is_set():
+                    self.dead.wait(_POLL_SECONDS)
                 if not data:
                     break
                 if upstream:
@@ -164,6 +178,7 @@ class TcpProxy:
         self._lock = threading.Condition()
         self._links: set[_Link] = set()
         self._rule: _Rule | None = None
+        self.silent = threading.Event()  # blackhole(): forward nothing, keep every connection
         self._want_listening = True
         self._listening = False
         self._stopping = threading.Event()
@@ -214,6 +229,15 @@ class TcpProxy:
     def accept(self) -> None:
         """Listen again (on the same port) after :meth:`refuse`."""
         self._set_listening(True)
+
+    def blackhole(self) -> None:
+        """Forward nothing either way from now on, without closing or resetting anything;
+        new connections are still accepted (and get no answer)."""
+        self.silent.set()
+
+    def restore(self) -> None:
+        """Forward again after :meth:`blackhole`."""
+        self.silent.clear()
 
     def cut_when(self, trigger: Trigger | bytes, *, deliver: bool = False) -> threading.Event:
         """Arm a one-shot cut on the next client-to-server chunk matching ``trigger``.

@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Any, ClassVar, Self
 
 from sqlalchemy import (
+    URL,
     ColumnElement,
     CompoundSelect,
     Connection,
@@ -270,6 +271,54 @@ def on_conflict_upserts(insert: Callable[[Table], Any]) -> tuple[Executable, Exe
 # connection found dead is replaced by SqlBackend._transaction instead.
 POOL_OPTIONS: dict[str, object] = {"pool_size": 10, "max_overflow": 30}
 
+# Defaults of SqlBackend(connect_timeout=..., call_timeout=...), documented there.
+# Opening a connection (TCP, TLS, authentication, session set-up) takes milliseconds on a
+# LAN and well under a second across regions; 10 s leaves room for a server busy accepting
+# a burst of connections (SCRAM authentication costs it CPU).
+DEFAULT_CONNECT_TIMEOUT = timedelta(seconds=10)
+# Every call is one short transaction: its longest legitimate forms (a 16 MiB payload each
+# way, a prune batch of 10,000 workflows, a claim waiting behind other writers' row locks) take
+# milliseconds to a few seconds. 60 s is far above all of them, and well under what TCP
+# alone would wait on a silent network (minutes to hours).
+DEFAULT_CALL_TIMEOUT = timedelta(seconds=60)
+
+
+# TCP keepalives on every connection to a server: an idle pooled connection whose peer
+# vanished is known dead after 10 + 3 x 5 = 25 s of silence, and fails at once at its next
+# use (the backend then runs the transaction again on a new connection) instead of costing
+# that call its timeout. Sent data left unacknowledged for 30 s means the same (TCP
+# retransmits a lost segment within a second or two).
+KEEPALIVE_IDLE_SECONDS = 10
+KEEPALIVE_INTERVAL_SECONDS = 5
+KEEPALIVE_COUNT = 3
+TCP_USER_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a backend waits for the database (see ``SqlBackend``)."""
+
+    connect: timedelta
+    """Opening a connection."""
+    call: timedelta | None
+    """A whole call (its transaction, retries included); ``None``: unbounded."""
+
+
+def seconds(duration: timedelta) -> float:
+    return duration.total_seconds()
+
+
+def without_url_parameters(
+    connect_args: dict[str, object], url: URL, merged: frozenset[str]
+) -> dict[str, object]:
+    """``connect_args`` less what the URL's query sets: the URL's parameters win (SQLAlchemy
+    would otherwise let ``connect_args`` override them), except the ``merged`` ones, whose
+    value in ``connect_args`` already includes the URL's."""
+    return {
+        key: value for key, value in connect_args.items() if key in merged or key not in url.query
+    }
+
+
 _REGISTRY: dict[str, type[SqlDialect]] = {}
 
 
@@ -325,9 +374,39 @@ class SqlDialect(ABC):
         """Held around each transaction of this backend (a no-op where rows are locked)."""
         return nullcontext()
 
-    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, object]:
-        """``create_engine`` options for an engine the backend creates from a URL."""
-        return {**POOL_OPTIONS, "isolation_level": self.isolation_level}
+    # Whether calls run over a socket that a CallWatchdog can shut down (not SQLite's file).
+    watches_calls: ClassVar[bool] = True
+    # Connection arguments whose value from connect_args() includes the URL's own.
+    merged_url_parameters: ClassVar[frozenset[str]] = frozenset()
+
+    def engine_options(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        """``create_engine`` options for an engine the backend creates from a URL: the pool,
+        the isolation level, and the driver's timeouts (``connect_args``; parameters in the
+        URL's query win over them)."""
+        options: dict[str, object] = {**POOL_OPTIONS, "isolation_level": self.isolation_level}
+        if timeouts.call is not None:
+            # A wait for a pooled connection is part of the call.
+            options["pool_timeout"] = seconds(timeouts.call)
+        connect_args = self.connect_args(url, max_payload_bytes, timeouts)
+        if connect_args:
+            options["connect_args"] = without_url_parameters(
+                connect_args, url, self.merged_url_parameters
+            )
+        return options
+
+    def connect_args(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        """The driver's connection arguments (timeouts, keepalives, packet sizes)."""
+        return {}
+
+    @staticmethod
+    def socket_of(dbapi_connection: Any) -> int | None:
+        """The socket (file descriptor) of a DBAPI connection, ``None`` if it has none."""
+        fileno = getattr(dbapi_connection, "fileno", None)
+        return None if fileno is None else int(fileno())
 
     def check_server(self, conn: Connection, max_payload_bytes: int) -> None:  # noqa: B027
         """Warn about server settings that would refuse payloads the backend accepts."""

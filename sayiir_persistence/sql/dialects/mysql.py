@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
+    URL,
     BigInteger,
     ColumnElement,
     Connection,
+    Engine,
     Executable,
     bindparam,
+    event,
     func,
     insert,
     literal_column,
@@ -30,12 +36,17 @@ from ..schema import ready_tasks, task_claims, task_results, token_floors
 from ..types import MYSQL_DIALECTS, UtcDateTime
 from .base import (
     GRANTED_COLUMNS,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE_SECONDS,
+    KEEPALIVE_INTERVAL_SECONDS,
+    TCP_USER_TIMEOUT_MS,
     ClaimRow,
     ClaimTerms,
     Granted,
     Locked,
     SqlDialect,
     TaskKey,
+    Timeouts,
     TokenFloors,
     claim_is_free,
     claim_key,
@@ -52,7 +63,8 @@ logger = logging.getLogger(__name__)
 _RETRYABLE = frozenset({1213, 1205})  # deadlock, lock wait timeout
 _UNDEFINED = frozenset({1146, 1054})  # no such table, unknown column
 _TOO_BIG = frozenset({1153, 1301})  # packet larger than max_allowed_packet
-_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053})
+# ... and 1969: MariaDB's max_statement_time exceeded (the call ran past its time).
+_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053, 1969})
 
 # Concurrent migrations queue on this named lock (a session lock: MySQL's DDL commits
 # implicitly, so a transaction-level lock would not last).
@@ -81,6 +93,8 @@ class MySqlDialect(SqlDialect):
 
     def __init__(self) -> None:
         super().__init__()
+        # PyMySQL's read timeout during the handshake and after it (see connect_args).
+        self._read_timeout_after_connect: tuple[float, float | None] | None = None
         # The takeover of a released or expired claim.
         self._takeover_statement = (
             update(task_claims)
@@ -181,17 +195,58 @@ class MySqlDialect(SqlDialect):
             return ErrorKind.UNAVAILABLE
         return None
 
-    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, object]:
-        options = super().engine_options(driver, max_payload_bytes)
+    def engine_options(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        options = super().engine_options(url, max_payload_bytes, timeouts)
         # The pool's reset of a returned connection is a ROLLBACK round trip on MySQL drivers
         # (PostgreSQL's and SQLite's skip it when no transaction is open). Every transaction
         # of the backend has ended by then (committed, or rolled back by SQLAlchemy's
         # Connection.close()), so it would only cost one more round trip per call.
         options["pool_reset_on_return"] = None
-        if driver == "pymysql":
-            # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
-            options["connect_args"] = {"max_allowed_packet": self.packet_bytes(max_payload_bytes)}
         return options
+
+    def connect_args(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        """PyMySQL's arguments: the packet size, ``connect_timeout`` (the TCP connect),
+        ``read_timeout`` (the connect timeout during the handshake, then the call timeout:
+        see :meth:`prepare_engine`), ``write_timeout``, and MariaDB's server-side timeouts
+        of the session (``init_command``)."""
+        if url.get_driver_name() != "pymysql":
+            return {}
+        connect = timeouts.connect.total_seconds()
+        args: dict[str, object] = {
+            # PyMySQL refuses to send packets above 16 MiB unless told otherwise.
+            "max_allowed_packet": self.packet_bytes(max_payload_bytes),
+            "connect_timeout": connect,
+            # PyMySQL reads the handshake with read_timeout, not connect_timeout.
+            "read_timeout": connect,
+        }
+        call = None if timeouts.call is None else timeouts.call.total_seconds()
+        if "read_timeout" not in url.query:
+            self._read_timeout_after_connect = (connect, call)
+        if call is not None:
+            # Once connected, no single read or write of a call waits longer than the call
+            # may last (a bound on what runs outside a call's watch too).
+            args["write_timeout"] = call
+            args["init_command"] = _server_timeouts(call)
+        return args
+
+    def prepare_engine(self, engine: Engine, *, created: bool) -> Engine:
+        engine = super().prepare_engine(engine, created=created)
+        if created and engine.dialect.driver == "pymysql":
+            # PyMySQL turns keepalives on with the system's timers (2 hours): use ours.
+            event.listen(engine, "connect", _tune_keepalives)
+            if self._read_timeout_after_connect is not None:
+                handshake, call = self._read_timeout_after_connect
+                event.listen(engine, "connect", _raising_read_timeout(handshake, call))
+        return engine
+
+    @staticmethod
+    def socket_of(dbapi_connection: Any) -> int | None:
+        sock = getattr(dbapi_connection, "_sock", None)  # PyMySQL's socket (no fileno())
+        return None if sock is None else int(sock.fileno())
 
     def check_server(self, conn: Connection, max_payload_bytes: int) -> None:
         allowed = conn.exec_driver_sql("SELECT @@max_allowed_packet").scalar_one()
@@ -315,6 +370,50 @@ class MySqlDialect(SqlDialect):
 def _first_claim(parameters: dict[str, object], token_floor: int) -> dict[str, object]:
     """The parameters of a first claim in an instance whose token floor is ``token_floor``."""
     return {**parameters, "p_token": token_floor + 1, "p_attempt_offset": token_floor}
+
+
+def _raising_read_timeout(handshake: float, call: float | None) -> Callable[[Any, Any], None]:
+    """A ``connect`` hook that gives a new PyMySQL connection, read with the connect timeout
+    so far, the call timeout for its reads from now on (PyMySQL has no public setter; it
+    applies ``_read_timeout`` at its next read). A read timeout the caller chose (their
+    ``connect_args``) is left alone."""
+
+    def raise_read_timeout(dbapi_connection: Any, _record: Any) -> None:
+        if getattr(dbapi_connection, "_read_timeout", None) == handshake:
+            dbapi_connection._read_timeout = call
+
+    return raise_read_timeout
+
+
+def _tune_keepalives(dbapi_connection: Any, _record: Any) -> None:
+    """Set the keepalive timers and ``TCP_USER_TIMEOUT`` on a new PyMySQL connection's
+    socket (where the system has them: Linux)."""
+    sock = getattr(dbapi_connection, "_sock", None)
+    if sock is None:
+        return
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE_SECONDS),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_SECONDS),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_MS),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def _server_timeouts(call_seconds: float) -> str:
+    """The session's server-side timeouts, on MariaDB only: no statement of a call runs
+    longer than the call, nor does its transaction idle longer (past that, the client has
+    given up; a server going on would hold its row locks for nothing until it notices the
+    client is gone, 8 hours by default). The ``/*M! ... */`` part is MariaDB's executable
+    comment: MariaDB runs it, MySQL (which has neither setting) skips it, and the
+    statement is then a harmless assignment of a user variable."""
+    whole = max(1, math.ceil(call_seconds))
+    return (
+        "SET @sayiir_timeouts = 1 /*M!, SESSION max_statement_time = "
+        f"{call_seconds:.3f}, SESSION idle_transaction_timeout = {whole:d} */"
+    )
 
 
 def _claim_row(exists: bool) -> ClaimRow:

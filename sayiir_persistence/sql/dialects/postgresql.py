@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    URL,
     BigInteger,
     ColumnElement,
     CompoundSelect,
@@ -35,9 +37,14 @@ from ..types import Identifier, UtcDateTime
 from .base import (
     CLAIMED_FOREVER,
     GRANTED_COLUMNS,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE_SECONDS,
+    KEEPALIVE_INTERVAL_SECONDS,
+    TCP_USER_TIMEOUT_MS,
     Locked,
     SqlDialect,
     TaskKey,
+    Timeouts,
     TokenFloors,
     claim_is_free,
     floor_or_zero,
@@ -50,6 +57,19 @@ from .base import (
 # SQLSTATEs.
 _RETRYABLE = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 _UNDEFINED = frozenset({"42P01", "42703"})  # undefined table, undefined column
+# query_canceled (statement_timeout, or an operator's pg_cancel_backend),
+# idle_in_transaction_session_timeout: the call ran past its time, nothing was committed.
+_TIMED_OUT = frozenset({"57014", "25P03"})
+
+# libpq's names for the keepalive settings (see base.py).
+_KEEPALIVES: dict[str, object] = {
+    "keepalives": 1,
+    "keepalives_idle": KEEPALIVE_IDLE_SECONDS,
+    "keepalives_interval": KEEPALIVE_INTERVAL_SECONDS,
+    "keepalives_count": KEEPALIVE_COUNT,
+}
+# libpq 12+ knows tcp_user_timeout; an older one would refuse to connect with it.
+_TCP_USER_TIMEOUT_LIBPQ = 120000
 
 # Any constant shared by every process: concurrent migrations queue on it.
 _MIGRATION_LOCK_KEY = 0x5A11_2000_0001
@@ -57,6 +77,7 @@ _MIGRATION_LOCK_KEY = 0x5A11_2000_0001
 
 class PostgresDialect(SqlDialect):
     names = frozenset({"postgresql"})
+    merged_url_parameters = frozenset({"options"})
 
     @staticmethod
     def now() -> ColumnElement[datetime]:
@@ -85,7 +106,34 @@ class PostgresDialect(SqlDialect):
             return ErrorKind.RETRYABLE
         if code in _UNDEFINED:
             return ErrorKind.NOT_PROVISIONED
+        if code in _TIMED_OUT:
+            return ErrorKind.UNAVAILABLE
         return None
+
+    def connect_args(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        """libpq parameters (psycopg2 and psycopg 3 alike): ``connect_timeout`` (libpq's
+        bound on the whole connection set-up, 2 s at least), keepalives,
+        ``tcp_user_timeout``, and the server-side timeouts of the session in ``options``
+        (ahead of the URL's own ``options``, whose settings therefore win)."""
+        args: dict[str, object] = {
+            "connect_timeout": max(2, math.ceil(timeouts.connect.total_seconds())),
+            **_KEEPALIVES,
+        }
+        if _libpq_version(url.get_driver_name()) >= _TCP_USER_TIMEOUT_LIBPQ:
+            args["tcp_user_timeout"] = TCP_USER_TIMEOUT_MS
+        if timeouts.call is not None:
+            # No statement of a call runs longer than the call, nor does its transaction
+            # idle longer: past that, the client has given up (SqlBackend's watchdog), and a
+            # server that goes on would hold the transaction's row locks for nothing until
+            # its own TCP keepalive notices the client is gone (2 hours by default). Both end
+            # the transaction, which rolls back.
+            ms = max(1, math.ceil(timeouts.call.total_seconds() * 1000))
+            server = f"-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}"
+            own = url.query.get("options")
+            args["options"] = f"{server} {own}" if isinstance(own, str) else server
+        return args
 
     def announce_work(self, conn: Connection) -> None:
         # Delivered at commit, once per transaction, to every listener (sql/listening.py).
@@ -243,3 +291,17 @@ class PostgresDialect(SqlDialect):
         self, conn: Connection, keys: list[TaskKey], limit: int
     ) -> tuple[Locked, TokenFloors]:
         raise NotImplementedError("PostgreSQL claims in one statement: claim_available_query")
+
+
+def _libpq_version(driver: str) -> int:
+    """The version of the libpq the driver uses (``0`` when it cannot tell)."""
+    try:
+        if driver == "psycopg":
+            import psycopg
+
+            return int(psycopg.pq.version())
+        import psycopg2.extensions
+
+        return int(psycopg2.extensions.libpq_version())
+    except (ImportError, AttributeError):
+        return 0

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any, Self
 
 from sqlalchemy import (
+    URL,
     ColumnElement,
     Connection,
     Engine,
@@ -32,6 +33,7 @@ from .base import (
     Locked,
     SqlDialect,
     TaskKey,
+    Timeouts,
     TokenFloors,
     on_conflict_floor_upsert,
     on_conflict_upserts,
@@ -51,6 +53,7 @@ class SqliteDialect(SqlDialect):
 
     names = frozenset({"sqlite"})
     skip_locked = False
+    watches_calls = False
     isolation_level = None
     # Timestamps are stored as 'YYYY-MM-DD HH:MM:SS.ffffff' text: the clock expression
     # renders the same shape (millisecond precision, padded) so text comparison is order.
@@ -134,7 +137,10 @@ class SqliteDialect(SqlDialect):
             self._budget.ms = None
             self._writer.release()
 
-    def engine_options(self, driver: str, max_payload_bytes: int) -> dict[str, object]:
+    def engine_options(
+        self, url: URL, max_payload_bytes: int, timeouts: Timeouts
+    ) -> dict[str, object]:
+        # A local file, no network: nothing to time out but the lock (the busy timeout).
         return dict(POOL_OPTIONS)
 
     def prepare_engine(self, engine: Engine, *, created: bool) -> Engine:
