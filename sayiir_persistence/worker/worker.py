@@ -919,8 +919,8 @@ class Worker:
                 earliest = min(earliest, lease.held_until)
                 continue
             reason = (
-                f"lease ran out: the claim's deadline (task_timeout) is {self.lease_margin} "
-                f"away at most"
+                f"lease ran out: the claim's deadline (task_timeout) is less than the lease "
+                f"margin ({self.lease_margin}) away"
                 if lease.at_deadline
                 else f"lease ran out: no renewal of the claim succeeded in time (ttl {self.ttl}"
                 f", lease margin {self.lease_margin}); it may expire any moment"
