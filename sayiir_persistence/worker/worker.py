@@ -249,8 +249,8 @@ class Worker:
         self.ttl = ttl
         self.heartbeat_every = heartbeat_every
         self.lease_margin = lease_margin
-        """How long before the earliest moment a claim may expire its task is stopped, when
-        no renewal succeeded meanwhile (``ttl / 10``; see *Leases*)."""
+        """``ttl / 10``: a task whose renewals fail or hang is stopped this long before the
+        earliest moment its claim can expire (see *Leases*)."""
         self.poll_interval = poll_interval
         self.tags = frozenset(tags)
         self.batch_size = threads if batch_size is None else max(1, batch_size)
