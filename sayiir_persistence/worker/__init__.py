@@ -35,8 +35,13 @@ Guarantees, and where they come from:
   takes the task over (with a greater token). So a task *function* may run more than once
   (at-least-once execution); make external side effects idempotent, e.g. keyed by
   ``f"{ctx.instance_id}/{ctx.task_id}"``.
-- A slow task keeps its claim: a heartbeat thread renews every live claim every
-  ``heartbeat_every`` (default ``ttl / 3``, so two beats may fail before the claim expires).
+- A slow task keeps its claim: every live claim is renewed every ``heartbeat_every``
+  (default ``ttl / 3``, so two beats may fail before the claim expires), on renewal threads
+  of their own: a renewal that hangs holds back no other claim.
+- A task stops before its claim can expire when its renewals fail or hang: its lease (when
+  the last successful claim or renewal call was *sent*, plus the TTL granted, minus
+  ``lease_margin``, ``ttl / 10``) is watched by a thread that never calls the store; when it
+  runs out the claim is marked lost (``ctx.claim_lost``), and the result is dropped.
 - A fork is always joined: the advance function runs inside the store's completion step, so
   the last branch to complete sees the others and moves the workflow past the join. Forks
   left stalled by older workers or other writers are found every ``stall_sweep_every``

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from enum import StrEnum
 from ..backend import PersistentBackend
 from ..errors import ClaimLostError
 from ..model import AvailableTask, ClaimedTask, TaskClaim
+from .lease import Lease
 
 TaskFunction = Callable[["TaskContext"], bytes]
 """Runs one task: gets its context (input, claim, ...) and returns the task's output."""
@@ -24,18 +26,27 @@ class TaskContext:
     execution's result will be thrown away.
     """
 
-    def __init__(self, backend: PersistentBackend, claimed: ClaimedTask, worker_id: str) -> None:
+    def __init__(
+        self,
+        backend: PersistentBackend,
+        claimed: ClaimedTask,
+        worker_id: str,
+        *,
+        lease: Lease | None = None,
+    ) -> None:
         self.task: AvailableTask = claimed.task
         """The task as it was claimed (ids, input, priority, tags)."""
         self.worker_id = worker_id
         self.execution_id = uuid.uuid4().hex
         """Unique per execution: a re-run of the same task after a takeover gets a new one."""
         self.claim_lost = threading.Event()
-        """Set when the claim was lost (expired and taken over, cancelled, paused, or the
-        worker stopped): stop working, the result will not be saved."""
+        """Set when the claim was lost (expired and taken over, cancelled, paused, not renewed
+        in time, or the worker stopped): stop working, the result will not be saved."""
         self._backend = backend
         self._lock = threading.Lock()
         self._claim = claimed.claim
+        # Until when the claim is surely held (default: from now, without margin).
+        self._lease = lease or Lease.of_claim(claimed.claim, time.monotonic(), 0.0)
         self._lost_reason: str | None = None
 
     @property
@@ -86,9 +97,15 @@ class TaskContext:
 
     # The worker's side: only it updates the claim and declares it lost.
 
-    def _renewed(self, claim: TaskClaim) -> None:
+    def _renewed(self, claim: TaskClaim, lease: Lease) -> None:
         with self._lock:
             self._claim = claim
+            self._lease = lease
+
+    @property
+    def _current_lease(self) -> Lease:
+        with self._lock:
+            return self._lease
 
     def _lose(self, reason: str) -> bool:
         """Mark the claim lost; ``False`` if it already was (the first reason is kept)."""
@@ -113,7 +130,8 @@ class TaskOutcome(StrEnum):
     failed attempt was recorded, and the task runs again after the policy's delay."""
     LOST = "lost"
     """The claim was lost before the result could be saved (expired and taken over, cancelled,
-    paused, or the fenced save was refused): nothing was written."""
+    paused, not renewed before the worker's lease on it ran out, or the fenced save was
+    refused): nothing was written."""
     RELEASED = "released"
     """Not recorded, and the claim was given back so that another worker runs the task again
     (the worker stopped first, or the store could not be reached to save the result)."""

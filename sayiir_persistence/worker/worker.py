@@ -10,13 +10,20 @@ guarantees. The pieces, by thread:
 - the completion thread (a :class:`~sayiir_persistence.worker.batcher.Batcher`): records the
   queued outcomes with ``complete_tasks``, many per transaction, and takes the next tasks of
   those workflows for the threads that are idle (``claim_next``), in the same transaction;
-- the heartbeat thread: renews every claim held (tasks running or waiting to be recorded);
+- the heartbeat thread: every ``heartbeat_every`` hands the renewal of every claim held
+  (tasks running or waiting to be recorded) to the renewal threads, and stops the tasks whose
+  lease ran out (see :class:`~sayiir_persistence.worker.lease.Lease`); it never calls the
+  store itself, so a renewal that hangs cannot stop it;
+- the renewal threads (:class:`~sayiir_persistence.worker.renewals.Renewals`): one while
+  the store answers, one more whenever all of them are stuck in calls that hang;
 - the listening thread: wakes the claim thread when the store announces work.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import random
 import signal
@@ -53,6 +60,8 @@ from ..model import (
 from ..retries import RetryPolicy
 from .batcher import Batcher
 from .context import TaskContext, TaskFunction, TaskOutcome, WorkerStats
+from .lease import Lease
+from .renewals import Renewals
 
 __all__ = ["Worker", "default_worker_id"]
 
@@ -75,6 +84,12 @@ _LISTEN_SECONDS = 0.25
 # Attempts of a completion batch whose outcome was unknown (the store unreachable): safe to
 # repeat, since recorded completions released their claims (docs/contract.md#complete_tasks).
 _COMPLETION_ATTEMPTS = 4
+# The lease on a claim ends this share of the TTL before the claim can expire at the earliest
+# (see Worker.lease_margin).
+_LEASE_MARGIN = 0.1
+# A renewal still running after this share of heartbeat_every is stuck: the renewals waiting
+# behind it get another thread.
+_STUCK_RENEWAL = 0.5
 
 
 def default_worker_id() -> str:
@@ -126,7 +141,8 @@ class Worker:
         ttl: how long a claim lives without a heartbeat: how long the tasks of a crashed
             worker wait before another worker takes them over.
         heartbeat_every: how often every held claim is renewed (default ``ttl / 3``). Keep it
-            well below ``ttl``.
+            well below ``ttl``: a claim not renewed within ``ttl - lease_margin`` of the last
+            renewal that succeeded stops its task (see *Leases* below).
         poll_interval: the longest an idle worker waits before looking for tasks again.
             It looks at once when work is announced (``backend.work_waiter()``: a task
             made runnable by this process, or by any process on PostgreSQL), and after work
@@ -163,6 +179,20 @@ class Worker:
             is no longer renewed, the result is not recorded, and the task is claimed again
             as its next attempt. A Python thread cannot be killed: the hung function keeps
             its thread until it returns (read ``ctx.claim_lost`` to stop early).
+
+    Leases: the worker stops a task before its claim can expire, whether the renewals failed
+    or hang. Each execution has a lease, in this process's monotonic time: the moment the
+    last call that granted or renewed its claim was *sent* (the store starts the TTL during
+    the call, never before), plus the TTL granted (``ttl``, or less up to the claim's
+    deadline), minus :attr:`lease_margin` (``ttl / 10``: room for the heartbeat thread to
+    wake on a busy machine and for the store's clock to run a little faster than ours).
+    When the lease runs out without a renewal having succeeded, the task's claim is marked
+    lost (:attr:`TaskContext.claim_lost`, a warning in the log), exactly as when the store
+    says it was taken over: its result is dropped (``TaskOutcome.LOST``), its claim is left
+    to expire and the task runs again. The renewals run on their own daemon threads (one
+    while the store answers, one more whenever every one is stuck in a call for half a
+    heartbeat interval), so a call that hangs delays neither the renewal of the other
+    claims, nor the watch on the leases, nor :meth:`stop`.
 
     Raises:
         ValueError: ``threads``, ``ttl``, ``heartbeat_every``, ``poll_interval`` or
@@ -204,18 +234,23 @@ class Worker:
             raise ValueError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
         if task_timeout is not None and task_timeout <= timedelta(0):
             raise ValueError(f"task_timeout must be positive, got {task_timeout}")
-        if heartbeat_every >= ttl:
+        lease_margin = ttl * _LEASE_MARGIN
+        if heartbeat_every >= ttl - lease_margin:
             logger.warning(
-                "heartbeat_every (%s) is not below ttl (%s): claims will expire while their "
-                "tasks run, and other workers will take them over",
+                "heartbeat_every (%s) is not below ttl less the lease margin (%s): every task "
+                "running longer than that will be stopped as having lost its claim, and run "
+                "again",
                 heartbeat_every,
-                ttl,
+                ttl - lease_margin,
             )
         self.backend = backend
         self.worker_id = worker_id or default_worker_id()
         self.threads = threads
         self.ttl = ttl
         self.heartbeat_every = heartbeat_every
+        self.lease_margin = lease_margin
+        """``ttl / 10``: a task whose renewals fail or hang is stopped this long before the
+        earliest moment its claim can expire (see *Leases*)."""
         self.poll_interval = poll_interval
         self.tags = frozenset(tags)
         self.batch_size = threads if batch_size is None else max(1, batch_size)
@@ -252,6 +287,14 @@ class Worker:
         self._claimed = 0
         self._stopping = threading.Event()
         self._heartbeat_stop = threading.Event()
+        # Set by a claim whose lease may run out before the heartbeat thread wakes next
+        # (the latest moment it will, ``_heartbeat_bound``), so that it looks again.
+        self._lease_added = threading.Event()
+        self._heartbeat_bound = math.inf
+        self._renewals = Renewals(
+            stuck_after=heartbeat_every.total_seconds() * _STUCK_RENEWAL,
+            name=f"sayiir-renew-{self.worker_id}",
+        )
         self._started = False
         self._executor: ThreadPoolExecutor | None = None
         self._threads: list[threading.Thread] = []
@@ -303,6 +346,7 @@ class Worker:
         through :attr:`TaskContext.claim_lost` and their results are thrown away (Python
         cannot kill a thread: a function that ignores the flag keeps its thread busy until
         it returns). Calling ``stop`` again, or on a worker never started, does nothing.
+        A renewal hanging in a silent network does not delay it (its thread is a daemon).
         """
         with self._changed:
             if not self._started or self._stopping.is_set():
@@ -321,8 +365,12 @@ class Worker:
         self._completions.close()  # records what finished (no next claims: stopping)
 
         # Heartbeats stop last: a task finishing during the grace period kept its claim.
+        # The heartbeat thread never calls the store, so this join is quick; a renewal that
+        # hangs is left to its daemon thread.
         self._heartbeat_stop.set()
+        self._lease_added.set()
         heartbeat_thread.join()
+        self._renewals.close()
         assert self._executor is not None
         self._executor.shutdown(wait=False, cancel_futures=True)
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
@@ -421,6 +469,7 @@ class Worker:
                 self._fail_overdue()
                 next_sweep = time.monotonic() + self.stall_sweep_every.total_seconds()
             claimed: list[ClaimedTask] = []
+            sent_at = time.monotonic()  # the leases of the claims start here (see Lease)
             try:
                 claimed = self.backend.claim_available_tasks(
                     self.worker_id,
@@ -444,7 +493,7 @@ class Worker:
                     self._take(idle, claimed)
             backoff = _MIN_BACKOFF_SECONDS
             for claimed_task in claimed:
-                self._submit(claimed_task)
+                self._submit(claimed_task, sent_at)
             if claimed:
                 poll = self.poll_interval.total_seconds() / _POLL_SPEEDUP
             else:
@@ -494,9 +543,11 @@ class Worker:
         with self._changed:
             self._changed.wait_for(lambda: self._stopping.is_set() or self._work_hint, timeout)
 
-    def _submit(self, claimed: ClaimedTask) -> None:
-        """Hand a claimed task (its thread already counted busy) to the pool."""
-        context = TaskContext(self.backend, claimed, self.worker_id)
+    def _submit(self, claimed: ClaimedTask, sent_at: float) -> None:
+        """Hand a claimed task (its thread already counted busy) to the pool; ``sent_at``:
+        when the call that claimed it was sent (``time.monotonic()``)."""
+        lease = Lease.of_claim(claimed.claim, sent_at, self.lease_margin.total_seconds())
+        context = TaskContext(self.backend, claimed, self.worker_id, lease=lease)
         handler = self._find(self._handlers, context.task_id)
         advance = self._find(self._advance, context.definition_hash)
         if handler is None or advance is None:
@@ -525,6 +576,8 @@ class Worker:
             self._running[running.key] = running
             # Submitted under the lock so that stop() never sees an entry without a future.
             running.future = self._executor.submit(self._execute, running, handler)
+        if lease.held_until < self._heartbeat_bound:
+            self._lease_added.set()  # rare: heartbeat_every near the TTL, or a near deadline
 
     @staticmethod
     def _find(table: Mapping[str, _T] | _T, key: str) -> _T | None:
@@ -612,15 +665,16 @@ class Worker:
             budget = (
                 0 if self._stopping.is_set() or not self.claim_next else self._reserve(len(batch))
             )
-        results: list[CompletionResult] | None = None
+        answer: tuple[list[CompletionResult], float] | None = None
         try:
-            results = self._complete(batch, budget)
+            answer = self._complete(batch, budget)
         finally:
+            results, sent_at = answer or (None, 0.0)
             next_tasks = [task for result in results or () for task in result.next_tasks]
             with self._changed:
                 self._take(budget, next_tasks)
         for task in next_tasks:
-            self._submit(task)
+            self._submit(task, sent_at)
         if results is None:
             for finished in batch:
                 self._give_up(finished.running)
@@ -645,9 +699,12 @@ class Worker:
                 self._work_hint = True
                 self._changed.notify_all()
 
-    def _complete(self, batch: list[_Finished], claim_next: int) -> list[CompletionResult] | None:
+    def _complete(
+        self, batch: list[_Finished], claim_next: int
+    ) -> tuple[list[CompletionResult], float] | None:
         """``complete_tasks`` for the batch, repeated while the store is unreachable (safe:
-        see ``_COMPLETION_ATTEMPTS``); ``None`` if it never answered."""
+        see ``_COMPLETION_ATTEMPTS``): its results and when the call that answered was sent
+        (the leases of the next claims start there); ``None`` if it never answered."""
         completions = [
             TaskCompletion(
                 f.running.context.instance_id,
@@ -663,19 +720,21 @@ class Worker:
         ]
         backoff = _MIN_BACKOFF_SECONDS
         for attempt in range(1, _COMPLETION_ATTEMPTS + 1):
+            sent_at = time.monotonic()
             try:
-                return self.backend.complete_tasks(
+                results = self.backend.complete_tasks(
                     completions,
                     ttl=self.ttl,
                     claim_next=claim_next,
                     max_attempts=self._max_attempts,
                     timeout=self.task_timeout,
                 )
+                return results, sent_at
             except InvalidInputError:
                 # Not expected (outputs are checked before): record one by one, so that one
-                # bad completion cannot hold the others back.
+                # bad completion cannot hold the others back (no next claims).
                 logger.exception("worker %s: a completion batch was refused", self.worker_id)
-                return [self._complete_alone(c) for c in completions]
+                return [self._complete_alone(c) for c in completions], sent_at
             except PersistenceError as error:
                 logger.warning(
                     "worker %s could not record %d result(s) (%s); attempt %d of %d",
@@ -822,15 +881,59 @@ class Worker:
     # -- heartbeat ------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
+        """Every ``heartbeat_every``, queue the renewal of every live claim; in between,
+        wake when a lease runs out or a renewal may be stuck. Never calls the store."""
         interval = self.heartbeat_every.total_seconds()
-        while not self._heartbeat_stop.wait(interval):
-            for running in self._running_now():
-                if not running.finished.is_set() and not running.context.claim_lost.is_set():
-                    self._beat(running)
+        next_beat = time.monotonic() + interval
+        while not self._heartbeat_stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._queue_renewals()
+                next_beat = now + interval
+            # Published before the claims are read: a claim added from here on whose lease
+            # ends earlier wakes this thread (see _submit); one added before is read below.
+            self._heartbeat_bound = next_beat
+            self._lease_added.clear()
+            wake = min(next_beat, self._stop_expired_leases(now))
+            stuck_check = self._renewals.check(now)
+            if stuck_check is not None:
+                wake = min(wake, stuck_check)
+            self._lease_added.wait(max(wake - time.monotonic(), 0.0))
+
+    def _queue_renewals(self) -> None:
+        for running in self._running_now():
+            if not running.finished.is_set() and not running.context.claim_lost.is_set():
+                # Skipped while this claim's previous renewal is still queued or running.
+                self._renewals.submit(running.key, functools.partial(self._beat, running))
+
+    def _stop_expired_leases(self, now: float) -> float:
+        """Mark lost the claims of running tasks whose lease ran out; returns when the
+        earliest lease still held runs out (``math.inf``: none)."""
+        earliest = math.inf
+        for running in self._running_now():
+            context = running.context
+            if running.finished.is_set() or running.completing or context.claim_lost.is_set():
+                continue  # over, or up to the completion's fenced save to decide
+            lease = context._current_lease
+            if not lease.ran_out(now):
+                earliest = min(earliest, lease.held_until)
+                continue
+            reason = (
+                f"lease ran out: the claim's deadline (task_timeout) is less than the lease "
+                f"margin ({self.lease_margin}) away"
+                if lease.at_deadline
+                else f"lease ran out: no renewal of the claim succeeded in time (ttl {self.ttl}"
+                f", lease margin {self.lease_margin}); it may expire any moment"
+            )
+            if context._lose(reason):
+                logger.warning("%r: claim lost (%s)", context, reason)
+        return earliest
 
     def _beat(self, running: _Running) -> None:
-        """Renew one claim; on loss tell the task; on a pending signal apply it."""
+        """Renew one claim (on a renewal thread); on loss tell the task; on a pending signal
+        apply it."""
         context = running.context
+        sent_at = time.monotonic()  # the renewed lease starts here (see Lease)
         try:
             claim = self.backend.extend_task_claim(
                 context.instance_id,
@@ -846,10 +949,13 @@ class Worker:
                 logger.warning("%r: claim lost (%s)", context, lost)
             return
         except PersistenceError as error:
-            # Transient: the claim is still ours until it expires; the next beat retries.
+            # The claim is still ours until its lease runs out; the next beat retries.
             logger.warning("%r: heartbeat failed (%s)", context, error)
             return
-        context._renewed(claim)
+        lease = context._current_lease.renewed(
+            sent_at, self.ttl.total_seconds(), self.lease_margin.total_seconds()
+        )
+        context._renewed(claim, lease)
         if claim.pending_signals:
             self._apply_signals(context, claim.pending_signals)
 

@@ -273,10 +273,13 @@ def test_heartbeat_keeps_a_task_longer_than_its_ttl(real_time_store: Store) -> N
 
 
 def test_a_stalled_worker_loses_its_claim_and_its_fenced_save_is_refused(store: Store) -> None:
-    """A worker paused past its TTL (here: no heartbeat, a blocked task) comes back too late:
-    another worker took the task over, and the stale result is never written."""
+    """A worker that did not notice its claim was taken over comes back too late: its stale
+    result is never written. Its lease cannot tell it (a process frozen as a whole, or a store
+    clock running ahead of ours): only the fence can. Staged on every store without waiting:
+    the claim is released in the stalled worker's name, as if it had expired, and a rival
+    takes the task (token 2) while the stalled worker's lease (minutes) has not run out."""
     log = Log()
-    ttl = timedelta(seconds=1)
+    ttl = timedelta(minutes=10)
     pipeline = Pipeline("step")
     [instance_id] = store.start(pipeline)
     stalled_may_finish = threading.Event()
@@ -290,8 +293,8 @@ def test_a_stalled_worker_loses_its_claim_and_its_fenced_save_is_refused(store: 
         assert gate.wait(WAIT_SECONDS)
         return f"result of {ctx.worker_id}".encode()
 
-    # Heartbeats far apart: nothing renews the claim while the task is blocked. One thread
-    # each, so the stalled worker cannot take its own expired task over.
+    # Heartbeats far apart: nothing renews (or checks) the claim while the task is blocked.
+    # One thread each, so the stalled worker cannot take its own task again.
     stalled = store.worker(
         step,
         pipeline,
@@ -306,8 +309,8 @@ def test_a_stalled_worker_loses_its_claim_and_its_fenced_save_is_refused(store: 
     )
     with stalled:  # the rival starts later: it must not win the first claim
         wait_until(lambda: "stalled" in contexts, "the stalled worker to start the task")
+        store.backend.release_task_claim(instance_id, "step", "stalled", token=1)
         with rival:
-            store.let_expire(ttl)
             wait_until(lambda: "rival" in contexts, "the rival to take the task over")
 
             # The stalled worker wakes up first: its save must be refused (token 1 < 2).
@@ -331,29 +334,35 @@ def test_a_stalled_worker_loses_its_claim_and_its_fenced_save_is_refused(store: 
 
 
 def test_a_heartbeat_tells_the_task_its_claim_was_lost(store: Store) -> None:
-    ttl = timedelta(seconds=1)
+    """The store refuses a renewal (the claim was taken over): the task is told at once,
+    long before its lease would run out. The takeover is staged as in the test above."""
+    ttl = timedelta(minutes=10)
     pipeline = Pipeline("step")
     [instance_id] = store.start(pipeline)
     started = threading.Event()
+    taken_over = threading.Event()
     seen: list[TaskContext] = []
 
     def step(ctx: TaskContext) -> bytes:
         seen.append(ctx)
         started.set()
         assert ctx.claim_lost.wait(WAIT_SECONDS), "the heartbeat never reported the loss"
+        # Keeps the only thread until the thief has the task (or this worker would take it).
+        assert taken_over.wait(WAIT_SECONDS)
         ctx.raise_if_lost()  # what a long task does when it notices
         return b"never saved"
 
-    # The first heartbeat comes after the claim expired and was taken over (a heartbeat
-    # before that would renew the expired claim, which is still ours).
-    worker = store.worker(step, pipeline, ttl=ttl, threads=1, heartbeat_every=ttl * 2.5)
+    worker = store.worker(
+        step, pipeline, ttl=ttl, threads=1, heartbeat_every=timedelta(milliseconds=50)
+    )
     with worker:
         assert started.wait(WAIT_SECONDS)
-        store.let_expire(ttl)
-        # Someone else takes the task over: the next heartbeat is refused.
-        assert store.backend.claim_task(instance_id, "step", "thief", ttl * 60) is not None
+        # As if the claim had expired, and someone else took the task over.
+        store.backend.release_task_claim(instance_id, "step", worker.worker_id, token=1)
+        assert store.backend.claim_task(instance_id, "step", "thief", ttl) is not None
+        taken_over.set()
         wait_until(lambda: worker.stats.lost == 1, "the loss to be noticed")
-    assert "heartbeat" in (seen[0].lost_reason or "")
+    assert (seen[0].lost_reason or "").startswith("heartbeat: ")
     assert store.backend.load_task_result(instance_id, "step") is None
     assert worker.stats.failed == 0  # a lost claim never fails the workflow
 
