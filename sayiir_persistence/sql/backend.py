@@ -321,7 +321,11 @@ class SqlBackend(PersistentBackend):
         deadline = self._deadline()
         # A read: on SQLite it must not wait for (nor take) the write lock.
         engine = self._engine.execution_options(**{READ_ONLY_OPTION: True})
-        with engine.connect() as conn, self._watched(conn, deadline):
+        # Translated as the schema check's own connect was: a refused connection is
+        # "cannot connect to ...", the message operators see from the CLI at start-up.
+        with translated_errors(self._where, type(self._dialect), action="check the schema of"):
+            conn = engine.connect()
+        with conn, self._watched(conn, deadline):
             _check_schema(conn)
             self._dialect.check_server(conn, max_payload_bytes)
 
