@@ -53,6 +53,7 @@ from .validation import (
     check_optional_id,
     check_optional_limit,
     check_optional_payload,
+    check_optional_traceparent,
     check_payload,
     check_positive_interval,
     check_priority,
@@ -793,6 +794,7 @@ class PersistentBackend(ABC):
         check_optional_id(snapshot.last_completed_task_id, "snapshot.last_completed_task_id")
         check_optional_id(snapshot.input_task_id, "snapshot.input_task_id")
         check_optional_aware(snapshot.deadline, "snapshot.deadline")
+        check_optional_traceparent(snapshot.trace_context, "snapshot.trace_context")
         check_optional_payload(snapshot.initial_input, "snapshot.initial_input", limit)
         check_optional_payload(snapshot.output, "snapshot.output", limit)
         check_text(snapshot.error, "snapshot.error")

@@ -20,6 +20,7 @@ from .validation import (
     check_optional_aware,
     check_optional_bytes,
     check_optional_id,
+    check_optional_traceparent,
     check_priority,
     check_tags,
     check_text,
@@ -170,6 +171,10 @@ class WorkflowSnapshot:
 
     ``deadline``: the workflow-level timeout. Once the store clock passes it, a workflow still
     in progress or paused is failed (docs/contract.md#fail_overdue_workflows).
+
+    ``trace_context``: the W3C ``traceparent`` the workflow's task spans continue, so one
+    workflow is one trace across workers (docs/contract.md#trace-context). Stored when the
+    workflow is created and kept by every later write.
     """
 
     instance_id: str
@@ -190,6 +195,7 @@ class WorkflowSnapshot:
     version: int = 0
     input_task_id: str | None = None
     deadline: datetime | None = None
+    trace_context: str | None = None
 
     @classmethod
     def new(
@@ -202,9 +208,12 @@ class WorkflowSnapshot:
         priority: int = 3,
         tags: tuple[str, ...] | frozenset[str] | list[str] | set[str] = (),
         deadline: datetime | None = None,
+        trace_context: str | None = None,
     ) -> Self:
         """A new in-progress snapshot at ``AtTask(first_task)`` (or ``NotStarted()``), failed
-        by the store once ``deadline`` has passed (``None``: no workflow-level timeout)."""
+        by the store once ``deadline`` has passed (``None``: no workflow-level timeout), whose
+        task spans continue ``trace_context`` (a W3C ``traceparent``; ``None``: the span
+        current when it is started, if any)."""
         check_id(instance_id, "instance_id")
         check_id(definition_hash, "definition_hash")
         check_optional_bytes(initial_input, "initial_input")
@@ -220,6 +229,7 @@ class WorkflowSnapshot:
             created_at=now,
             updated_at=now,
             deadline=check_optional_aware(deadline, "deadline"),
+            trace_context=check_optional_traceparent(trace_context, "trace_context"),
         )
 
     # -- mutators (only while in progress) --
@@ -350,6 +360,8 @@ class AvailableTask:
     priority: int
     tags: frozenset[str]
     snapshot_version: int
+    trace_context: str | None = None
+    """The workflow's W3C ``traceparent`` (:attr:`WorkflowSnapshot.trace_context`)."""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ learns what was wrong and the store is never touched with bad data.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -102,6 +103,28 @@ def check_aware(value: object, name: str) -> datetime:
 
 def check_optional_aware(value: object, name: str) -> datetime | None:
     return None if value is None else check_aware(value, name)
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def check_optional_traceparent(value: object, name: str) -> str | None:
+    """``None`` or a W3C ``traceparent`` (version-trace id-parent id-flags, lowercase hex, 55
+    characters), else ``InvalidInputError``; all-zero ids are invalid by the W3C rules."""
+    if value is None:
+        return None
+    text = _check_str(value, name)
+    if (
+        not _TRACEPARENT.fullmatch(text)
+        or text.startswith("ff")
+        or text[3:35] == "0" * 32
+        or text[36:52] == "0" * 16
+    ):
+        raise InvalidInputError(
+            f"{name} must be a W3C traceparent such as "
+            f"'00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01', got {text[:80]!r}"
+        )
+    return text
 
 
 def check_ttl(value: object, name: str = "ttl") -> timedelta | None:
