@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.clusters import GaleraCluster, StandbyPair, server_directory
 from helpers.databases import (
     KINDS,
     SELECTION_ENV,
@@ -143,3 +144,28 @@ def sql_url(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     url: str = request.getfixturevalue(f"{kind}_url")
     return url
+
+
+@pytest.fixture(scope="session")
+def galera_cluster() -> Iterator[GaleraCluster]:
+    """A 3-node Galera cluster for the session (about 30 s to start), stopped and deleted at
+    its end. A test that kills a node must leave the others to the next tests: it restarts
+    nothing, so such tests come last or use a cluster of their own."""
+    with server_directory("sayiir-galera-") as directory:
+        cluster = GaleraCluster.start(directory)
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture
+def standby_pair() -> Iterator[StandbyPair]:
+    """A fresh PostgreSQL primary with a synchronous standby for one test (a failover leaves
+    the pair unusable for the next), stopped and deleted after it."""
+    with server_directory("sayiir-pair-") as directory:
+        pair = StandbyPair.start(directory)
+        try:
+            yield pair
+        finally:
+            pair.stop()

@@ -5,7 +5,10 @@ Kinds of database a run can target (``--db`` or ``SAYIIR_TEST_DATABASES``):
 - ``memory``: tests that need no database at all (every test without a database marker);
 - ``sqlite``: a SQLite file in a per-test temporary directory;
 - ``postgres``: ``SAYIIR_TEST_POSTGRES_URL``, default ``postgresql+psycopg2://postgres@127.0.0.1:5432/test``;
-- ``mysql``: ``SAYIIR_TEST_MYSQL_URL``, default ``mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4``.
+- ``mysql``: ``SAYIIR_TEST_MYSQL_URL``, default ``mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4``;
+- ``galera``: a 3-node MariaDB Galera cluster the tests start themselves
+  (``tests/helpers/clusters.py``);
+- ``failover``: a PostgreSQL primary with a synchronous standby the tests start themselves.
 
 A server database is checked once per session (a real connection with a short timeout). When it
 does not answer and a Docker engine does, testcontainers starts a throw-away server for the
@@ -36,8 +39,14 @@ SQLITE: Final = "sqlite"
 POSTGRES: Final = "postgres"
 MYSQL: Final = "mysql"
 
+GALERA: Final = "galera"
+FAILOVER: Final = "failover"
+
 #: Every kind ``--db`` accepts; also the names of the pytest markers that tie a test to one.
-KINDS: Final = (MEMORY, SQLITE, POSTGRES, MYSQL)
+KINDS: Final = (MEMORY, SQLITE, POSTGRES, MYSQL, GALERA, FAILOVER)
+#: What a run targets when nothing is selected: the replicated servers only when asked for
+#: (they take the session half a minute to start; the tox environment `cluster` asks).
+DEFAULT_KINDS: Final = (MEMORY, SQLITE, POSTGRES, MYSQL)
 #: Kinds that give an SQL URL (the ``sql_url`` fixture's parameters).
 SQL_KINDS: Final = (SQLITE, POSTGRES, MYSQL)
 #: Kinds that need a running server.
@@ -107,14 +116,15 @@ def parse_selection(value: str | Iterable[str]) -> frozenset[str]:
 def selected_kinds(
     cli_values: list[str] | None, environ: dict[str, str] | None = None
 ) -> frozenset[str]:
-    """The kinds a run targets: ``--db`` values win, then ``SAYIIR_TEST_DATABASES``, else all."""
+    """The kinds a run targets: ``--db`` values win, then ``SAYIIR_TEST_DATABASES``, else
+    ``DEFAULT_KINDS``."""
     env = os.environ if environ is None else environ
     if cli_values:
         return parse_selection(cli_values)
     from_env = env.get(SELECTION_ENV, "").strip()
     if from_env:
         return parse_selection(from_env)
-    return frozenset(KINDS)
+    return frozenset(DEFAULT_KINDS)
 
 
 def required_kinds(markers: Iterable[str]) -> frozenset[str]:

@@ -1,0 +1,169 @@
+"""Replicated database servers of the tests' own: a 3-node MariaDB Galera cluster and a
+PostgreSQL primary with a synchronous hot standby, started and stopped through the readable
+scripts ``scripts/galera-cluster`` and ``scripts/pg-standby-pair`` (which say what each setting
+is for). Each runs on its own ports and data folders under a temporary directory, beside the
+machine's own servers, and leaves nothing behind once stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+GALERA_SCRIPT = SCRIPTS / "galera-cluster"
+PAIR_SCRIPT = SCRIPTS / "pg-standby-pair"
+
+GALERA_NODES = 3
+GALERA_SQL_BASE_PORT = 3310  # node N answers on 3310 + N (the script's default)
+PAIR_BASE_PORT = 5440  # primary; the standby is + 1 (the script's default)
+START_TIMEOUT_SECONDS = 300
+
+
+def _run(script: Path, *args: str, timeout: float = START_TIMEOUT_SECONDS) -> str:
+    """Run a cluster script; its output, or an error carrying it."""
+    done = subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{script.name} {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+        )
+    return done.stdout
+
+
+@dataclass
+class GaleraCluster:
+    """A running 3-node Galera cluster in ``directory`` (see scripts/galera-cluster)."""
+
+    directory: Path
+    killed: set[int] = field(default_factory=set)
+
+    @classmethod
+    def start(cls, directory: Path) -> GaleraCluster:
+        """Start the cluster, every node synced.
+
+        Raises:
+            RuntimeError: a node did not become ready (with the script's output).
+        """
+        _run(GALERA_SCRIPT, "start", str(directory))
+        return cls(directory)
+
+    def stop(self) -> None:
+        """Stop every node and delete the directory."""
+        _run(GALERA_SCRIPT, "stop", str(self.directory), timeout=120)
+
+    def kill(self, node: int) -> None:
+        """SIGKILL node ``node`` (1-based)."""
+        _run(GALERA_SCRIPT, "kill", str(self.directory), str(node))
+        self.killed.add(node)
+
+    def status(self) -> str:
+        return _run(GALERA_SCRIPT, "status", str(self.directory))
+
+    @staticmethod
+    def node_url(node: int, database: str = "test") -> str:
+        """The URL of ``database`` on node ``node`` (1-based)."""
+        port = GALERA_SQL_BASE_PORT + node
+        return f"mysql+pymysql://root@127.0.0.1:{port}/{database}?charset=utf8mb4"
+
+    def node_urls(self, database: str = "test") -> list[str]:
+        """The URLs of ``database`` on every node, node 1 first."""
+        return [self.node_url(node, database) for node in range(1, GALERA_NODES + 1)]
+
+    def create_database(self, name: str) -> None:
+        """Create ``name`` (on node 1; Galera replicates the DDL to the others)."""
+        engine = sa.create_engine(
+            self.node_url(1, "test"), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+        )
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(
+                    f"CREATE DATABASE IF NOT EXISTS `{name}` CHARACTER SET utf8mb4"
+                )
+        finally:
+            engine.dispose()
+
+
+@dataclass
+class StandbyPair:
+    """A running PostgreSQL primary with a synchronous hot standby in ``directory`` (see
+    scripts/pg-standby-pair)."""
+
+    directory: Path
+
+    @classmethod
+    def start(cls, directory: Path) -> StandbyPair:
+        """Start both servers, the standby streaming synchronously, database ``test`` made.
+
+        Raises:
+            RuntimeError: a server did not start (with the script's output).
+        """
+        _run(PAIR_SCRIPT, "start", str(directory))
+        return cls(directory)
+
+    def stop(self) -> None:
+        """Stop both servers and delete the directory."""
+        _run(PAIR_SCRIPT, "stop", str(self.directory), timeout=120)
+
+    def kill_primary(self) -> None:
+        """SIGKILL the primary's postmaster: the server is lost, as by a machine failure."""
+        _run(PAIR_SCRIPT, "kill", str(self.directory))
+
+    def promote(self) -> None:
+        """Make the standby the primary (returns once it takes writes)."""
+        _run(PAIR_SCRIPT, "promote", str(self.directory))
+
+    def status(self) -> str:
+        return _run(PAIR_SCRIPT, "status", str(self.directory))
+
+    @staticmethod
+    def url(database: str = "test", driver: str = "psycopg2") -> str:
+        """One libpq URL naming both servers: libpq connects to whichever takes writes."""
+        return (
+            f"postgresql+{driver}://postgres@/{database}"
+            f"?host=127.0.0.1:{PAIR_BASE_PORT}&host=127.0.0.1:{PAIR_BASE_PORT + 1}"
+            "&target_session_attrs=read-write"
+        )
+
+    @staticmethod
+    def server_url(standby: bool, database: str = "test") -> str:
+        """The URL of one of the two servers."""
+        port = PAIR_BASE_PORT + (1 if standby else 0)
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
+
+
+@contextlib.contextmanager
+def server_directory(prefix: str) -> Iterator[Path]:
+    """A path (not yet created) for a script's servers, in a fresh folder of ``/tmp`` that the
+    ``mysql`` and ``postgres`` users can enter (pytest's own temporary folders are private to
+    the user running the tests); the folder is removed afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        parent.chmod(0o755)
+        yield parent / "servers"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def wait_until(check: object, timeout: float, what: str) -> None:
+    """Poll ``check()`` every 0.1 s until it is true.
+
+    Raises:
+        AssertionError: it is still false after ``timeout`` seconds.
+    """
+    assert callable(check)
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.1)
