@@ -139,6 +139,8 @@ class PersistentBackend(ABC):
         definition (``USE_EXISTING``), or replaced with everything attached to it
         (``TERMINATE_EXISTING``: the old claims' holders stay fenced off, the new snapshot
         starts at version 1). Returns the stored snapshot; ``snapshot`` itself is not changed.
+        Without a ``trace_context``, the snapshot stored carries the ``traceparent`` of this
+        call's span when OpenTelemetry traces it (docs/contract.md#trace-context).
         Contract: docs/contract.md#start_workflow.
 
         Raises:
@@ -178,6 +180,10 @@ class PersistentBackend(ABC):
         (``BackendUnavailableError``) is simply repeated: it returns the version if the lost
         call applied it, applies it now if not, or raises ``ConflictError`` if another write
         came first. Write ids live as long as the workflow.
+        A new snapshot (``version`` 0) without ``trace_context`` is saved with the
+        ``traceparent`` of this call's span when OpenTelemetry traces it, unless the save is
+        keyed (``write_id``: a repeat must save the same snapshot);
+        ``snapshot.trace_context`` itself is not set (docs/contract.md#trace-context).
         Contract: docs/contract.md#save_snapshot.
 
         Raises:

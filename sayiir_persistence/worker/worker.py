@@ -198,6 +198,13 @@ class Worker:
     heartbeat interval), so a call that hangs delays neither the renewal of the other
     claims, nor the watch on the leases, nor :meth:`stop`.
 
+    OpenTelemetry (when installed; see :mod:`sayiir_persistence.telemetry`): each execution
+    runs in a span ``task <task_id>``, a child of the span that started its workflow
+    (``AvailableTask.trace_context``), ended once its :class:`TaskOutcome` is known; the task
+    function's backend calls are its children. The worker counts claimed, recorded, failed
+    and lost tasks and times its claim calls and task functions
+    (:mod:`sayiir_persistence.telemetry.metrics`).
+
     Raises:
         ValueError: ``threads``, ``ttl``, ``heartbeat_every``, ``poll_interval`` or
             ``completion_batch`` is not positive, or ``completion_wait`` is negative.
