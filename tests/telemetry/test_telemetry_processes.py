@@ -123,7 +123,7 @@ def test_one_trace_per_workflow_across_two_worker_processes(tmp_path: Path, tele
 
     # The start spans (this process): the stored context of each workflow is its start span.
     starts = {
-        span.attributes["sayiir.instance_id"]: span  # type: ignore[index]
+        str((span.attributes or {})["sayiir.instance_id"]): span
         for span in telemetry.finished()
         if span.name == "start_workflow"
     }
