@@ -88,7 +88,7 @@ def _argument_reader(method: Callable[..., Any], name: str) -> Callable[..., obj
 if AVAILABLE:
     from opentelemetry import context as otel_context
     from opentelemetry import trace
-    from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+    from opentelemetry.trace import SpanKind, Status, StatusCode
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     # A proxy until the application sets a provider: the spans then go to that one.
@@ -100,7 +100,6 @@ if AVAILABLE:
         return _TRACER
 
     def _call_attributes(
-        span: Span,
         operation: str,
         db_system: str | None,
         readers: list[tuple[str, Callable[..., object]]],
@@ -108,22 +107,24 @@ if AVAILABLE:
         completions_reader: Callable[..., object] | None,
         args: tuple[object, ...],
         kwargs: dict[str, object],
-    ) -> None:
-        span.set_attribute("sayiir.operation", operation)
+    ) -> dict[str, str | int]:
+        # Ids only when they are strings: a malformed argument (refused by validation inside
+        # the span) may be any object, and is not shown.
+        attributes: dict[str, str | int] = {"sayiir.operation": operation}
         if db_system is not None:
-            span.set_attribute("db.system", db_system)
+            attributes["db.system"] = db_system
         for attribute, read in readers:
             value = read(args, kwargs)
             if isinstance(value, str):
-                span.set_attribute(attribute, value)
+                attributes[attribute] = value
         if snapshot_reader is not None:
             instance_id = getattr(snapshot_reader(args, kwargs), "instance_id", None)
             if isinstance(instance_id, str):
-                span.set_attribute("sayiir.instance_id", instance_id)
+                attributes["sayiir.instance_id"] = instance_id
         if completions_reader is not None:
             completions = completions_reader(args, kwargs)
             if isinstance(completions, Sized) and not isinstance(completions, str | bytes):
-                span.set_attribute("sayiir.batch_size", len(completions))
+                attributes["sayiir.batch_size"] = len(completions)
                 if len(completions) == 1 and isinstance(completions, list | tuple):
                     only = completions[0]
                     for name, attribute in (
@@ -132,7 +133,8 @@ if AVAILABLE:
                     ):
                         value = getattr(only, name, None)
                         if isinstance(value, str):
-                            span.set_attribute(attribute, value)
+                            attributes[attribute] = value
+        return attributes
 
     def traced(operation: str) -> Callable[[_F], _F]:
         """Decorate a public method of ``PersistentBackend``: each call runs in a span
@@ -158,20 +160,28 @@ if AVAILABLE:
                 )
                 recording = span.is_recording()
                 if recording:
-                    _call_attributes(
-                        span,
-                        operation,
-                        db_system,
-                        readers,
-                        snapshot_reader,
-                        completions_reader,
-                        args,
-                        kwargs,
+                    # One set_attributes: the SDK takes its lock once, not per attribute.
+                    span.set_attributes(
+                        _call_attributes(
+                            operation,
+                            db_system,
+                            readers,
+                            snapshot_reader,
+                            completions_reader,
+                            args,
+                            kwargs,
+                        )
                     )
                 # Current while the call runs: the trace context of a started workflow is
                 # this span's, and nested calls (a default method calling others) are its
                 # children. Attached by hand: cheaper than start_as_current_span's generator.
-                token = otel_context.attach(trace.set_span_in_context(span))
+                # Not at all when the span has no valid context (no SDK, no caller's trace):
+                # there is nothing to propagate, and that is most of the no-op's cost.
+                token = (
+                    otel_context.attach(trace.set_span_in_context(span))
+                    if recording or span.get_span_context().is_valid
+                    else None
+                )
                 try:
                     result = method(self, *args, **kwargs)
                 except BaseException as error:
@@ -186,7 +196,8 @@ if AVAILABLE:
                         span.set_attribute("sayiir.result_count", len(result))
                     return result
                 finally:
-                    otel_context.detach(token)
+                    if token is not None:
+                        otel_context.detach(token)
                     span.end()
 
             return call  # type: ignore[return-value]
