@@ -23,8 +23,10 @@ class _Digest(Protocol):
     def update(self, data: bytes, /) -> None: ...
 
 
-# Fields the store sets, which a repeat of a save need not carry as the first did.
-_STORE_SET = frozenset({"version", "updated_at"})
+# Fields the store sets, which a repeat of a save need not carry as the first did; and the
+# trace context, which the store keeps from the workflow's creation and a repeat made in
+# another span would carry anew (docs/contract.md#trace-context).
+_STORE_SET = frozenset({"version", "updated_at", "trace_context"})
 
 
 def payload_digest(payload: bytes) -> str:
@@ -75,8 +77,8 @@ def check_consume_repeat(instance_id: str, key: str, recorded_name: str, name: s
 
 def snapshot_digest(snapshot: WorkflowSnapshot) -> str:
     """What a keyed save's record keeps of the snapshot: the SHA-256, in hex, of a canonical
-    encoding of every field but ``version`` and ``updated_at`` (sets and dicts sorted,
-    timestamps in UTC), the same in every process."""
+    encoding of every field but ``version``, ``updated_at`` and ``trace_context`` (sets and
+    dicts sorted, timestamps in UTC), the same in every process."""
     digest = hashlib.sha256()
     for field in dataclasses.fields(WorkflowSnapshot):
         if field.name not in _STORE_SET:
@@ -127,7 +129,7 @@ def check_save_repeat(
 
     Raises:
         IdempotencyConflictError: the repeat saves another snapshot (a field other than
-            ``version`` and ``updated_at`` differs).
+            ``version``, ``updated_at`` and ``trace_context`` differs).
     """
     if recorded_digest != snapshot_digest(snapshot):
         raise IdempotencyConflictError(

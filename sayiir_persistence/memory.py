@@ -169,7 +169,9 @@ class InMemoryBackend(PersistentBackend):
                 **snapshot.completed_tasks,
                 **existing.snapshot.completed_tasks,
             }
+            # Set when the run began, kept by later saves (docs/contract.md#trace-context).
             stored.created_at = existing.snapshot.created_at
+            stored.trace_context = existing.snapshot.trace_context
             stored.version = existing.snapshot.version + 1
             existing.snapshot = stored
         stored.updated_at = now
@@ -208,6 +210,7 @@ class InMemoryBackend(PersistentBackend):
             priority=snapshot.priority,
             tags=snapshot.tags,
             snapshot_version=snapshot.version,
+            trace_context=snapshot.trace_context,
         )
 
     def _take_claim(

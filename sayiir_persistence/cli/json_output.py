@@ -71,6 +71,7 @@ def snapshot_json(
         },
         "cancel_request": _request_json(snapshot.cancel_request),
         "pause_request": _request_json(snapshot.pause_request),
+        "trace_context": snapshot.trace_context,
         "claims": [_claim_json(claim) for claim in claims],
         "pending_signals": {
             kind.value: _request_json(request) for kind, request in signals.items()

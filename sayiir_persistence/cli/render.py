@@ -114,6 +114,9 @@ def print_snapshot(
         table.add_row("Error", Text(snapshot.error, style="red"))
     if snapshot.last_completed_task_id is not None:
         table.add_row("Last completed", Text(snapshot.last_completed_task_id))
+    if snapshot.trace_context is not None:
+        # The trace id alone: what a tracing UI searches by.
+        table.add_row("Trace", Text(snapshot.trace_context.split("-")[1]))
     for label, request in (
         ("Cancelled", snapshot.cancel_request),
         ("Paused", snapshot.pause_request),

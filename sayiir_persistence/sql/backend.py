@@ -102,6 +102,7 @@ from .rows import (
     STATUS,
     TAGS,
     available_task_from_row,
+    creation_values,
     granted_claim,
     new_results,
     ready_rows,
@@ -501,10 +502,7 @@ class SqlBackend(PersistentBackend):
             try:
                 conn.execute(
                     insert(workflows).values(
-                        instance_id=instance_id,
-                        created_at=snapshot.created_at,
-                        version=1,
-                        **values,
+                        instance_id=instance_id, **creation_values(snapshot), **values
                     )
                 )
             except sa_exc.IntegrityError as error:
@@ -588,7 +586,7 @@ class SqlBackend(PersistentBackend):
         conn.execute(
             update(workflows)
             .where(workflows.c.instance_id == instance_id)
-            .values(created_at=snapshot.created_at, version=1, **workflow_values(snapshot, now))
+            .values(**creation_values(snapshot), **workflow_values(snapshot, now))
         )
         self._write_attached(conn, snapshot, set(), frozenset(), now)
 

@@ -418,5 +418,6 @@ def _claimed_task(
             priority=snapshot.priority,
             tags=frozenset(snapshot.tags),
             snapshot_version=snapshot.version,
+            trace_context=snapshot.trace_context,
         ),
     )

@@ -58,6 +58,7 @@ def snapshot_from_row(row: Row[Any], results: dict[str, bytes]) -> WorkflowSnaps
         version=row.version,
         input_task_id=row.input_task_id,
         deadline=row.deadline,
+        trace_context=row.trace_context,
     )
 
 
@@ -79,8 +80,8 @@ def granted_claim(key: TaskKey, terms: ClaimTerms, granted: Granted) -> TaskClai
 
 def available_task_from_row(row: Row[*tuple[Any, ...]], task_id: str) -> AvailableTask:
     """A task of the workflow of ``row``: its ``sayiir_workflows`` columns (definition_hash,
-    priority, tags, version, initial_input, input_task_id) and ``input_output``, the stored
-    output of its input task.
+    priority, tags, version, initial_input, input_task_id, trace_context) and ``input_output``,
+    the stored output of its input task.
 
     Raises:
         CorruptDataError: the tags cannot be decoded.
@@ -93,6 +94,7 @@ def available_task_from_row(row: Row[*tuple[Any, ...]], task_id: str) -> Availab
         priority=row.priority,
         tags=tags_of(row),
         snapshot_version=row.version,
+        trace_context=row.trace_context,
     )
 
 
@@ -106,8 +108,8 @@ def tags_of(row: Row[Any]) -> frozenset[str]:
 
 
 def workflow_values(snapshot: WorkflowSnapshot, now: datetime) -> dict[str, object]:
-    """The columns of ``sayiir_workflows`` a save writes (all but the id, creation time and
-    version)."""
+    """The columns of ``sayiir_workflows`` a save writes (all but the id, creation time,
+    version and trace context: see :func:`creation_values`)."""
     return {
         "definition_hash": snapshot.definition_hash,
         "status": snapshot.status.value,
@@ -123,6 +125,16 @@ def workflow_values(snapshot: WorkflowSnapshot, now: datetime) -> dict[str, obje
         "priority": snapshot.priority,
         "tags": codec.encode_tags(frozenset(snapshot.tags)),
         "updated_at": now,
+    }
+
+
+def creation_values(snapshot: WorkflowSnapshot) -> dict[str, object]:
+    """The columns of ``sayiir_workflows`` written only when a run of the workflow begins (its
+    row inserted, or replaced by ``IfExists.TERMINATE_EXISTING``): later saves keep them."""
+    return {
+        "created_at": snapshot.created_at,
+        "version": 1,
+        "trace_context": snapshot.trace_context,
     }
 
 

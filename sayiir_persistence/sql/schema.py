@@ -83,6 +83,9 @@ workflows = Table(
     Column("version", Integer(), nullable=False),
     # The workflow-level timeout (see the migration a8c3f5e0d214): the overdue sweep's index.
     Column("deadline", UtcDateTime()),
+    # The W3C traceparent its task spans continue (see the migration a6d4e8f2c3b5): written
+    # when the row is created, never updated.
+    Column("trace_context", String(55)),
     Index(None, "status", "instance_id"),
     Index(None, "deadline"),
     **_MYSQL,

@@ -841,3 +841,14 @@ def test_durations() -> None:
             parse_duration(bad)
     for text in ("30s", "15m", "12h", "7d", "1d12h", "2h5m3s", "0s"):
         assert format_duration(parse_duration(text)) == text
+
+
+def test_show_prints_the_trace_context(backend: SqlBackend, store_url: str) -> None:
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    backend.start_workflow(WorkflowSnapshot.new("traced", "h", trace_context=traceparent))
+    backend.start_workflow(WorkflowSnapshot.new("untraced", "h"))
+
+    assert ok_json("show", "traced", url=store_url)["trace_context"] == traceparent
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" in ok("show", "traced", url=store_url)
+    assert ok_json("show", "untraced", url=store_url)["trace_context"] is None
+    assert "Trace" not in ok("show", "untraced", url=store_url)

@@ -163,6 +163,9 @@ INSPECTION_AGING = MINUTE
 MEMORY_EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 CREATED_BASE = datetime(2020, 1, 1, tzinfo=UTC)
 PLUS_TWO = timezone(timedelta(hours=2))
+# Two W3C traceparents a drawn snapshot may carry (docs/contract.md#trace-context).
+TRACE_A = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_B = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
 
 # -- strategies ------------------------------------------------------------------------------
 
@@ -251,6 +254,7 @@ class DraftSpec:
     priority: int
     tags: frozenset[str]
     created_at: datetime
+    trace_context: str | None
 
     def resolve(self, now: int) -> Draft:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -280,6 +284,7 @@ def draft_specs(**overrides: st.SearchStrategy[Any]) -> st.SearchStrategy[DraftS
         # Mostly one priority: ties make the aging order matter.
         "priority": st.sampled_from((3, 3, 3, 1, 2, 4, 5)),
         "tags": st.just(frozenset[str]()) | tag_sets,
+        "trace_context": st.sampled_from((None, TRACE_A, TRACE_B)),
         "created_at": st.builds(
             lambda seconds, tz: (CREATED_BASE + timedelta(seconds=seconds)).astimezone(tz),
             st.integers(0, 10**6),
@@ -593,6 +598,7 @@ class ContractMachine(RuleBasedStateMachine):
             created_at=draft.created_at,
             updated_at=self.store.at(self.model.now),
             input_task_id=draft.input_task_id,
+            trace_context=draft.trace_context,
         )
 
     def check_snapshot(self, actual: WorkflowSnapshot, expected: Workflow) -> None:
@@ -606,6 +612,7 @@ class ContractMachine(RuleBasedStateMachine):
         wanted.cancel_request = expected.cancel_request
         wanted.pause_request = expected.pause_request
         wanted.created_at = expected.created_at
+        wanted.trace_context = expected.trace_context
         wanted.version = expected.version
         wanted.updated_at = actual.updated_at  # checked below, within the time margin
         assert dataclasses.asdict(actual) == dataclasses.asdict(wanted)
@@ -636,6 +643,7 @@ class ContractMachine(RuleBasedStateMachine):
             priority=expected.priority,
             tags=expected.tags,
             snapshot_version=expected.snapshot_version,
+            trace_context=expected.trace_context,
         )
 
     def check_selection(

@@ -84,6 +84,7 @@ class Draft:
     priority: int
     tags: frozenset[str]
     created_at: datetime
+    trace_context: str | None
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Workflow:
     cancel_request: SignalRequest | None
     pause_request: SignalRequest | None
     created_at: datetime
+    trace_context: str | None  # set when the run began, kept by later writes
     version: int
     updated_at: int
     # Claims stay after release (the next token must still be greater).
@@ -185,6 +187,7 @@ class Candidate:
     priority: int
     tags: frozenset[str]
     snapshot_version: int
+    trace_context: str | None
     rank: tuple[int, int]
 
 
@@ -269,6 +272,7 @@ class ReferenceModel:
             cancel_request=draft.cancel_request,
             pause_request=draft.pause_request,
             created_at=draft.created_at if existing is None else existing.created_at,
+            trace_context=draft.trace_context if existing is None else existing.trace_context,
             version=1 if existing is None else existing.version + 1,
             updated_at=self.now,
         )
@@ -516,6 +520,7 @@ class ReferenceModel:
                         priority=priority,
                         tags=workflow.draft.tags,
                         snapshot_version=workflow.version,
+                        trace_context=workflow.trace_context,
                         rank=(priority * aging + workflow.updated_at, workflow.updated_at),
                     )
                 )
@@ -613,6 +618,7 @@ class ReferenceModel:
                 priority=workflow.draft.priority,
                 tags=workflow.draft.tags,
                 snapshot_version=workflow.version,
+                trace_context=workflow.trace_context,
                 rank=(0, 0),
             )
             claims.append((expected, task))

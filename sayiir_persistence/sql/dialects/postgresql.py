@@ -265,6 +265,7 @@ class PostgresDialect(SqlDialect):
                 workflows.c.version,
                 workflows.c.initial_input,
                 workflows.c.input_task_id,
+                workflows.c.trace_context,
                 input_result.c.output.label("input_output"),
             )
             .select_from(
