@@ -180,9 +180,8 @@ class PersistentBackend(ABC):
         (``BackendUnavailableError``) is simply repeated: it returns the version if the lost
         call applied it, applies it now if not, or raises ``ConflictError`` if another write
         came first. Write ids live as long as the workflow.
-        A new snapshot (``version`` 0) without ``trace_context`` is saved with the
-        ``traceparent`` of this call's span when OpenTelemetry traces it, unless the save is
-        keyed (``write_id``: a repeat must save the same snapshot);
+        A snapshot without ``trace_context`` that creates the workflow is stored with the
+        ``traceparent`` of this call's span when OpenTelemetry records it;
         ``snapshot.trace_context`` itself is not set (docs/contract.md#trace-context).
         Contract: docs/contract.md#save_snapshot.
 
@@ -197,15 +196,14 @@ class PersistentBackend(ABC):
         self._check_snapshot(snapshot)
         if expected_version is not None:
             check_version(expected_version, "expected_version")
+        # The trace context of this call, kept by the store only if the save creates the
+        # workflow (docs/contract.md#trace-context); not part of a keyed save's identity.
+        stored = with_trace_context(snapshot)
         if write_id is None:
-            # A new snapshot carries the trace context of this call (the store keeps the
-            # first one). Not with a write_id: the repeat of a keyed save must be the same
-            # snapshot, and each call's span is another.
-            stored = with_trace_context(snapshot) if snapshot.version == 0 else snapshot
             version = self._save_snapshot(stored, expected_version)
         else:
             check_id(write_id, "write_id")
-            version = self._save_snapshot_keyed(snapshot, expected_version, write_id)
+            version = self._save_snapshot_keyed(stored, expected_version, write_id)
         snapshot.version = version
         return version
 

@@ -205,13 +205,9 @@ if AVAILABLE:
         return decorate
 
     def current_traceparent() -> str | None:
-        """The W3C ``traceparent`` of the current span, ``None`` without a valid one.
-
-        A span the sampler dropped still has a valid context (flags ``00``): storing it
-        keeps that decision for the workflow's tasks, as a parent-based sampler expects.
-        """
-        span_context = trace.get_current_span().get_span_context()
-        if not span_context.is_valid:
+        """The W3C ``traceparent`` of the current span, ``None`` unless it records
+        (docs/contract.md#trace-context: no recording span, no trace context stored)."""
+        if not trace.get_current_span().is_recording():
             return None
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
@@ -240,7 +236,8 @@ else:
 
 def with_trace_context(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
     """``snapshot``, or a copy carrying the current span's ``traceparent`` when it has no
-    ``trace_context`` and a span is current (the start call's own span, see :func:`traced`),
+    ``trace_context`` and a recording span is current (the start call's own span, see
+    :func:`traced`),
     so that the workflow's trace is rooted at the call that started it. The caller's
     snapshot is never changed."""
     if snapshot.trace_context is not None:

@@ -181,12 +181,21 @@ def test_a_given_trace_context_is_kept(store: Store, telemetry: Sdk) -> None:
     assert stored.trace_context == given
 
 
-def test_a_sampled_out_start_stores_its_decision(store: Store) -> None:
+def test_a_start_that_is_not_recorded_stores_no_trace_context(store: Store) -> None:
     # Outside the telemetry fixture the helpers' sampler drops every span (when the SDK is
-    # set in this process): the stored context says "not sampled" (flags 00), so a
-    # parent-based sampler drops the workflow's task spans too, instead of sampling each anew.
+    # set in this process): no recording span, no trace context (docs/contract.md).
     sdk()
     snapshot = PIPELINE.start(f"{store.definition}-q", store.definition)
-    stored = store.backend.start_workflow(snapshot).trace_context
-    assert stored is not None
-    assert int(stored[-2:], 16) & 1 == 0  # the "sampled" flag is off
+    assert store.backend.start_workflow(snapshot).trace_context is None
+
+
+def test_a_keyed_save_stores_the_trace_context_and_its_repeat_is_the_same_save(
+    store: Store, telemetry: Sdk
+) -> None:
+    snapshot = PIPELINE.start(f"{store.definition}-k", store.definition)
+    first = store.backend.save_snapshot(snapshot, expected_version=0, write_id="w-1")
+    snapshot.version = 0  # the repeat sends the same snapshot, from another span
+    assert store.backend.save_snapshot(snapshot, expected_version=0, write_id="w-1") == first
+    first_save = _by_name(telemetry.finished(), "save_snapshot")[0]
+    stored = store.backend.load_snapshot(snapshot.instance_id).trace_context
+    assert _parent_of(stored) == (first_save.context.trace_id, first_save.context.span_id)
