@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -172,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_ratio": cpu_ratio,
         }
         if target.scratch is not None:
-            import shutil
-
             shutil.rmtree(target.scratch, ignore_errors=True)
     for tracing in ("bare", "off", "on"):
         results["span_us"][tracing] = span_cost_us(tracing, args.span_calls)
