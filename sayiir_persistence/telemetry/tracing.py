@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 TRACER_NAME = "sayiir_persistence"
 """The name of the tracer and the meter (the instrumentation scope)."""
-ATTRIBUTE_PREFIX = "sayiir."
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
