@@ -41,6 +41,7 @@ from .retention import (
     check_batch_size,
     check_prunable_statuses,
 )
+from .telemetry.tracing import traced, with_trace_context
 from .transitions import is_stalled_fork
 from .validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -105,6 +106,12 @@ class PersistentBackend(ABC):
         """Wake this process's waiters: call after committing a write that made work."""
         self._work_signal.announce()
 
+    @property
+    def _db_system(self) -> str | None:
+        """The OpenTelemetry ``db.system`` of the store (``postgresql``, ...), ``None`` when it
+        is no database server or file: its calls' spans are ``INTERNAL``, not ``CLIENT``."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing
         """Release resources (connections). The backend must not be used afterwards."""
 
@@ -121,6 +128,7 @@ class PersistentBackend(ABC):
 
     # -- snapshots ------------------------------------------------------------------------
 
+    @traced("start_workflow")
     def start_workflow(
         self, snapshot: WorkflowSnapshot, *, if_exists: IfExists = IfExists.FAIL
     ) -> WorkflowSnapshot:
@@ -131,6 +139,8 @@ class PersistentBackend(ABC):
         definition (``USE_EXISTING``), or replaced with everything attached to it
         (``TERMINATE_EXISTING``: the old claims' holders stay fenced off, the new snapshot
         starts at version 1). Returns the stored snapshot; ``snapshot`` itself is not changed.
+        Without a ``trace_context``, the snapshot stored carries the ``traceparent`` of this
+        call's span when OpenTelemetry traces it (docs/contract.md#trace-context).
         Contract: docs/contract.md#start_workflow.
 
         Raises:
@@ -146,8 +156,9 @@ class PersistentBackend(ABC):
                 f"{snapshot.version}: build one with WorkflowSnapshot.new"
             )
         policy = check_enum(if_exists, IfExists, "if_exists")
-        return self._start_workflow(snapshot, policy)
+        return self._start_workflow(with_trace_context(snapshot), policy)
 
+    @traced("save_snapshot")
     def save_snapshot(
         self,
         snapshot: WorkflowSnapshot,
@@ -169,6 +180,9 @@ class PersistentBackend(ABC):
         (``BackendUnavailableError``) is simply repeated: it returns the version if the lost
         call applied it, applies it now if not, or raises ``ConflictError`` if another write
         came first. Write ids live as long as the workflow.
+        A snapshot without ``trace_context`` that creates the workflow is stored with the
+        ``traceparent`` of this call's span when OpenTelemetry records it;
+        ``snapshot.trace_context`` itself is not set (docs/contract.md#trace-context).
         Contract: docs/contract.md#save_snapshot.
 
         Raises:
@@ -182,14 +196,18 @@ class PersistentBackend(ABC):
         self._check_snapshot(snapshot)
         if expected_version is not None:
             check_version(expected_version, "expected_version")
+        # The trace context of this call, kept by the store only if the save creates the
+        # workflow (docs/contract.md#trace-context); not part of a keyed save's identity.
+        stored = with_trace_context(snapshot)
         if write_id is None:
-            version = self._save_snapshot(snapshot, expected_version)
+            version = self._save_snapshot(stored, expected_version)
         else:
             check_id(write_id, "write_id")
-            version = self._save_snapshot_keyed(snapshot, expected_version, write_id)
+            version = self._save_snapshot_keyed(stored, expected_version, write_id)
         snapshot.version = version
         return version
 
+    @traced("save_snapshot_fenced")
     def save_snapshot_fenced(
         self,
         snapshot: WorkflowSnapshot,
@@ -220,6 +238,7 @@ class PersistentBackend(ABC):
         snapshot.version = version
         return True
 
+    @traced("save_task_result")
     def save_task_result(self, instance_id: str, task_id: str, output: bytes) -> int:
         """Atomically merge one completed task into the stored snapshot.
 
@@ -237,12 +256,14 @@ class PersistentBackend(ABC):
         check_payload(output, "output", self.max_payload_bytes)
         return self._save_task_result(instance_id, task_id, output)
 
+    @traced("load_snapshot")
     def load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
         """The stored snapshot. Raises ``NotFoundError`` if absent.
         Contract: docs/contract.md#load_snapshot."""
         check_id(instance_id, "instance_id")
         return self._load_snapshot(instance_id)
 
+    @traced("load_task_result")
     def load_task_result(self, instance_id: str, task_id: str) -> bytes | None:
         """The stored output of ``task_id`` (``None`` if not completed).
 
@@ -254,6 +275,7 @@ class PersistentBackend(ABC):
         check_id(task_id, "task_id")
         return self._load_task_result(instance_id, task_id)
 
+    @traced("delete_snapshot")
     def delete_snapshot(self, instance_id: str) -> None:
         """Remove the instance and everything attached to it (claims, results, signals,
         events). Raises ``NotFoundError`` if absent.
@@ -261,6 +283,7 @@ class PersistentBackend(ABC):
         check_id(instance_id, "instance_id")
         self._delete_snapshot(instance_id)
 
+    @traced("list_snapshots")
     def list_snapshots(
         self,
         *,
@@ -282,6 +305,7 @@ class PersistentBackend(ABC):
         check_optional_limit(limit)
         return self._list_snapshots(checked_status, after, limit)
 
+    @traced("list_stalled_forks")
     def list_stalled_forks(self, *, limit: int = 100) -> list[str]:
         """Ids (ascending) of in-progress workflows at an ``AtFork`` whose branches are all
         completed, at most ``limit``.
@@ -311,6 +335,7 @@ class PersistentBackend(ABC):
             after = page[-1]
         return found[:limit]
 
+    @traced("fail_overdue_workflows")
     def fail_overdue_workflows(self, *, limit: int = 100) -> list[str]:
         """Fail the in-progress and paused workflows whose ``deadline`` has passed by the
         store clock, at most ``limit`` (earliest deadline first), in one atomic step; their
@@ -327,6 +352,7 @@ class PersistentBackend(ABC):
 
     # -- claims ---------------------------------------------------------------------------
 
+    @traced("claim_task")
     def claim_task(
         self,
         instance_id: str,
@@ -362,6 +388,7 @@ class PersistentBackend(ABC):
         self._give_up([claim], checked_max)
         return None
 
+    @traced("release_task_claim")
     def release_task_claim(
         self, instance_id: str, task_id: str, worker_id: str, *, token: int | None = None
     ) -> None:
@@ -379,6 +406,7 @@ class PersistentBackend(ABC):
             check_version(token, "token")
         self._release_task_claim(instance_id, task_id, worker_id, token)
 
+    @traced("extend_task_claim")
     def extend_task_claim(
         self,
         instance_id: str,
@@ -406,6 +434,7 @@ class PersistentBackend(ABC):
             check_version(token, "token")
         return self._extend_task_claim(instance_id, task_id, worker_id, checked_ttl, token)
 
+    @traced("find_available_tasks")
     def find_available_tasks(
         self,
         worker_id: str,
@@ -428,6 +457,7 @@ class PersistentBackend(ABC):
         check_positive_interval(aging_interval, "aging_interval")
         return self._find_available_tasks(worker_id, limit, worker_tags, aging_interval)
 
+    @traced("claim_available_tasks")
     def claim_available_tasks(
         self,
         worker_id: str,
@@ -462,6 +492,7 @@ class PersistentBackend(ABC):
 
     # -- completions ----------------------------------------------------------------------
 
+    @traced("complete_tasks")
     def complete_tasks(
         self,
         completions: Sequence[TaskCompletion],
@@ -563,6 +594,7 @@ class PersistentBackend(ABC):
 
     # -- retention --------------------------------------------------------------------------
 
+    @traced("prune_workflows")
     def prune_workflows(
         self,
         *,
@@ -600,6 +632,7 @@ class PersistentBackend(ABC):
 
     # -- signals and events ---------------------------------------------------------------
 
+    @traced("store_signal")
     def store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:
         """Record a pending cancel or pause request.
 
@@ -618,18 +651,21 @@ class PersistentBackend(ABC):
         checked_request = self._check_request(request, "request")
         self._store_signal(instance_id, checked_kind, checked_request)
 
+    @traced("get_signal")
     def get_signal(self, instance_id: str, kind: SignalKind) -> SignalRequest | None:
         """The pending request of that kind, if any. ``NotFoundError`` if absent.
         Contract: docs/contract.md#get_signal."""
         check_id(instance_id, "instance_id")
         return self._get_signal(instance_id, check_enum(kind, SignalKind, "kind"))
 
+    @traced("clear_signal")
     def clear_signal(self, instance_id: str, kind: SignalKind) -> None:
         """Drop a pending request (no error if none). ``NotFoundError`` if absent.
         Contract: docs/contract.md#clear_signal."""
         check_id(instance_id, "instance_id")
         self._clear_signal(instance_id, check_enum(kind, SignalKind, "kind"))
 
+    @traced("check_and_cancel")
     def check_and_cancel(self, instance_id: str) -> bool:
         """Apply a pending cancel atomically.
 
@@ -642,6 +678,7 @@ class PersistentBackend(ABC):
         check_id(instance_id, "instance_id")
         return self._check_and_apply(instance_id, SignalKind.CANCEL)
 
+    @traced("check_and_pause")
     def check_and_pause(self, instance_id: str) -> bool:
         """Apply a pending pause atomically (in-progress workflows only); as
         :meth:`check_and_cancel`, recording ``pause_request``.
@@ -649,6 +686,7 @@ class PersistentBackend(ABC):
         check_id(instance_id, "instance_id")
         return self._check_and_apply(instance_id, SignalKind.PAUSE)
 
+    @traced("unpause")
     def unpause(self, instance_id: str) -> WorkflowSnapshot:
         """Put a paused workflow back in progress and return the stored snapshot.
 
@@ -659,6 +697,7 @@ class PersistentBackend(ABC):
         check_id(instance_id, "instance_id")
         return self._unpause(instance_id)
 
+    @traced("retry_workflow")
     def retry_workflow(self, instance_id: str) -> WorkflowSnapshot:
         """Re-queue a failed workflow where it failed; return the stored snapshot.
 
@@ -678,6 +717,7 @@ class PersistentBackend(ABC):
         check_id(instance_id, "instance_id")
         return self._retry_workflow(instance_id)
 
+    @traced("send_event")
     def send_event(
         self,
         instance_id: str,
@@ -715,6 +755,7 @@ class PersistentBackend(ABC):
         check_id(idempotency_key, "idempotency_key")
         self._send_event_keyed(instance_id, name, payload, idempotency_key)
 
+    @traced("consume_event")
     def consume_event(
         self, instance_id: str, name: str, *, consumer_key: str | None = None
     ) -> bytes | None:

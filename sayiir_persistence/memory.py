@@ -47,6 +47,7 @@ from .model import (
     utc_now,
 )
 from .ordering import availability_key
+from .telemetry.tracing import traced
 from .validation import DEFAULT_MAX_PAYLOAD_BYTES, check_aware, check_limit
 
 Clock = Callable[[], datetime]
@@ -388,6 +389,7 @@ class InMemoryBackend(PersistentBackend):
             )
         return ids if limit is None else ids[:limit]
 
+    @traced("list_stalled_forks")
     def list_stalled_forks(self, *, limit: int = 100) -> list[str]:
         check_limit(limit)
         with self._lock:

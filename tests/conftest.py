@@ -40,8 +40,9 @@ from helpers.databases import (
 # The conformance suite lives in the package: let pytest explain its failed asserts too.
 pytest.register_assert_rewrite("sayiir_persistence.testing")
 
-# The worker tests' stores (fixtures ``store`` and ``real_time_store``).
-pytest_plugins = ["helpers.worker_stores"]
+# The worker tests' stores (fixtures ``store`` and ``real_time_store``) and the telemetry
+# tests' OpenTelemetry SDK (fixture ``telemetry``).
+pytest_plugins = ["helpers.worker_stores", "helpers.otel"]
 
 _SELECTED = pytest.StashKey[frozenset[str]]()
 

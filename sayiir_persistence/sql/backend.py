@@ -70,6 +70,7 @@ from ..model import (
     position_task_ids,
 )
 from ..ordering import availability_key
+from ..telemetry.tracing import traced
 from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
 from ..wakeups import WorkSignal, WorkWaiter
@@ -304,6 +305,11 @@ class SqlBackend(PersistentBackend):
     def engine(self) -> Engine:
         """The engine in use (with the backend's execution options)."""
         return self._engine
+
+    @property
+    def _db_system(self) -> str:
+        """The dialect's name: ``postgresql``, ``mysql`` (MariaDB too) or ``sqlite``."""
+        return self._engine.dialect.name
 
     def __repr__(self) -> str:
         return f"SqlBackend({self._where!r})"
@@ -784,6 +790,7 @@ class SqlBackend(PersistentBackend):
     def _fail_overdue_workflows(self, limit: int) -> list[str]:
         return self._transaction(lambda conn: fail_overdue(conn, self._overdue_sql, limit))
 
+    @traced("list_stalled_forks")
     def list_stalled_forks(self, *, limit: int = 100) -> list[str]:
         """See :meth:`PersistentBackend.list_stalled_forks`. One anti-join over the
         in-progress workflows: those without a ready row (nothing left to run at their

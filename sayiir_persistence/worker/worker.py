@@ -58,6 +58,8 @@ from ..model import (
     WorkflowStatus,
 )
 from ..retries import RetryPolicy
+from ..telemetry.metrics import worker_metrics
+from ..telemetry.tasks import TaskSpan, start_task_span
 from .batcher import Batcher
 from .context import TaskContext, TaskFunction, TaskOutcome, WorkerStats
 from .lease import Lease
@@ -112,6 +114,8 @@ class _Running:
     # held, and renewed, until it is recorded).
     completing: bool = False
     future: Future[None] | None = None
+    # The execution's span (None without OpenTelemetry): ended with the outcome, in _end.
+    span: TaskSpan | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,13 @@ class Worker:
     heartbeat interval), so a call that hangs delays neither the renewal of the other
     claims, nor the watch on the leases, nor :meth:`stop`.
 
+    OpenTelemetry (when installed; see :mod:`sayiir_persistence.telemetry`): each execution
+    runs in a span ``task <task_id>``, a child of the span that started its workflow
+    (``AvailableTask.trace_context``), ended once its :class:`TaskOutcome` is known; the task
+    function's backend calls are its children. The worker counts claimed, recorded, failed
+    and lost tasks and times its claim calls and task functions
+    (:mod:`sayiir_persistence.telemetry.metrics`).
+
     Raises:
         ValueError: ``threads``, ``ttl``, ``heartbeat_every``, ``poll_interval`` or
             ``completion_batch`` is not positive, or ``completion_wait`` is negative.
@@ -266,6 +277,7 @@ class Worker:
         self._handlers = handlers
         self._advance = advance
         self._on_outcome = on_outcome
+        self._metrics = worker_metrics()
         self._completions = Batcher(
             self._record,
             max_size=completion_batch,
@@ -451,6 +463,7 @@ class Worker:
         self._busy += len(claimed)
         self._claimed += len(claimed)
         self._changed.notify_all()
+        self._metrics.claimed(len(claimed))
 
     # -- claiming -------------------------------------------------------------------------
 
@@ -480,7 +493,9 @@ class Worker:
                     max_attempts=self._max_attempts,
                     timeout=self.task_timeout,
                 )
+                self._metrics.claim_took(time.monotonic() - sent_at)
             except Exception as error:
+                self._metrics.claim_took(time.monotonic() - sent_at)
                 # Never let the loop die: a worker that silently stops claiming is worse
                 # than one that logs and retries.
                 log = logger.warning if isinstance(error, PersistenceError) else logger.exception
@@ -547,6 +562,7 @@ class Worker:
         """Hand a claimed task (its thread already counted busy) to the pool; ``sent_at``:
         when the call that claimed it was sent (``time.monotonic()``)."""
         lease = Lease.of_claim(claimed.claim, sent_at, self.lease_margin.total_seconds())
+        span = start_task_span(claimed, self.worker_id)
         context = TaskContext(self.backend, claimed, self.worker_id, lease=lease)
         handler = self._find(self._handlers, context.task_id)
         advance = self._find(self._advance, context.definition_hash)
@@ -564,12 +580,17 @@ class Worker:
             with self._changed:
                 self._busy -= 1
                 self._changed.notify_all()
+            if span is not None:
+                span.end(TaskOutcome.UNHANDLED.value)
             self._report(context, TaskOutcome.UNHANDLED)
             return
         # The token is part of the key: after a takeover the same worker may run the same
         # task again while its stale execution has not returned yet.
         running = _Running(
-            context, advance, (context.instance_id, context.task_id, context.claim.token)
+            context,
+            advance,
+            (context.instance_id, context.task_id, context.claim.token),
+            span=span,
         )
         assert self._executor is not None
         with self._changed:
@@ -589,9 +610,20 @@ class Worker:
 
     def _execute(self, running: _Running, handler: TaskFunction) -> None:
         context = running.context
+        span = running.span
         try:
+            started = time.perf_counter()
             try:
-                output = handler(context)
+                try:
+                    # With the span current, the task function's backend calls are its
+                    # children.
+                    output = (
+                        handler(context)
+                        if span is None
+                        else span.run_in(functools.partial(handler, context))
+                    )
+                finally:
+                    self._metrics.task_took(time.perf_counter() - started)
                 if not isinstance(output, bytes):
                     raise TypeError(
                         f"task function returned {type(output).__name__}, expected bytes"
@@ -778,6 +810,8 @@ class Worker:
         running.finished.set()
         with self._changed:
             self._running.pop(running.key, None)
+        if running.span is not None:
+            running.span.end(outcome.value)
         self._report(context, outcome)
 
     def _release(self, context: TaskContext) -> None:
@@ -807,6 +841,7 @@ class Worker:
     def _report(self, context: TaskContext, outcome: TaskOutcome) -> None:
         with self._changed:
             self._counts[outcome] += 1
+        self._metrics.ended(outcome.value)
         if self._on_outcome is None:
             return
         try:
