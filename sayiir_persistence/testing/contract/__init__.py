@@ -15,6 +15,7 @@ from .retries import RetryContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
 from .starts import StartContract
+from .stats import StatsContract
 from .validation import InputValidationContract
 
 __all__ = ["BackendContract"]
@@ -25,6 +26,7 @@ __all__ = ["BackendContract"]
 class BackendContract(
     ConcurrencyContract,
     InputValidationContract,
+    StatsContract,
     RetentionContract,
     SignalEventContract,
     AvailabilityContract,
