@@ -6,8 +6,10 @@ query is served by an index (checked at 100,000 workflows by
 ``tests/databases/test_sql_query_plans.py``):
 
 - workflows by status: ``sayiir_workflows (status, instance_id)``;
-- runnable tasks: ``sayiir_ready_tasks (priority, updated_at, ...)``, the claim looked up by
-  the primary key of ``sayiir_task_claims``, the signal by that of ``sayiir_signals``;
+- runnable tasks: one range of ``sayiir_ready_tasks (priority, updated_at, ...)`` per
+  priority, as ``find_available_tasks`` reads them; live claims through the claims index.
+  The count reads every ready row of the backlog: where one priority holds nearly all of
+  them, PostgreSQL rightly reads that table in sequence instead;
 - claims: ``sayiir_task_claims (released, worker_id)``: unreleased claims are few next to the
   released ones every finished task leaves behind;
 - completions: ``sayiir_task_results (completed_at)``.
@@ -21,14 +23,17 @@ from typing import Any
 from sqlalchemy import (
     Connection,
     Select,
+    SmallInteger,
     and_,
     bindparam,
     case,
     exists,
     func,
+    literal,
     not_,
     or_,
     select,
+    union_all,
 )
 
 from ..attempts import RETRY_WAIT_WORKER
@@ -41,6 +46,7 @@ from ..stats import (
     WorkerClaims,
     all_statuses,
 )
+from ..validation import MAX_PRIORITY, MIN_PRIORITY
 from .dialects import SqlDialect
 from .schema import ready_tasks, task_claims, task_results, workflows
 from .statements import signal_pending
@@ -67,15 +73,21 @@ class StatsStatements:
             task_claims.c.released.is_(False),
             or_(task_claims.c.expires_at.is_(None), task_claims.c.expires_at > now),
         )
-        self.runnable = (
-            select(ready_tasks.c.priority, func.count(), func.min(ready_tasks.c.updated_at))
-            .where(
-                or_(ready_tasks.c.wake_at.is_(None), ready_tasks.c.wake_at <= now),
-                not_(signal_pending()),
-                not_(live_claim),
+        # One indexed scan per priority (its range of the order index), as find does.
+        filters = (
+            or_(ready_tasks.c.wake_at.is_(None), ready_tasks.c.wake_at <= now),
+            not_(signal_pending()),
+            not_(live_claim),
+        )
+        self.runnable = union_all(
+            *(
+                select(
+                    literal(priority, SmallInteger()).label("priority"),
+                    func.count().label("tasks"),
+                    func.min(ready_tasks.c.updated_at).label("oldest"),
+                ).where(ready_tasks.c.priority == priority, *filters)
+                for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
             )
-            .group_by(ready_tasks.c.priority)
-            .order_by(ready_tasks.c.priority)
         )
         live = or_(task_claims.c.expires_at.is_(None), task_claims.c.expires_at > now)
         self.claims = (
@@ -107,8 +119,9 @@ def read_stats(conn: Connection, sql: StatsStatements) -> StoreStats:
         WorkflowStatus(status): count for status, count in conn.execute(sql.workflows).all()
     }
     runnable = tuple(
-        PriorityBacklog(priority, count, oldest.astimezone(UTC))
-        for priority, count, oldest in conn.execute(sql.runnable, at_now).all()
+        PriorityBacklog(row.priority, row.tasks, row.oldest.astimezone(UTC))
+        for row in sorted(conn.execute(sql.runnable, at_now).all())
+        if row.tasks
     )
     claims = []
     retry_waits = 0
