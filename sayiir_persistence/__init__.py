@@ -44,6 +44,7 @@ from .provisioning import migrate
 from .retention import MAX_PRUNE_BATCH
 from .retries import RetryPolicy
 from .sql.backend import SqlBackend
+from .stats import PriorityBacklog, StoreStats, WorkerClaims
 from .validation import DEFAULT_MAX_PAYLOAD_BYTES, MAX_ID_LENGTH
 
 __all__ = [
@@ -76,13 +77,16 @@ __all__ = [
     "PersistenceError",
     "PersistentBackend",
     "Position",
+    "PriorityBacklog",
     "RetryPolicy",
     "SchemaError",
     "SignalKind",
     "SignalRequest",
     "SqlBackend",
+    "StoreStats",
     "TaskClaim",
     "TaskCompletion",
+    "WorkerClaims",
     "WorkflowSnapshot",
     "WorkflowStatus",
     "WorkflowTerminalError",

@@ -41,6 +41,7 @@ from .retention import (
     check_batch_size,
     check_prunable_statuses,
 )
+from .stats import StoreStats
 from .telemetry.tracing import traced, with_trace_context
 from .transitions import is_stalled_fork
 from .validation import (
@@ -630,6 +631,23 @@ class PersistentBackend(ABC):
         size = check_batch_size(batch_size)
         return self._prune_workflows(cutoff, prunable, size)
 
+    # -- observation ------------------------------------------------------------------------
+
+    @traced("store_stats")
+    def store_stats(self) -> StoreStats:
+        """The queue as an operator sees it, read in one consistent step.
+
+        Workflows by status, runnable tasks by priority (with the oldest one's waiting
+        start), unreleased claims by worker (live and expired), scheduled retries waiting,
+        and the task results recorded in the last minute and hour, all judged at one moment
+        of the store clock (``StoreStats.taken_at``). Reads only. Not part of the contract's
+        fixed names: an extension of this library. Contract: docs/contract.md#store_stats.
+
+        Raises:
+            BackendUnavailableError: the store could not be reached; nothing was changed.
+        """
+        return self._store_stats()
+
     # -- signals and events ---------------------------------------------------------------
 
     @traced("store_signal")
@@ -956,6 +974,10 @@ class PersistentBackend(ABC):
         self, finished_before: datetime, statuses: frozenset[WorkflowStatus], batch_size: int
     ) -> int:
         """See :meth:`prune_workflows` (``finished_before`` in UTC, ``statuses`` terminal)."""
+
+    @abstractmethod
+    def _store_stats(self) -> StoreStats:
+        """See :meth:`store_stats`."""
 
     @abstractmethod
     def _store_signal(self, instance_id: str, kind: SignalKind, request: SignalRequest) -> None:

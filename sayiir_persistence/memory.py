@@ -47,6 +47,14 @@ from .model import (
     utc_now,
 )
 from .ordering import availability_key
+from .stats import (
+    LAST_HOUR,
+    LAST_MINUTE,
+    PriorityBacklog,
+    StoreStats,
+    WorkerClaims,
+    all_statuses,
+)
 from .telemetry.tracing import traced
 from .validation import DEFAULT_MAX_PAYLOAD_BYTES, check_aware, check_limit
 
@@ -82,6 +90,13 @@ class _Instance:
     consumed: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     # Keyed saves: write id -> the version it got, the snapshot's digest.
     writes: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # When each result was recorded (the completed_at of SQL's result rows), for store_stats.
+    completed_at: dict[str, datetime] = field(default_factory=dict)
+
+    def stamp_results(self, now: datetime) -> None:
+        """Record ``now`` for the results that have no recording time yet."""
+        for task_id in self.snapshot.completed_tasks:
+            self.completed_at.setdefault(task_id, now)
 
 
 def _copy(snapshot: WorkflowSnapshot) -> WorkflowSnapshot:
@@ -150,6 +165,7 @@ class InMemoryBackend(PersistentBackend):
     def _bump(instance: _Instance, now: datetime) -> int:
         instance.snapshot.version += 1
         instance.snapshot.updated_at = now
+        instance.stamp_results(now)
         return instance.snapshot.version
 
     def _write_snapshot(
@@ -175,6 +191,7 @@ class InMemoryBackend(PersistentBackend):
             stored.version = existing.snapshot.version + 1
             existing.snapshot = stored
         stored.updated_at = now
+        self._instances[snapshot.instance_id].stamp_results(now)
         if stored.status is WorkflowStatus.IN_PROGRESS:
             self._announce_work()
         return stored.version
@@ -354,7 +371,9 @@ class InMemoryBackend(PersistentBackend):
                 raise WorkflowTerminalError(f"workflow {instance_id!r} is {snapshot.status.value}")
             snapshot.completed_tasks[task_id] = output
             snapshot.last_completed_task_id = task_id
-            return self._bump(instance, self._now())
+            now = self._now()
+            instance.completed_at[task_id] = now  # rewritten: recorded anew, as SQL's upsert
+            return self._bump(instance, now)
 
     def _load_snapshot(self, instance_id: str) -> WorkflowSnapshot:
         with self._lock:
@@ -587,6 +606,61 @@ class InMemoryBackend(PersistentBackend):
                 )
             )
         return tuple(claimed)
+
+    # -- observation -------------------------------------------------------------------------
+
+    def _store_stats(self) -> StoreStats:
+        with self._lock:
+            now = self._now()
+            statuses: dict[WorkflowStatus, int] = {}
+            backlog: dict[int, tuple[int, datetime]] = {}  # priority -> count, oldest
+            claims: dict[str, list[int]] = {}
+            retry_waits = last_minute = last_hour = 0
+            for instance in self._instances.values():
+                snapshot = instance.snapshot
+                statuses[snapshot.status] = statuses.get(snapshot.status, 0) + 1
+                # As _available with every tag: the tag rule is the only one left out.
+                if not instance.signals:
+                    for task_id in snapshot.runnable_task_ids(now):
+                        claim = instance.claims.get(task_id)
+                        if claim is not None and claim.is_live(now):
+                            continue
+                        self._add_runnable(backlog, snapshot.priority, snapshot.updated_at)
+                for claim in instance.claims.values():
+                    if claim.released:
+                        continue
+                    live = claim.is_live(now)
+                    if claim.worker_id == RETRY_WAIT_WORKER:
+                        retry_waits += live
+                        continue
+                    counts = claims.setdefault(claim.worker_id, [0, 0])
+                    counts[0 if live else 1] += 1
+                for task_id in snapshot.completed_tasks:
+                    completed_at = instance.completed_at[task_id]
+                    last_minute += now - LAST_MINUTE < completed_at <= now
+                    last_hour += now - LAST_HOUR < completed_at <= now
+            return StoreStats(
+                taken_at=now.astimezone(UTC),
+                workflows=all_statuses(statuses),
+                runnable=tuple(
+                    PriorityBacklog(priority, count, oldest.astimezone(UTC))
+                    for priority, (count, oldest) in sorted(backlog.items())
+                ),
+                claims=tuple(
+                    WorkerClaims(worker_id, live, expired)
+                    for worker_id, (live, expired) in sorted(claims.items())
+                ),
+                retry_waits=retry_waits,
+                completed_last_minute=last_minute,
+                completed_last_hour=last_hour,
+            )
+
+    @staticmethod
+    def _add_runnable(
+        backlog: dict[int, tuple[int, datetime]], priority: int, waiting_since: datetime
+    ) -> None:
+        count, oldest = backlog.get(priority, (0, waiting_since))
+        backlog[priority] = (count + 1, min(oldest, waiting_since))
 
     # -- signals and events ------------------------------------------------------------------
 

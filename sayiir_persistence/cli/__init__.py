@@ -15,7 +15,10 @@ Subcommands:
   - ``resume ID``: put a paused workflow back in progress;
   - ``retry ID``: re-queue a failed workflow where it failed (attempts counted anew);
   - ``prune --status S --older-than 7d [--batch N] [--dry-run]``: delete finished workflows,
-    a ``prune_workflows`` batch at a time.
+    a ``prune_workflows`` batch at a time;
+  - ``stats [--watch SECONDS] [--prometheus]``: workflows by status, runnable tasks by
+    priority, claims by worker, completions (``store_stats``); ``--watch`` refreshes until
+    Ctrl-C (exit 0), ``--prometheus`` prints the Prometheus text exposition format.
 
 People get ``rich`` tables; ``--json`` prints one JSON object on stdout for scripts. Payloads
 in ``show --json`` are ``{"size": N, "base64": "..."}`` (whole, lossless).
@@ -29,9 +32,10 @@ The modules, one job each:
 - ``parser``: the argument parser, subcommands and options; ``arguments``: the types of the
   arguments (positive counts, durations);
 - ``commands``: a ``cmd_*`` function per subcommand (``migrate``, ``inspect``, ``signals``,
-  ``retry``, ``prune``), each opening its database through ``database`` (URL checks,
+  ``retry``, ``prune``, ``stats``), each opening its database through ``database`` (URL checks,
   password masking);
 - ``render``: the ``rich`` tables and messages; ``json_output``: the ``--json`` objects;
+  ``stats_output``: the tables, JSON and Prometheus exposition of ``stats``;
 - ``program``: the program's name and exit statuses; this module: :func:`main`, which runs
   a command and turns its failure into one line on stderr.
 """

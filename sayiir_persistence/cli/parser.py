@@ -10,12 +10,13 @@ from typing import Any
 from ..model import SignalKind, WorkflowStatus
 from ..provisioning import URL_ENV_VAR
 from ..retention import DEFAULT_PRUNE_BATCH, MAX_PRUNE_BATCH, PRUNABLE_STATUSES
-from .arguments import parse_duration, positive_int, positive_int_at_most
+from .arguments import parse_duration, positive_int, positive_int_at_most, positive_seconds
 from .commands.inspect import cmd_claims, cmd_list, cmd_show
 from .commands.migrate import cmd_demo, cmd_migrate
 from .commands.prune import cmd_prune
 from .commands.retry import cmd_retry
 from .commands.signals import cmd_resume, cmd_signal
+from .commands.stats import cmd_stats
 from .program import PROG
 
 DEFAULT_LIST_LIMIT = 100
@@ -115,6 +116,28 @@ def _add_operator_commands(subcommands: Any) -> None:
     claims.add_argument("--worker", metavar="WORKER", help="only claims of this worker")
     claims.add_argument("--limit", type=positive_int, metavar="N", help="at most N claims")
     claims.set_defaults(command=cmd_claims)
+
+    stats = subcommands.add_parser(
+        "stats",
+        parents=[store],
+        help="the queue at a glance: workflows, runnable tasks, claims, completions",
+        description="Show workflows by status, runnable tasks by priority (with how long the "
+        "oldest has waited), live and expired claims by worker, retries waiting, and the "
+        "tasks completed in the last minute and hour, all judged by the database clock. "
+        "Reads only.",
+    )
+    stats.add_argument(
+        "--watch",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="refresh every SECONDS until Ctrl-C (with --json: one object a line)",
+    )
+    stats.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print the Prometheus text exposition format (needs the 'prometheus' extra)",
+    )
+    stats.set_defaults(command=cmd_stats)
 
     for kind, verb in ((SignalKind.CANCEL, "cancel"), (SignalKind.PAUSE, "pause")):
         signal = subcommands.add_parser(

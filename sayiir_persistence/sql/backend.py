@@ -70,6 +70,7 @@ from ..model import (
     position_task_ids,
 )
 from ..ordering import availability_key
+from ..stats import StoreStats
 from ..telemetry.tracing import traced
 from ..urls import is_in_memory_sqlite, mask_url, parse_url
 from ..validation import DEFAULT_MAX_PAYLOAD_BYTES, check_limit
@@ -120,6 +121,7 @@ from .schema import (
     workflows,
 )
 from .statements import Statements
+from .stats import StatsStatements, read_stats
 from .watchdog import CallWatchdog
 
 logger = logging.getLogger(__name__)
@@ -278,6 +280,7 @@ class SqlBackend(PersistentBackend):
         self._completion_sql = CompletionStatements(self._dialect)
         self._prune_sql = PruneStatements()
         self._overdue_sql = OverdueStatements(self._dialect)
+        self._stats_sql = StatsStatements(self._dialect)
         self._keyed_sql = keyed.KeyedStatements()
         with translated_errors(self._where, type(self._dialect)):
             if isinstance(engine_or_url, Engine):
@@ -786,6 +789,9 @@ class SqlBackend(PersistentBackend):
         if limit is not None:
             query = query.limit(limit)
         return self._transaction(lambda conn: list(conn.scalars(query)), read_only=True)
+
+    def _store_stats(self) -> StoreStats:
+        return self._transaction(lambda conn: read_stats(conn, self._stats_sql), read_only=True)
 
     def _fail_overdue_workflows(self, limit: int) -> list[str]:
         return self._transaction(lambda conn: fail_overdue(conn, self._overdue_sql, limit))

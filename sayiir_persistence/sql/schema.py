@@ -98,6 +98,8 @@ task_results = Table(
     Column("task_id", Identifier(), primary_key=True),
     Column("output", Payload(), nullable=False),
     Column("completed_at", UtcDateTime(), nullable=False),
+    # store_stats' completions of the last minute and hour (see the migration f3a9c6e2b1d7).
+    Index(None, "completed_at"),
     **_MYSQL,
 )
 
@@ -136,6 +138,10 @@ task_claims = Table(
     Column("deadline", UtcDateTime()),
     Column("last_error", LongText()),
     Column("attempt_offset", BigInteger(), nullable=False, server_default="0"),
+    # store_stats' claims by worker: the unreleased ones, few next to the released ones.
+    # Not expires_at: renewals change only that column, and stay HOT updates on PostgreSQL
+    # (no index to maintain) as long as no index holds it (see the migration f3a9c6e2b1d7).
+    Index(None, "released", "worker_id"),
     **_MYSQL,
 )
 

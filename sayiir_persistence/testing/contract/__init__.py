@@ -15,6 +15,7 @@ from .retries import RetryContract
 from .signals import SignalEventContract
 from .snapshots import SnapshotContract
 from .starts import StartContract
+from .stats import StatsContract
 from .tracing import TraceContextContract
 from .validation import InputValidationContract
 
@@ -27,6 +28,7 @@ class BackendContract(
     ConcurrencyContract,
     InputValidationContract,
     TraceContextContract,
+    StatsContract,
     RetentionContract,
     SignalEventContract,
     AvailabilityContract,
