@@ -10,6 +10,9 @@
 ``sayiir.tasks.lost``      counter    executions whose claim was lost (nothing written)
 ``sayiir.claim.duration``  histogram  seconds per ``claim_available_tasks`` call of the worker
 ``sayiir.task.duration``   histogram  seconds per task function run
+``sayiir.queue.depth``     gauge      runnable tasks in the store, by ``sayiir.priority`` (1-5,
+                                      0 when none), read with ``store_stats()`` when the
+                                      metrics are collected (not at every claim)
 =========================  =========  ===========================================================
 
 The instruments are made once per process (:func:`worker_metrics`), on the API's proxy
@@ -24,14 +27,23 @@ do nothing.
 from __future__ import annotations
 
 import functools
+import logging
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..errors import PersistenceError
+from ..validation import MAX_PRIORITY, MIN_PRIORITY
 from ._otel import AVAILABLE, VERSION
 from .tracing import TRACER_NAME
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import Counter, Histogram
+    from opentelemetry.metrics import CallbackOptions, Counter, Histogram, Observation
+
+    from ..backend import PersistentBackend
+
+logger = logging.getLogger(__name__)
 
 # Outcomes (TaskOutcome values) that the store wrote, and those of them where the task
 # function failed.
@@ -50,10 +62,64 @@ class _Instruments:
     task_duration: Histogram
 
 
+class _WatchedStores:
+    """The stores of this process's running workers, whose queue the gauge reports."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._workers: dict[int, tuple[PersistentBackend, int]] = {}  # id -> (store, workers)
+
+    def add(self, backend: PersistentBackend) -> None:
+        with self._lock:
+            _, workers = self._workers.get(id(backend), (backend, 0))
+            self._workers[id(backend)] = (backend, workers + 1)
+
+    def remove(self, backend: PersistentBackend) -> None:
+        with self._lock:
+            found = self._workers.get(id(backend))
+            if found is None:
+                return
+            if found[1] <= 1:
+                del self._workers[id(backend)]
+            else:
+                self._workers[id(backend)] = (backend, found[1] - 1)
+
+    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
+        """The runnable tasks of each watched store by priority (every priority, 0 when
+        none: a priority that emptied must not keep its last value)."""
+        from opentelemetry.metrics import Observation
+
+        with self._lock:
+            stores = [backend for backend, _ in self._workers.values()]
+        observations: list[Observation] = []
+        for backend in stores:
+            try:
+                stats = backend.store_stats()
+            except PersistenceError as error:
+                # The worker meets the same failure and logs it; a gauge skips one reading.
+                logger.debug("queue depth not read: %s", type(error).__name__)
+                continue
+            counts = {backlog.priority: backlog.count for backlog in stats.runnable}
+            observations.extend(
+                Observation(counts.get(priority, 0), {"sayiir.priority": priority})
+                for priority in range(MIN_PRIORITY, MAX_PRIORITY + 1)
+            )
+        return observations
+
+
+_WATCHED = _WatchedStores()
+
+
 def _instruments() -> _Instruments:
     from opentelemetry import metrics
 
     meter = metrics.get_meter(TRACER_NAME, VERSION)
+    meter.create_observable_gauge(
+        "sayiir.queue.depth",
+        callbacks=[_WATCHED.observe],
+        unit="{task}",
+        description="Runnable tasks in the store, by priority",
+    )
     return _Instruments(
         claimed=meter.create_counter(
             "sayiir.tasks.claimed", unit="{task}", description="Tasks claimed by workers"
@@ -102,6 +168,16 @@ class WorkerMetrics:
         """A task function ran for ``seconds``."""
         if self._instruments is not None:
             self._instruments.task_duration.record(seconds)
+
+    def watch_queue(self, backend: PersistentBackend) -> None:
+        """Report the queue depth of ``backend`` while a worker runs on it."""
+        if self._instruments is not None:
+            _WATCHED.add(backend)
+
+    def unwatch_queue(self, backend: PersistentBackend) -> None:
+        """A worker on ``backend`` stopped."""
+        if self._instruments is not None:
+            _WATCHED.remove(backend)
 
     def ended(self, outcome: str) -> None:
         """An execution ended with ``outcome`` (a ``TaskOutcome`` value)."""

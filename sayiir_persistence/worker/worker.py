@@ -341,6 +341,7 @@ class Worker:
         ]
         for thread in self._threads:
             thread.start()
+        self._metrics.watch_queue(self.backend)
         logger.info(
             "worker %s started: %d threads, ttl %s, heartbeat every %s",
             self.worker_id,
@@ -385,6 +386,7 @@ class Worker:
         self._renewals.close()
         assert self._executor is not None
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._metrics.unwatch_queue(self.backend)
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
 
     def __enter__(self) -> Self:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -85,3 +87,32 @@ def test_a_failed_task_is_an_error_span_and_counted(store: Store, telemetry: Sdk
     points = telemetry.points()
     assert counter_total(points, "sayiir.tasks.failed") == 1
     assert counter_total(points, "sayiir.tasks.recorded", **{"sayiir.outcome": "failed"}) == 1
+
+
+def _queue_depth(telemetry: Sdk) -> dict[int, int]:
+    return {
+        point.attributes["sayiir.priority"]: point.value
+        for point in telemetry.points().get("sayiir.queue.depth", [])
+    }
+
+
+def test_the_queue_depth_gauge_reports_the_runnable_tasks_while_a_worker_runs(
+    store: Store, telemetry: Sdk
+) -> None:
+    release = threading.Event()
+
+    def blocks(ctx: TaskContext) -> bytes:
+        release.wait(30)
+        return b"done"
+
+    ids = store.start(PIPELINE, count=4)
+    worker = store.worker(blocks, PIPELINE, threads=1)
+    assert _queue_depth(telemetry) == {}  # no worker running: no store watched
+    with worker:
+        wait_until(lambda: worker.running_count == 1, "one task running")
+        # Four workflows at the default priority 3, one task of them claimed by the worker.
+        assert _queue_depth(telemetry) == {1: 0, 2: 0, 3: 3, 4: 0, 5: 0}
+        release.set()
+        wait_until(all_done(store, ids), "the workflows to complete")
+        assert _queue_depth(telemetry) == {1: 0, 2: 0, 3: 0, 4: 0, 5: 0}
+    assert _queue_depth(telemetry) == {}  # stopped: no longer watched
