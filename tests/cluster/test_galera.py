@@ -3,16 +3,32 @@ workers racing for them are connected to different nodes."""
 
 from __future__ import annotations
 
+import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
-from helpers.clusters import GaleraCluster
-from sayiir_persistence import WorkflowSnapshot, migrate
+from helpers.clusters import GaleraCluster, wait_until
+from sayiir_persistence import (
+    AtTask,
+    BackendUnavailableError,
+    ClaimedTask,
+    CompletionOutcome,
+    TaskCompletion,
+    WorkflowSnapshot,
+    WorkflowStatus,
+    WorkflowTerminalError,
+    migrate,
+)
 from sayiir_persistence.sql.backend import SqlBackend
+from sayiir_persistence.sql.schema import task_claims, task_results
 
 pytestmark = pytest.mark.galera
 
@@ -67,3 +83,206 @@ def test_claim_task_race_across_nodes_has_one_winner_per_task(
         winners = Counter(i for won in pool.map(race, range(workers)) for i in won)
 
     assert winners == Counter({f"wf{number}": 1 for number in range(TASKS)})
+
+
+CHAIN = ("s1", "s2", "s3")
+CHAINS = 40
+
+
+def _advance(snapshot: WorkflowSnapshot) -> None:
+    """CHAIN in order, then complete with the last output."""
+    position = snapshot.position
+    assert isinstance(position, AtTask)
+    index = CHAIN.index(position.task_id)
+    if index + 1 < len(CHAIN):
+        snapshot.move_to(AtTask(CHAIN[index + 1]))
+    else:
+        snapshot.mark_completed(snapshot.completed_tasks[position.task_id])
+
+
+def _rows(url: str, table: sa.Table) -> list[sa.Row[Any]]:
+    """Every row of ``table``, read directly; the server's wsrep_sync_wait (set by
+    scripts/galera-cluster) makes the read wait for what the other nodes committed."""
+    engine = sa.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET SESSION wsrep_sync_wait = 1")
+            return list(conn.execute(sa.select(table)).all())
+    finally:
+        engine.dispose()
+
+
+def test_claims_and_completions_with_next_claims_race_across_nodes(
+    node_backends: list[SqlBackend], galera_cluster: GaleraCluster
+) -> None:
+    """Workers on every node claim (claim_available_tasks) and complete in batches with next
+    claims (complete_tasks): every task handed out once, every result recorded once."""
+    first = node_backends[0]
+    for number in range(CHAINS):
+        first.start_workflow(WorkflowSnapshot.new(f"chain{number}", "h", first_task=CHAIN[0]))
+
+    def work(worker: int) -> tuple[list[tuple[str, str]], list[str]]:
+        backend = node_backends[worker % len(node_backends)]
+        worker_id = f"w{worker}"
+        handed: list[tuple[str, str]] = []
+        problems: list[str] = []
+        held: list[ClaimedTask] = []
+        empty = 0
+        while empty < 5:
+            if not held:
+                held = backend.claim_available_tasks(worker_id, 3, timedelta(minutes=5))
+            if not held:
+                empty += 1
+                time.sleep(0.05 * empty)
+                continue
+            empty = 0
+            completions = []
+            for claimed in held:
+                key = (claimed.task.instance_id, claimed.task.task_id)
+                handed.append(key)
+                completions.append(
+                    TaskCompletion(
+                        *key,
+                        worker_id,
+                        claimed.claim.token,
+                        output="/".join(key).encode(),
+                        advance=_advance,
+                    )
+                )
+            results = backend.complete_tasks(
+                completions, ttl=timedelta(minutes=5), claim_next=worker % 3
+            )
+            held = []
+            for completion, result in zip(completions, results, strict=True):
+                if result.outcome is not CompletionOutcome.RECORDED:
+                    problems.append(f"{completion.instance_id}/{completion.task_id}: {result}")
+                held += [claimed for claimed in result.next_tasks]
+        return handed, problems
+
+    workers = THREADS_PER_NODE * len(node_backends)
+    with ThreadPoolExecutor(workers) as pool:
+        outcomes = list(pool.map(work, range(workers)))
+    assert [p for _, problems in outcomes for p in problems] == []
+    handed = Counter(key for keys, _ in outcomes for key in keys)
+    expected = {(f"chain{number}", step) for number in range(CHAINS) for step in CHAIN}
+    assert handed == Counter(dict.fromkeys(expected, 1))
+    # On node 1, read directly: one result per task, its own output; every claim released.
+    url = galera_cluster.node_url(1, DATABASE)
+    results = Counter((row.instance_id, row.task_id) for row in _rows(url, task_results))
+    assert results == Counter(dict.fromkeys(expected, 1))
+    claims = _rows(url, task_claims)
+    assert {(row.instance_id, row.task_id, row.token, bool(row.released)) for row in claims} == {
+        (*key, 1, True) for key in expected
+    }
+    for number in (0, CHAINS - 1):
+        stored = first.load_snapshot(f"chain{number}")
+        assert stored.status is WorkflowStatus.COMPLETED
+        assert stored.output == f"chain{number}/{CHAIN[-1]}".encode()
+
+
+FENCED_RACES = 30
+SHORT_TTL = timedelta(seconds=2)
+
+
+def test_fenced_save_at_expiry_races_a_takeover_on_another_node(
+    node_backends: list[SqlBackend],
+) -> None:
+    """A holder on node 1 saves (fenced, completing its workflow) just as its claim expires,
+    while a newcomer on node 2 takes the claim over: never both. Either the save was first
+    (the task is gone: no takeover) or the takeover was (the save is refused), however the
+    two transactions interleave across the nodes."""
+    holder, newcomer = node_backends[0], node_backends[1]
+    keys = [(f"fence{number}", "t1") for number in range(FENCED_RACES)]
+    tokens = {}
+    for instance_id, task_id in keys:
+        holder.start_workflow(WorkflowSnapshot.new(instance_id, "h", first_task=task_id))
+        claim = holder.claim_task(instance_id, task_id, "old", SHORT_TTL)
+        assert claim is not None
+        tokens[instance_id] = (claim.token, claim.expires_at)
+    rng = random.Random(15)
+
+    def save(key: tuple[str, str], delay: float) -> str:
+        instance_id, task_id = key
+        snapshot = holder.load_snapshot(instance_id)
+        snapshot.mark_task_completed(task_id, b"old")
+        snapshot.mark_completed(b"old")
+        token, expires_at = tokens[instance_id]
+        assert expires_at is not None
+        _sleep_until(expires_at.timestamp() - delay)
+        try:
+            saved = holder.save_snapshot_fenced(snapshot, task_id, "old", token=token)
+        except (WorkflowTerminalError, BackendUnavailableError) as error:
+            return type(error).__name__
+        return "saved" if saved else "refused"
+
+    def take_over(key: tuple[str, str], delay: float) -> str:
+        instance_id, task_id = key
+        _, expires_at = tokens[instance_id]
+        assert expires_at is not None
+        _sleep_until(expires_at.timestamp() - delay)
+        give_up = expires_at.timestamp() + 5.0
+        last = "not taken"
+        while time.time() < give_up:
+            try:
+                claim = newcomer.claim_task(instance_id, task_id, "new", timedelta(minutes=5))
+            except BackendUnavailableError as error:
+                last = f"not taken: {error}"
+                continue
+            if claim is not None:
+                return "taken"
+            if holder.load_snapshot(instance_id).status is WorkflowStatus.COMPLETED:
+                return "gone"
+        return last
+
+    with ThreadPoolExecutor(2 * FENCED_RACES) as pool:
+        saves = [pool.submit(save, key, rng.uniform(-0.02, 0.03)) for key in keys]
+        takeovers = [pool.submit(take_over, key, 0.05) for key in keys]
+        outcomes = [(s.result(), t.result()) for s, t in zip(saves, takeovers, strict=True)]
+
+    both = [
+        key for key, outcome in zip(keys, outcomes, strict=True) if outcome == ("saved", "taken")
+    ]
+    assert both == [], f"saved by the old holder and taken over: {both}"
+    for (instance_id, _), (saved, taken) in zip(keys, outcomes, strict=True):
+        stored = holder.load_snapshot(instance_id)
+        if saved == "saved":
+            assert stored.status is WorkflowStatus.COMPLETED and stored.output == b"old"
+        else:
+            assert taken == "taken", (instance_id, saved, taken)
+            assert stored.status is WorkflowStatus.IN_PROGRESS
+    print(f"\n[fenced race] {Counter(outcomes)}")
+
+
+def _sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+def test_a_partitioned_node_refuses_calls_and_the_others_carry_on(
+    node_backends: list[SqlBackend], galera_cluster: GaleraCluster
+) -> None:
+    """Node 3 cut off from the others (gmcast.isolate) leaves the primary component: its
+    calls fail with BackendUnavailableError, never with a wrong answer; nodes 1 and 2 (the
+    majority) go on taking writes; back, node 3 catches up and serves them."""
+    first, _, third = node_backends
+    first.start_workflow(WorkflowSnapshot.new("before", "h", first_task="t1"))
+    assert third.load_snapshot("before").version == 1
+    galera_cluster.isolate(3)
+    try:
+        wait_until(lambda: not galera_cluster.ready(3), 30, "node 3 out of the primary component")
+        for call in (
+            lambda: third.load_snapshot("before"),
+            lambda: third.claim_task("before", "t1", "w3", timedelta(minutes=5)),
+            lambda: third.claim_available_tasks("w3", 1, timedelta(minutes=5)),
+            lambda: third.start_workflow(WorkflowSnapshot.new("on3", "h", first_task="t1")),
+        ):
+            with pytest.raises(BackendUnavailableError):
+                call()
+        claim = first.claim_task("before", "t1", "w1", timedelta(minutes=5))
+        assert claim is not None
+        first.start_workflow(WorkflowSnapshot.new("during", "h", first_task="t1"))
+    finally:
+        galera_cluster.isolate(3, isolated=False)
+    wait_until(lambda: galera_cluster.ready(3), 60, "node 3 back in the primary component")
+    assert third.load_snapshot("during").version == 1
+    assert third.claim_task("before", "t1", "w3", timedelta(minutes=5)) is None
+    assert third.claim_task("during", "t1", "w3", timedelta(minutes=5)) is not None

@@ -8,6 +8,7 @@ machine's own servers, and leaves nothing behind once stopped.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
@@ -25,6 +27,10 @@ PAIR_SCRIPT = SCRIPTS / "pg-standby-pair"
 
 GALERA_NODES = 3
 GALERA_SQL_BASE_PORT = 3310  # node N answers on 3310 + N (the script's default)
+#: ``SqlBackend(max_retries=...)`` for workers on several Galera nodes racing for the same
+#: tasks, as the README advises: claimers of different nodes collide at certification, and
+#: the default 5 attempts run out under the tests' contention (32 threads on one backlog).
+GALERA_MAX_RETRIES = 20
 PAIR_BASE_PORT = 5440  # primary; the standby is + 1 (the script's default)
 START_TIMEOUT_SECONDS = 300
 
@@ -41,31 +47,71 @@ def _run(script: Path, *args: str, timeout: float = START_TIMEOUT_SECONDS) -> st
     return done.stdout
 
 
+# A cluster started by hand (``scripts/galera-cluster start DIR``) that the session fixture
+# uses instead of starting its own: saves its start-up on every run while working on tests.
+# Tests that kill a node start clusters of their own (``start(..., reuse=False)``).
+RUNNING_GALERA_ENV = "SAYIIR_TEST_GALERA_DIR"
+
+
 @dataclass
 class GaleraCluster:
     """A running 3-node Galera cluster in ``directory`` (see scripts/galera-cluster)."""
 
     directory: Path
     killed: set[int] = field(default_factory=set)
+    owned: bool = True
 
     @classmethod
-    def start(cls, directory: Path) -> GaleraCluster:
-        """Start the cluster, every node synced.
+    def start(cls, directory: Path, *, reuse: bool = True) -> GaleraCluster:
+        """Start the cluster, every node synced (or, with ``reuse`` and
+        ``$SAYIIR_TEST_GALERA_DIR`` set, the cluster already running there, left running).
 
         Raises:
             RuntimeError: a node did not become ready (with the script's output).
         """
+        running = os.environ.get(RUNNING_GALERA_ENV)
+        if reuse and running:
+            return cls(Path(running), owned=False)
         _run(GALERA_SCRIPT, "start", str(directory))
         return cls(directory)
 
     def stop(self) -> None:
-        """Stop every node and delete the directory."""
-        _run(GALERA_SCRIPT, "stop", str(self.directory), timeout=120)
+        """Stop every node and delete the directory (not a cluster this did not start)."""
+        if self.owned:
+            _run(GALERA_SCRIPT, "stop", str(self.directory), timeout=120)
 
     def kill(self, node: int) -> None:
         """SIGKILL node ``node`` (1-based)."""
         _run(GALERA_SCRIPT, "kill", str(self.directory), str(node))
         self.killed.add(node)
+
+    def isolate(self, node: int, isolated: bool = True) -> None:
+        """Cut node ``node`` off from the others' group communication (``gmcast.isolate``),
+        as a network partition would: alone, it leaves the primary component; ``False``
+        lets it rejoin."""
+        engine = sa.create_engine(self.node_url(node), poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(
+                    f"SET GLOBAL wsrep_provider_options = 'gmcast.isolate={1 if isolated else 0}'"
+                )
+        finally:
+            engine.dispose()
+
+    def ready(self, node: int) -> bool:
+        """Node ``node`` answers and is in the primary component, synced (``wsrep_ready``)."""
+        engine = sa.create_engine(self.node_url(node), poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                value = conn.exec_driver_sql(
+                    "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
+                    "WHERE VARIABLE_NAME = 'WSREP_READY'"
+                ).scalar()
+        except sa.exc.DBAPIError:
+            return False
+        finally:
+            engine.dispose()
+        return value == "ON"
 
     def status(self) -> str:
         return _run(GALERA_SCRIPT, "status", str(self.directory))
@@ -140,6 +186,16 @@ class StandbyPair:
         """The URL of one of the two servers."""
         port = PAIR_BASE_PORT + (1 if standby else 0)
         return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
+
+
+def backend_options(url: str) -> dict[str, Any]:
+    """The ``SqlBackend`` options a test's workers use on ``url``: on a node of the tests'
+    Galera cluster, the retries the README advises (``GALERA_MAX_RETRIES``)."""
+    parsed = sa.make_url(url)
+    galera_ports = range(GALERA_SQL_BASE_PORT + 1, GALERA_SQL_BASE_PORT + GALERA_NODES + 1)
+    if parsed.get_backend_name() == "mysql" and parsed.port in galera_ports:
+        return {"max_retries": GALERA_MAX_RETRIES}
+    return {}
 
 
 @contextlib.contextmanager
