@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pymysql
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
@@ -85,33 +86,35 @@ class GaleraCluster:
         _run(GALERA_SCRIPT, "kill", str(self.directory), str(node))
         self.killed.add(node)
 
+    def start_node(self, node: int) -> None:
+        """Start node ``node`` again (after :meth:`kill`); returns once it has rejoined,
+        synced.
+
+        Raises:
+            RuntimeError: it did not become ready (with the script's output).
+        """
+        _run(GALERA_SCRIPT, "start-node", str(self.directory), str(node))
+        self.killed.discard(node)
+
     def isolate(self, node: int, isolated: bool = True) -> None:
         """Cut node ``node`` off from the others' group communication (``gmcast.isolate``),
         as a network partition would: alone, it leaves the primary component; ``False``
         lets it rejoin."""
-        engine = sa.create_engine(self.node_url(node), poolclass=NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.exec_driver_sql(
-                    f"SET GLOBAL wsrep_provider_options = 'gmcast.isolate={1 if isolated else 0}'"
-                )
-        finally:
-            engine.dispose()
+        with _outside_connection(node) as cursor:
+            cursor.execute(
+                "SET GLOBAL wsrep_provider_options = %s",
+                (f"gmcast.isolate={1 if isolated else 0}",),
+            )
 
     def ready(self, node: int) -> bool:
         """Node ``node`` answers and is in the primary component, synced (``wsrep_ready``)."""
-        engine = sa.create_engine(self.node_url(node), poolclass=NullPool)
         try:
-            with engine.connect() as conn:
-                value = conn.exec_driver_sql(
-                    "SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
-                    "WHERE VARIABLE_NAME = 'WSREP_READY'"
-                ).scalar()
-        except sa.exc.DBAPIError:
+            with _outside_connection(node) as cursor:
+                cursor.execute("SHOW STATUS LIKE 'wsrep_ready'")
+                row = cursor.fetchone()
+        except pymysql.err.MySQLError:
             return False
-        finally:
-            engine.dispose()
-        return value == "ON"
+        return row is not None and row[1] == "ON"
 
     def status(self) -> str:
         return _run(GALERA_SCRIPT, "status", str(self.directory))
@@ -186,6 +189,25 @@ class StandbyPair:
         """The URL of one of the two servers."""
         port = PAIR_BASE_PORT + (1 if standby else 0)
         return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
+
+
+@contextlib.contextmanager
+def _outside_connection(node: int) -> Iterator[Any]:
+    """A cursor on node ``node`` that also works outside the primary component: the bare
+    driver (SQLAlchemy's first queries would be refused there) and no causality wait (the
+    cluster's ``wsrep_sync_wait = 1`` would fail every read)."""
+    connection = pymysql.connect(
+        host="127.0.0.1",
+        port=GALERA_SQL_BASE_PORT + node,
+        user="root",
+        connect_timeout=5,
+        init_command="SET SESSION wsrep_sync_wait = 0",
+    )
+    try:
+        with connection.cursor() as cursor:
+            yield cursor
+    finally:
+        connection.close()
 
 
 def backend_options(url: str) -> dict[str, Any]:
