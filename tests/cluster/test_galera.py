@@ -404,3 +404,30 @@ def test_a_killed_node_loses_no_acknowledged_completion_and_records_none_twice(
         f"{sum(o[4] for o in outcomes)} completions refused (claim expired meanwhile), "
         f"slowest call on nodes 1-2 {max(o[3] for o in outcomes):.1f} s"
     )
+
+
+HOPS = 150
+
+
+def test_a_worker_whose_calls_go_to_different_nodes_sees_its_own_commits(
+    node_backends: list[SqlBackend],
+) -> None:
+    """As behind a load balancer: each call of one worker reaches the next node. The backend
+    sets ``wsrep_sync_wait`` (reads, updates and deletes) on Galera sessions, so every call
+    sees the worker's earlier commits made through other nodes: the claim made on node 2 is
+    renewed on node 3 (a transaction that begins with an UPDATE) and completed on node 1."""
+    first, second, third = node_backends
+    for number in range(HOPS):
+        instance_id = f"hop{number}"
+        first.start_workflow(WorkflowSnapshot.new(instance_id, "h", first_task="t1"))
+        claim = second.claim_task(instance_id, "t1", "hopper", timedelta(minutes=5))
+        assert claim is not None, instance_id
+        renewed = third.extend_task_claim(
+            instance_id, "t1", "hopper", timedelta(minutes=5), token=claim.token
+        )
+        assert renewed.token == claim.token
+        [result] = first.complete_tasks(
+            [TaskCompletion(instance_id, "t1", "hopper", claim.token, output=b"done")],
+            ttl=timedelta(minutes=5),
+        )
+        assert result.outcome is CompletionOutcome.RECORDED, (instance_id, result)
