@@ -9,7 +9,9 @@ in alternating order each round, these layouts of ``--processes`` x ``--threads`
 - ``node1``: every worker on Galera node 1;
 - ``spread``: worker n on node n mod 3 + 1;
 - ``spread-nosync``: as ``spread``, with the sessions' ``wsrep_sync_wait`` set back to 0
-  after the backend's own setting (what the causality checks cost).
+  after the backend's own setting (what the causality checks cost);
+- ``spread-noshare``: as ``spread``, without the preference for the node's share of the
+  candidates after a conflict (what it saves in conflicts).
 
 Each worker loops ``claim_available_tasks(limit=1..10)`` -> ``complete_tasks`` (every task
 claimed, no next claims) until the backlog of ``--tasks`` single-task workflows (seeded in
@@ -36,6 +38,7 @@ from typing import Any
 from sqlalchemy import event
 
 from sayiir_persistence import BackendUnavailableError, SqlBackend, TaskCompletion
+from sayiir_persistence.sql.dialects import mysql
 from sayiir_persistence.sql.schema import ready_tasks
 
 from . import databases
@@ -48,7 +51,7 @@ from helpers.clusters import GaleraCluster
 JOB = "benchmarks.replicated:CompletingCycle"
 DATABASE = "sayiir_bench_replicated"
 LOCAL_URL = f"mysql+pymysql://root@127.0.0.1:3306/{DATABASE}?charset=utf8mb4"
-LAYOUTS = ("local", "node1", "spread", "spread-nosync")
+LAYOUTS = ("local", "node1", "spread", "spread-nosync", "spread-noshare")
 
 
 class _RetryCounter(logging.Handler):
@@ -75,8 +78,16 @@ class CompletingCycle:
     """One process of the layout (see :mod:`benchmarks.timing`): worker n on ``urls[n % len]``."""
 
     def __init__(
-        self, urls: list[str], sync_wait: bool, tasks: int, threads: int, done: Any
+        self,
+        urls: list[str],
+        sync_wait: bool,
+        share: bool,
+        tasks: int,
+        threads: int,
+        done: Any,
     ) -> None:
+        if not share:
+            mysql._CONTENDED_SECONDS = 0.0  # this process only: claims keep their order
         self.retries = _RetryCounter()
         backend_log = logging.getLogger("sayiir_persistence.sql.backend")
         backend_log.setLevel(logging.INFO)
@@ -92,6 +103,7 @@ class CompletingCycle:
             self.backends.append(backend)
         self.tasks = tasks
         self.done = done
+        self.threads = threads
 
     def close(self) -> None:
         for backend in self.backends:
@@ -114,7 +126,8 @@ class CompletingCycle:
             result.calls["claim_available_tasks"].append(clock() - started)
             if not claimed:
                 if self.done.value >= self.tasks:
-                    result.counters["retried"] = self.retries.count
+                    if worker_index % self.threads == 0:  # the process's count, once
+                        result.counters["retried"] = self.retries.count
                     return result
                 result.counters["empty_claims"] += 1
                 time.sleep(0.001)
@@ -147,14 +160,14 @@ class CompletingCycle:
                 self.done.value += len(claimed)
 
 
-def _urls(layout: str, cluster: GaleraCluster, local_url: str) -> tuple[list[str], bool]:
+def _options(layout: str, cluster: GaleraCluster, local_url: str) -> dict[str, Any]:
     nodes = cluster.node_urls(DATABASE)
+    urls = [local_url] if layout == "local" else nodes[:1] if layout == "node1" else nodes
     return {
-        "local": ([local_url], True),
-        "node1": (nodes[:1], True),
-        "spread": (nodes, True),
-        "spread-nosync": (nodes, False),
-    }[layout]
+        "urls": urls,
+        "sync_wait": layout != "spread-nosync",
+        "share": layout != "spread-noshare",
+    }
 
 
 def measure(
@@ -167,12 +180,13 @@ def measure(
     for round_index in range(args.rounds):
         order = list(args.layouts) if round_index % 2 == 0 else list(reversed(args.layouts))
         for layout in order:
-            urls, sync_wait = _urls(layout, cluster, args.local_url)
+            options = _options(layout, cluster, args.local_url)
+            urls = options["urls"]
             databases.reset(urls[0])
             databases.seed(urls[0], 0, args.tasks)
             run = run_layout(
                 JOB,
-                {"urls": urls, "sync_wait": sync_wait, "tasks": args.tasks},
+                {**options, "tasks": args.tasks},
                 threads=args.threads,
                 processes=args.processes,
             )
