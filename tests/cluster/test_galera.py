@@ -3,6 +3,7 @@ workers racing for them are connected to different nodes."""
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import threading
 import time
@@ -431,3 +432,24 @@ def test_a_worker_whose_calls_go_to_different_nodes_sees_its_own_commits(
             ttl=timedelta(minutes=5),
         )
         assert result.outcome is CompletionOutcome.RECORDED, (instance_id, result)
+
+
+def test_concurrent_migrations_through_one_node_queue(galera_cluster: GaleraCluster) -> None:
+    """The migration lock (``GET_LOCK``) is per node on Galera: migrations run through one
+    node, as the README asks, still queue, and the schema replicates to the others."""
+    name = f"sayiir_galera_migrate_{int(time.time() * 1000) % 10**9}"
+    galera_cluster.create_database(name)
+    urls = galera_cluster.node_urls(name)
+    try:
+        # Processes, as concurrent deployments would be (Alembic's context is per process).
+        with multiprocessing.get_context("spawn").Pool(3) as pool:
+            pool.map(migrate, [urls[0]] * 3)
+        for url in urls:
+            SqlBackend(url).close()  # checks the schema is at head on every node
+    finally:
+        engine = sa.create_engine(urls[0], poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE `{name}`")
+        finally:
+            engine.dispose()
