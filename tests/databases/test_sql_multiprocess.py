@@ -1,11 +1,15 @@
 """Claims stay exclusive when several OS processes, each with many threads, share one database.
 
-Every test runs once per SQL database (``sql_url``: sqlite, postgres, mysql) against a database
-of its own, so it never collides with other test runs on the shared ``test`` database:
+Every test runs once per SQL database (sqlite, postgres, mysql, and galera when selected)
+against a database of its own, so it never collides with other test runs on the shared
+``test`` database:
 
 - PostgreSQL and MySQL/MariaDB: database ``sayiir_mp`` on the server of the fixture URL (created
   when missing, migrated, its ``sayiir_*`` tables emptied before each test);
-- SQLite: a file in the test's temporary directory.
+- SQLite: a file in the test's temporary directory;
+- Galera (3-node cluster, ``galera_cluster``): database ``sayiir_mp`` on the cluster, each
+  worker process connected to another node (process N to node N mod 3 + 1), so that claims
+  race across nodes; the test itself seeds and checks through node 1.
 
 Workers are ``spawn``-ed processes (nothing inherited but arguments): each builds its own
 ``SqlBackend`` from the URL and runs ``THREADS`` threads that share it, as a real worker would.
@@ -27,7 +31,6 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,6 +38,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
+from helpers.clusters import GaleraCluster, backend_options
+from helpers.databases import GALERA, sql_params
 from sayiir_persistence import (
     AtFork,
     AtTask,
@@ -145,19 +150,33 @@ def _empty_tables(url: str) -> None:
         engine.dispose()
 
 
+@pytest.fixture(params=[*sql_params(), pytest.param(GALERA, id=GALERA, marks=pytest.mark.galera)])
+def mp_urls(request: pytest.FixtureRequest) -> list[str]:
+    """This module's own migrated, empty database on the server (or SQLite file) of each
+    selected SQL database: its one URL, or on a Galera cluster the URL of each node (node 1
+    first, where it is migrated and emptied)."""
+    kind: str = request.param
+    if kind == GALERA:
+        cluster: GaleraCluster = request.getfixturevalue("galera_cluster")
+        cluster.create_database(OWN_DATABASE)
+        urls = cluster.node_urls(OWN_DATABASE)
+    else:
+        url = make_url(request.getfixturevalue(f"{kind}_url"))
+        if url.get_backend_name() != "sqlite":
+            _create_database(url, OWN_DATABASE)
+            url = url.set(database=OWN_DATABASE)
+        urls = [url.render_as_string(hide_password=False)]
+    if urls[0] not in _migrated:
+        migrate(urls[0])
+        _migrated.add(urls[0])
+    _empty_tables(urls[0])
+    return urls
+
+
 @pytest.fixture
-def mp_url(sql_url: str, tmp_path: Path) -> str:
-    """This module's own migrated, empty database on the server (or SQLite file) of sql_url."""
-    url = make_url(sql_url)
-    if url.get_backend_name() != "sqlite":
-        _create_database(url, OWN_DATABASE)
-        url = url.set(database=OWN_DATABASE)
-    own = url.render_as_string(hide_password=False)
-    if own not in _migrated:
-        migrate(own)
-        _migrated.add(own)
-    _empty_tables(own)
-    return own
+def mp_url(mp_urls: list[str]) -> str:
+    """The URL the test itself seeds and checks through (Galera: node 1)."""
+    return mp_urls[0]
 
 
 @pytest.fixture
@@ -270,10 +289,11 @@ def _process_entry(
         results.put((index, True, value))
 
 
-def _run_processes(target: Callable[..., Any], *args: Any) -> list[Any]:
-    """Run ``target(index, barrier, *args)`` in PROCESSES spawned processes; their values.
+def _run_processes(target: Callable[..., Any], urls: Sequence[str], *args: Any) -> list[Any]:
+    """Run ``target(index, barrier, url, *args)`` in PROCESSES spawned processes; their values.
 
-    ``barrier`` is a multiprocessing barrier for all PROCESSES x THREADS threads. A process
+    ``url``: process ``index``'s among ``urls`` (in turn: one per Galera node). ``barrier``
+    is a multiprocessing barrier for all PROCESSES x THREADS threads. A process
     that raises, dies or outlives PROCESS_TIMEOUT_SECONDS fails the test.
     """
     context = multiprocessing.get_context("spawn")
@@ -282,7 +302,7 @@ def _run_processes(target: Callable[..., Any], *args: Any) -> list[Any]:
     processes = [
         context.Process(
             target=_process_entry,
-            args=(results, index, target, barrier, args),
+            args=(results, index, target, barrier, (urls[index % len(urls)], *args)),
             name=f"sayiir-mp-worker-{index}",
         )
         for index in range(PROCESSES)
@@ -334,7 +354,7 @@ def _in_threads(work: Callable[[int], Any]) -> list[Any]:
 
 def _drain_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, Any]:
     """Loop claim_available_tasks until nothing is left; complete and release each task."""
-    backend = SqlBackend(url)
+    backend = SqlBackend(url, **backend_options(url))
 
     def thread(number: int) -> tuple[list[tuple[str, str, str, int]], list[str]]:
         worker_id = f"drain-p{index}-t{number}"
@@ -404,7 +424,7 @@ def _complete_process(
 
     ``flaky``: :func:`_fails_first` tasks fail their first attempt, retried after RETRY_AFTER
     (so nothing is left only once no workflow is in progress)."""
-    backend = SqlBackend(url)
+    backend = SqlBackend(url, **backend_options(url))
 
     def finished(worker_id: str) -> bool:
         if backend.find_available_tasks(worker_id, MAX_BATCH):
@@ -488,7 +508,7 @@ def _claim_race_process(
     index: int, barrier: Any, url: str, keys: list[Key], seed: int
 ) -> dict[str, Any]:
     """Every thread calls claim_task on every key (own shuffled order); report the wins."""
-    backend = SqlBackend(url)
+    backend = SqlBackend(url, **backend_options(url))
 
     def thread(number: int) -> tuple[list[tuple[str, str, str, int]], list[str]]:
         worker_id = f"race-p{index}-t{number}"
@@ -521,7 +541,7 @@ def _takeover_race_process(
     index: int, barrier: Any, url: str, keys: list[Key], seed: int
 ) -> dict[str, Any]:
     """Take over expired claims: even threads by claim_task, odd by claim_available_tasks."""
-    backend = SqlBackend(url)
+    backend = SqlBackend(url, **backend_options(url))
 
     def thread(number: int) -> tuple[list[tuple[str, str, str, int]], list[str]]:
         worker_id = f"takeover-p{index}-t{number}"
@@ -581,7 +601,7 @@ _process_backends: dict[str, SqlBackend] = {}
 
 def _process_backend(url: str) -> SqlBackend:
     if url not in _process_backends:
-        _process_backends[url] = SqlBackend(url)
+        _process_backends[url] = SqlBackend(url, **backend_options(url))
     return _process_backends[url]
 
 
@@ -658,7 +678,7 @@ def _flatten(values: list[dict[str, Any]], field: str) -> tuple[list[Any], list[
 
 
 def test_claim_available_tasks_hands_out_every_task_exactly_once(
-    mp_url: str, backend: SqlBackend
+    mp_url: str, mp_urls: list[str], backend: SqlBackend
 ) -> None:
     rng = random.Random(1)
     snapshots = _single_task_workflows("drain", DRAIN_SINGLE_WORKFLOWS, rng) + _fork_workflows(
@@ -670,7 +690,7 @@ def test_claim_available_tasks_hands_out_every_task_exactly_once(
     _seed(backend, snapshots)
     seeded = time.monotonic()
 
-    values = _run_processes(_drain_process, mp_url, 1)
+    values = _run_processes(_drain_process, mp_urls, 1)
     drained = time.monotonic()
     received, errors = _flatten(values, "received")
     assert not errors, "\n".join(errors)
@@ -715,7 +735,7 @@ def test_claim_available_tasks_hands_out_every_task_exactly_once(
 
 
 def test_completions_in_batches_record_every_chain_task_exactly_once(
-    mp_url: str, backend: SqlBackend
+    mp_url: str, mp_urls: list[str], backend: SqlBackend
 ) -> None:
     """``complete_tasks`` from PROCESSES x THREADS workers, with next claims: every task of
     every chain handed out once, recorded once by its holder, every chain completed."""
@@ -728,7 +748,7 @@ def test_completions_in_batches_record_every_chain_task_exactly_once(
     expected = {(s.instance_id, step) for s in snapshots for step in CHAIN_STEPS}
     _seed(backend, snapshots)
 
-    values = _run_processes(_complete_process, mp_url, 1)
+    values = _run_processes(_complete_process, mp_urls, 1)
     received, errors = _flatten(values, "received")
     assert not errors, "\n".join(errors[:20])
 
@@ -753,7 +773,9 @@ def test_completions_in_batches_record_every_chain_task_exactly_once(
         assert stored.output == _output((snapshot.instance_id, CHAIN_STEPS[-1]))
 
 
-def test_retried_tasks_record_their_result_exactly_once(mp_url: str, backend: SqlBackend) -> None:
+def test_retried_tasks_record_their_result_exactly_once(
+    mp_url: str, mp_urls: list[str], backend: SqlBackend
+) -> None:
     """As above, with a third of the tasks failing their first attempt (``retry_after``):
     each of those is handed out exactly twice (tokens 1 and 2), every task recorded exactly
     once, every chain completed."""
@@ -766,7 +788,7 @@ def test_retried_tasks_record_their_result_exactly_once(mp_url: str, backend: Sq
     expected = {(s.instance_id, step) for s in snapshots for step in CHAIN_STEPS}
     _seed(backend, snapshots)
 
-    values = _run_processes(_complete_process, mp_url, 2, True)
+    values = _run_processes(_complete_process, mp_urls, 2, True)
     received, errors = _flatten(values, "received")
     assert not errors, "\n".join(errors[:20])
 
@@ -788,13 +810,15 @@ def test_retried_tasks_record_their_result_exactly_once(mp_url: str, backend: Sq
         assert stored.status is WorkflowStatus.COMPLETED, snapshot.instance_id
 
 
-def test_claim_task_race_has_one_winner_per_task(mp_url: str, backend: SqlBackend) -> None:
+def test_claim_task_race_has_one_winner_per_task(
+    mp_url: str, mp_urls: list[str], backend: SqlBackend
+) -> None:
     snapshots = _single_task_workflows("race", RACE_TASKS, random.Random(2))
     keys = _keys(snapshots)
     _seed(backend, snapshots)
 
     started = time.monotonic()
-    values = _run_processes(_claim_race_process, mp_url, keys, 2)
+    values = _run_processes(_claim_race_process, mp_urls, keys, 2)
     raced = time.monotonic() - started
     wins, errors = _flatten(values, "wins")
     assert not errors, "\n".join(errors)
@@ -843,8 +867,11 @@ def _assert_untouched(
 
 
 def test_expired_claim_taken_over_cannot_release_extend_or_fenced_save(
-    mp_url: str, backend: SqlBackend
+    mp_urls: list[str], backend: SqlBackend
 ) -> None:
+    """The stale claimer and the newcomer are separate processes (on Galera, connected to
+    nodes 1 and 2)."""
+    mp_url, newcomer_url = mp_urls[0], mp_urls[1 % len(mp_urls)]
     other = _single_task_workflows("expired-other", EXPIRY_TASKS, random.Random(3))
     same = _single_task_workflows("expired-same", EXPIRY_TASKS, random.Random(4))
     other_keys, same_keys = _keys(other), _keys(same)
@@ -858,10 +885,10 @@ def test_expired_claim_taken_over_cannot_release_extend_or_fenced_save(
         tokens = stale.apply(_claim_all, (mp_url, same_keys, "same-worker", SHORT_TTL))
         assert tokens == [1] * EXPIRY_TASKS
         time.sleep(EXPIRY_WAIT_SECONDS)
-        tokens = newcomer.apply(_claim_all, (mp_url, other_keys, "new-worker", WORK_TTL))
+        tokens = newcomer.apply(_claim_all, (newcomer_url, other_keys, "new-worker", WORK_TTL))
         assert tokens == [2] * EXPIRY_TASKS
         # The same worker id, restarted elsewhere, claims its own expired tasks anew.
-        tokens = newcomer.apply(_claim_all, (mp_url, same_keys, "same-worker", WORK_TTL))
+        tokens = newcomer.apply(_claim_all, (newcomer_url, same_keys, "same-worker", WORK_TTL))
         assert tokens == [2] * EXPIRY_TASKS
 
         # Taken over by another worker: refused with or without the old token.
@@ -881,17 +908,17 @@ def test_expired_claim_taken_over_cannot_release_extend_or_fenced_save(
 
         # The new holders are unaffected: they heartbeat and release with their token.
         assert (
-            newcomer.apply(_extend_and_release, (mp_url, other_keys, "new-worker", 2))
+            newcomer.apply(_extend_and_release, (newcomer_url, other_keys, "new-worker", 2))
             == [2] * EXPIRY_TASKS
         )
         assert (
-            newcomer.apply(_extend_and_release, (mp_url, same_keys, "same-worker", 2))
+            newcomer.apply(_extend_and_release, (newcomer_url, same_keys, "same-worker", 2))
             == [2] * EXPIRY_TASKS
         )
 
 
 def test_expired_claims_taken_over_under_contention_have_one_new_holder(
-    mp_url: str, backend: SqlBackend
+    mp_url: str, mp_urls: list[str], backend: SqlBackend
 ) -> None:
     snapshots = _single_task_workflows("takeover", TAKEOVER_TASKS, random.Random(5))
     keys = _keys(snapshots)
@@ -902,7 +929,7 @@ def test_expired_claims_taken_over_under_contention_have_one_new_holder(
     time.sleep(EXPIRY_WAIT_SECONDS)
 
     started = time.monotonic()
-    values = _run_processes(_takeover_race_process, mp_url, keys, 5)
+    values = _run_processes(_takeover_race_process, mp_urls, keys, 5)
     raced = time.monotonic() - started
     wins, errors = _flatten(values, "wins")
     assert not errors, "\n".join(errors)

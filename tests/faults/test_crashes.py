@@ -1,14 +1,17 @@
 """Worker processes SIGKILLed at random points: nothing lost, nothing recorded twice, no claim
 outliving its TTL, every workflow finished.
 
-The two fleet tests run once per SQL database (``sql_url``) in a private namespace
-(``isolated_database``). A *fleet* of ``SLOTS`` spawned worker processes (bodies in
-``crash_workers.py``; one of them steady, alive from start to end) works on the workflows
-while the test kills the others, starting a replacement for each death, until at least
-``*_KILLS`` processes died by SIGKILL (more workflows are added meanwhile so that work never
-runs out); then only calm replacements run until every workflow is completed (the drain), the
-survivors are stopped (they must exit 0) and the store is read directly (the tables of
-``sayiir_persistence.sql.schema``) and compared with the journals the processes wrote.
+The two fleet tests run once per SQL database (sqlite, postgres, mysql, and galera when
+selected: ``store_urls``) in a private namespace (``isolated_database``); on a Galera cluster
+each worker process is connected to another node (the n-th started to node n mod 3 + 1), so
+that claims, fenced saves and takeovers race across nodes. A *fleet* of ``SLOTS`` spawned
+worker processes (bodies in ``crash_workers.py``; one of them steady, alive from start to end)
+works on the workflows while the test kills the others, starting a replacement for each death,
+until at least ``*_KILLS`` processes died by SIGKILL (more workflows are added meanwhile so
+that work never runs out); then only calm replacements run until every workflow is completed
+(the drain), the survivors are stopped (they must exit 0) and the store is read directly (the
+tables of ``sayiir_persistence.sql.schema``) and compared with the journals the processes
+wrote.
 ``SAYIIR_CRASH_SEED`` (printed by each run) replays a run's random choices.
 
 What is killed where:
@@ -90,6 +93,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from helpers.clusters import GaleraCluster
 from helpers.crash_workers import (
     CYCLE_KILL_POINTS,
     STOP_FILE,
@@ -103,6 +107,7 @@ from helpers.crash_workers import (
     process_main,
     read_journals,
 )
+from helpers.databases import GALERA, sql_params
 from helpers.isolated_db import isolated_database
 from sayiir_persistence import SqlBackend, WorkflowSnapshot, WorkflowStatus, migrate
 from sayiir_persistence.sql.dialects import dialect_for
@@ -186,7 +191,8 @@ class Fleet:
     """Starts, kills and watches the worker processes of one test."""
 
     kind: str
-    url: str
+    urls: list[str]
+    """The store's URL, or its URL on each Galera node: taken in turn by the processes."""
     directory: Path
     rng: random.Random
     members: list[Member] = field(default_factory=list)
@@ -196,7 +202,7 @@ class Fleet:
         role = "victim" if victim else ("self" if plan else "calm")
         spec = ProcessSpec(
             kind=self.kind,
-            url=self.url,
+            url=self.urls[number % len(self.urls)],
             directory=str(self.directory),
             worker_id=f"{self.kind}-{number:03d}-{role}",
             threads=THREADS,
@@ -673,6 +679,20 @@ def _check_claim_history(
     return takeovers, finished_by_others
 
 
+@pytest.fixture(params=[*sql_params(), pytest.param(GALERA, id=GALERA, marks=pytest.mark.galera)])
+def store_urls(request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """A fresh private namespace on each selected SQL database: its URL, or on a Galera
+    cluster its URL on every node (node 1 first: the test seeds and reads there)."""
+    kind: str = request.param
+    if kind == GALERA:
+        cluster: GaleraCluster = request.getfixturevalue("galera_cluster")
+        with isolated_database(cluster.node_url(1)) as url:
+            yield cluster.node_urls(str(make_url(url).database))
+    else:
+        with isolated_database(request.getfixturevalue(f"{kind}_url")) as url:
+            yield [url]
+
+
 def _seed() -> int:
     seed = int(os.environ.get(SEED_ENV) or random.randrange(2**32))
     print(f"\n{SEED_ENV}={seed}")
@@ -680,26 +700,26 @@ def _seed() -> int:
 
 
 @pytest.mark.multiprocess
-def test_sigkilled_claim_save_release_cycles(sql_url: str, tmp_path: Path) -> None:
+def test_sigkilled_claim_save_release_cycles(store_urls: list[str], tmp_path: Path) -> None:
     seed = _seed()
-    with isolated_database(sql_url) as url:
-        migrate(url)
-        backend = SqlBackend(url)
-        try:
-            seeded: dict[str, tuple[int, bytes]] = {}
-            _seed_chains(backend, seeded, 2 * MIN_UNFINISHED)
-            fleet = Fleet("cycle", url, tmp_path, random.Random(seed))
-            run = _run_fleet(
-                fleet,
-                points=CYCLE_KILL_POINTS,
-                must_cover=True,
-                kills_wanted=CYCLE_KILLS,
-                unfinished=_unfinished(backend),
-                top_up=lambda: _seed_chains(backend, seeded, TOP_UP),
-            )
-        finally:
-            backend.close()
-        store = _read_store(url)
+    url = store_urls[0]
+    migrate(url)
+    backend = SqlBackend(url)
+    try:
+        seeded: dict[str, tuple[int, bytes]] = {}
+        _seed_chains(backend, seeded, 2 * MIN_UNFINISHED)
+        fleet = Fleet("cycle", store_urls, tmp_path, random.Random(seed))
+        run = _run_fleet(
+            fleet,
+            points=CYCLE_KILL_POINTS,
+            must_cover=True,
+            kills_wanted=CYCLE_KILLS,
+            unfinished=_unfinished(backend),
+            top_up=lambda: _seed_chains(backend, seeded, TOP_UP),
+        )
+    finally:
+        backend.close()
+    store = _read_store(url)
     journals, torn = read_journals(tmp_path)
     executions = _cycle_executions(journals)
 
@@ -849,26 +869,26 @@ def _check_forks(
 
 
 @pytest.mark.multiprocess
-def test_sigkilled_reference_workers(sql_url: str, tmp_path: Path) -> None:
+def test_sigkilled_reference_workers(store_urls: list[str], tmp_path: Path) -> None:
     seed = _seed()
-    with isolated_database(sql_url) as url:
-        migrate(url)
-        backend = SqlBackend(url)
-        try:
-            seeded: dict[str, bytes] = {}
-            _seed_forks(backend, seeded, 2 * MIN_UNFINISHED)
-            fleet = Fleet("worker", url, tmp_path, random.Random(seed))
-            run = _run_fleet(
-                fleet,
-                points=WORKER_KILL_POINTS,
-                must_cover=False,
-                kills_wanted=WORKER_KILLS,
-                unfinished=_unfinished(backend),
-                top_up=lambda: _seed_forks(backend, seeded, TOP_UP),
-            )
-        finally:
-            backend.close()
-        store = _read_store(url)
+    url = store_urls[0]
+    migrate(url)
+    backend = SqlBackend(url)
+    try:
+        seeded: dict[str, bytes] = {}
+        _seed_forks(backend, seeded, 2 * MIN_UNFINISHED)
+        fleet = Fleet("worker", store_urls, tmp_path, random.Random(seed))
+        run = _run_fleet(
+            fleet,
+            points=WORKER_KILL_POINTS,
+            must_cover=False,
+            kills_wanted=WORKER_KILLS,
+            unfinished=_unfinished(backend),
+            top_up=lambda: _seed_forks(backend, seeded, TOP_UP),
+        )
+    finally:
+        backend.close()
+    store = _read_store(url)
     journals, torn = read_journals(tmp_path)
 
     _check_processes(fleet, run)

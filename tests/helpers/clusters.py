@@ -8,6 +8,7 @@ machine's own servers, and leaves nothing behind once stopped.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -15,7 +16,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pymysql
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
@@ -25,6 +28,10 @@ PAIR_SCRIPT = SCRIPTS / "pg-standby-pair"
 
 GALERA_NODES = 3
 GALERA_SQL_BASE_PORT = 3310  # node N answers on 3310 + N (the script's default)
+#: ``SqlBackend(max_retries=...)`` for workers on several Galera nodes racing for the same
+#: tasks, as the README advises: claimers of different nodes collide at certification, and
+#: the default 5 attempts run out under the tests' contention (32 threads on one backlog).
+GALERA_MAX_RETRIES = 20
 PAIR_BASE_PORT = 5440  # primary; the standby is + 1 (the script's default)
 START_TIMEOUT_SECONDS = 300
 
@@ -41,31 +48,73 @@ def _run(script: Path, *args: str, timeout: float = START_TIMEOUT_SECONDS) -> st
     return done.stdout
 
 
+# A cluster started by hand (``scripts/galera-cluster start DIR``) that the session fixture
+# uses instead of starting its own: saves its start-up on every run while working on tests.
+# Tests that kill a node start clusters of their own (``start(..., reuse=False)``).
+RUNNING_GALERA_ENV = "SAYIIR_TEST_GALERA_DIR"
+
+
 @dataclass
 class GaleraCluster:
     """A running 3-node Galera cluster in ``directory`` (see scripts/galera-cluster)."""
 
     directory: Path
     killed: set[int] = field(default_factory=set)
+    owned: bool = True
 
     @classmethod
-    def start(cls, directory: Path) -> GaleraCluster:
-        """Start the cluster, every node synced.
+    def start(cls, directory: Path, *, reuse: bool = True) -> GaleraCluster:
+        """Start the cluster, every node synced (or, with ``reuse`` and
+        ``$SAYIIR_TEST_GALERA_DIR`` set, the cluster already running there, left running).
 
         Raises:
             RuntimeError: a node did not become ready (with the script's output).
         """
+        running = os.environ.get(RUNNING_GALERA_ENV)
+        if reuse and running:
+            return cls(Path(running), owned=False)
         _run(GALERA_SCRIPT, "start", str(directory))
         return cls(directory)
 
     def stop(self) -> None:
-        """Stop every node and delete the directory."""
-        _run(GALERA_SCRIPT, "stop", str(self.directory), timeout=120)
+        """Stop every node and delete the directory (not a cluster this did not start)."""
+        if self.owned:
+            _run(GALERA_SCRIPT, "stop", str(self.directory), timeout=120)
 
     def kill(self, node: int) -> None:
         """SIGKILL node ``node`` (1-based)."""
         _run(GALERA_SCRIPT, "kill", str(self.directory), str(node))
         self.killed.add(node)
+
+    def start_node(self, node: int) -> None:
+        """Start node ``node`` again (after :meth:`kill`); returns once it has rejoined,
+        synced.
+
+        Raises:
+            RuntimeError: it did not become ready (with the script's output).
+        """
+        _run(GALERA_SCRIPT, "start-node", str(self.directory), str(node))
+        self.killed.discard(node)
+
+    def isolate(self, node: int, isolated: bool = True) -> None:
+        """Cut node ``node`` off from the others' group communication (``gmcast.isolate``),
+        as a network partition would: alone, it leaves the primary component; ``False``
+        lets it rejoin."""
+        with _outside_connection(node) as cursor:
+            cursor.execute(
+                "SET GLOBAL wsrep_provider_options = %s",
+                (f"gmcast.isolate={1 if isolated else 0}",),
+            )
+
+    def ready(self, node: int) -> bool:
+        """Node ``node`` answers and is in the primary component, synced (``wsrep_ready``)."""
+        try:
+            with _outside_connection(node) as cursor:
+                cursor.execute("SHOW STATUS LIKE 'wsrep_ready'")
+                row = cursor.fetchone()
+        except pymysql.err.MySQLError:
+            return False
+        return row is not None and row[1] == "ON"
 
     def status(self) -> str:
         return _run(GALERA_SCRIPT, "status", str(self.directory))
@@ -140,6 +189,35 @@ class StandbyPair:
         """The URL of one of the two servers."""
         port = PAIR_BASE_PORT + (1 if standby else 0)
         return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/{database}"
+
+
+@contextlib.contextmanager
+def _outside_connection(node: int) -> Iterator[Any]:
+    """A cursor on node ``node`` that also works outside the primary component: the bare
+    driver (SQLAlchemy's first queries would be refused there) and no causality wait (the
+    cluster's ``wsrep_sync_wait = 1`` would fail every read)."""
+    connection = pymysql.connect(
+        host="127.0.0.1",
+        port=GALERA_SQL_BASE_PORT + node,
+        user="root",
+        connect_timeout=5,
+        init_command="SET SESSION wsrep_sync_wait = 0",
+    )
+    try:
+        with connection.cursor() as cursor:
+            yield cursor
+    finally:
+        connection.close()
+
+
+def backend_options(url: str) -> dict[str, Any]:
+    """The ``SqlBackend`` options a test's workers use on ``url``: on a node of the tests'
+    Galera cluster, the retries the README advises (``GALERA_MAX_RETRIES``)."""
+    parsed = sa.make_url(url)
+    galera_ports = range(GALERA_SQL_BASE_PORT + 1, GALERA_SQL_BASE_PORT + GALERA_NODES + 1)
+    if parsed.get_backend_name() == "mysql" and parsed.port in galera_ports:
+        return {"max_retries": GALERA_MAX_RETRIES}
+    return {}
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from helpers.clusters import backend_options
 from sayiir_persistence import (
     AtTask,
     AvailableTask,
@@ -252,7 +253,7 @@ def process_main(spec: ProcessSpec) -> None:
     logging.getLogger().addHandler(_JournalHandler(journal))
     rng = random.Random(spec.seed)
     killer = Killer(spec.plan, journal, spec.seed + 1)
-    backend = SuicidalBackend(spec.url, killer)
+    backend = SuicidalBackend(spec.url, killer, **backend_options(spec.url))
     try:
         journal.write("ready", worker=spec.worker_id, plan=spec.plan and spec.plan.point)
         (directory / f"{spec.worker_id}.ready").touch()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import threading
+import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -60,11 +63,39 @@ from .base import (
 logger = logging.getLogger(__name__)
 
 # Error numbers.
+# ... 1213 is also Galera's refusal of a transaction that lost a write conflict with one of
+# another node (certification, at COMMIT or, "brute force abort", at any statement): it was
+# rolled back, so it runs again whole like a deadlock. 1205 is also a Galera node's
+# causality wait (wsrep_sync_wait) that cannot be served: a node outside the primary
+# component answers it at once.
 _RETRYABLE = frozenset({1213, 1205})  # deadlock, lock wait timeout
 _UNDEFINED = frozenset({1146, 1054})  # no such table, unknown column
 _TOO_BIG = frozenset({1153, 1301})  # packet larger than max_allowed_packet
-# ... and 1969: MariaDB's max_statement_time exceeded (the call ran past its time).
-_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053, 1969})
+# ... and 1969: MariaDB's max_statement_time exceeded (the call ran past its time); 1047:
+# "WSREP has not yet prepared node for application use", a Galera node outside the primary
+# component (partitioned from the majority) or not yet synced, which refuses every read and
+# write; 1927: the connection was killed (a Galera node dropping its clients as it leaves).
+_UNAVAILABLE = frozenset({2002, 2003, 2006, 2013, 2055, 1040, 1053, 1969, 1047, 1927})
+
+# The causality checks a Galera session needs (wsrep_sync_wait bits): 1, the reads
+# (SELECT, and so a transaction's first locking read), and 2, UPDATE and DELETE (the first
+# statement of an extend, a release, a result save). MariaDB waits at a transaction's first
+# statement only, until the node has applied every write set the cluster had ordered when
+# the statement arrived: a worker whose calls reach different nodes (a load balancer) sees
+# its own earlier commits, its claim before its completion.
+_GALERA_SYNC_WAIT = 3
+
+# Claims on Galera, under contention. SKIP LOCKED skips the rows locked on the caller's node
+# only: claimers on different nodes all go for the same best candidates, and all but one lose
+# at certification (1213), run again, and collide again. A thread whose transaction lost such
+# a conflict claims for the next _CONTENDED_SECONDS as if the candidates of the other nodes'
+# shares (a hash of the task's key modulo the cluster size; its node's share is its
+# ``wsrep_local_index``) were being claimed by others: its own share's first, in order, then
+# the rest. A lone claimer never conflicts, and keeps the exact order.
+_CONTENDED_SECONDS = 1.0
+_contention = threading.local()
+# The (wsrep_local_index, wsrep_cluster_size) of a connection's Galera node, in its info.
+_GALERA_SHARE = "sayiir_galera_share"
 
 # Concurrent migrations queue on this named lock (a session lock: MySQL's DDL commits
 # implicitly, so a transaction-level lock would not last).
@@ -186,6 +217,8 @@ class MySqlDialect(SqlDialect):
         args = getattr(error, "args", ())
         code = args[0] if args and isinstance(args[0], int) else None
         if code in _RETRYABLE:
+            if code == 1213:
+                _contention.until = time.monotonic() + _CONTENDED_SECONDS
             return ErrorKind.RETRYABLE
         if code in _UNDEFINED:
             return ErrorKind.NOT_PROVISIONED
@@ -241,6 +274,8 @@ class MySqlDialect(SqlDialect):
             if self._read_timeout_after_connect is not None:
                 handshake, call = self._read_timeout_after_connect
                 event.listen(engine, "connect", _raising_read_timeout(handshake, call))
+        if created:
+            event.listen(engine, "connect", _galera_session)
         return engine
 
     @staticmethod
@@ -320,18 +355,19 @@ class MySqlDialect(SqlDialect):
         # InnoDB locks every row a locking read visits before sorting and limiting, so the
         # candidates are not locked with ORDER BY ... LIMIT: lock the best ``limit`` keys by
         # primary key, and as many of the next ones as rows were skipped, until enough.
+        order = _contended_order(conn, keys)
         locked: dict[TaskKey, ClaimRow] = {}
         floors: dict[str, int] = {}
         tried = 0
-        while len(locked) < limit and tried < len(keys):
-            batch = keys[tried : tried + limit - len(locked)]
+        while len(locked) < limit and tried < len(order):
+            batch = order[tried : tried + limit - len(locked)]
             tried += len(batch)
             rows = conn.execute(self._lock_statement, {"p_keys": batch})
             for row in rows:
                 locked[(row.instance_id, row.task_id)] = _claim_row(row.token is not None)
                 if row.token_floor is not None:
                     floors[row.instance_id] = int(row.token_floor)
-        return {key: locked[key] for key in keys[:tried] if key in locked}, floors
+        return {key: locked[key] for key in keys if key in locked}, floors
 
     def claim_many(
         self, conn: Connection, locked: Locked, terms: ClaimTerms, floors: TokenFloors
@@ -383,6 +419,50 @@ def _raising_read_timeout(handshake: float, call: float | None) -> Callable[[Any
             dbapi_connection._read_timeout = call
 
     return raise_read_timeout
+
+
+def _contended_order(conn: Connection, keys: list[TaskKey]) -> list[TaskKey]:
+    """The order to lock the candidates ``keys`` (best first) in: theirs, or, on a Galera
+    node whose claimers lost a conflict lately, its share first (see ``_CONTENDED_SECONDS``)."""
+    share = conn.info.get(_GALERA_SHARE)
+    if share is None or getattr(_contention, "until", 0.0) < time.monotonic():
+        return keys
+    index, size = share
+    mine = [key for key in keys if _share_of(key, size) == index]
+    return mine + [key for key in keys if _share_of(key, size) != index]
+
+
+def _share_of(key: TaskKey, size: int) -> int:
+    """The node share (0 .. size - 1) of a task: the same in every process."""
+    return zlib.crc32("\0".join(key).encode()) % size
+
+
+def _galera_session(dbapi_connection: Any, record: Any) -> None:
+    """On a Galera node, add the causality checks the backend needs (``_GALERA_SYNC_WAIT``)
+    to the new session's ``wsrep_sync_wait``, keeping the bits already set, and note the
+    node's share of contended claims (``_CONTENDED_SECONDS``) in the connection's info.
+    ``SHOW VARIABLES``, not ``@@wsrep_on``: every MySQL and MariaDB server answers it (MySQL
+    has no such variable: no rows, nothing to do). One or three round trips per new
+    connection."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SHOW VARIABLES WHERE Variable_name IN ('wsrep_on', 'wsrep_sync_wait')")
+        settings = {str(name).lower(): str(value) for name, value in cursor.fetchall()}
+        if settings.get("wsrep_on", "").upper() != "ON":
+            return
+        current = int(settings.get("wsrep_sync_wait") or 0)
+        wanted = current | _GALERA_SYNC_WAIT
+        if wanted != current:
+            cursor.execute(f"SET SESSION wsrep_sync_wait = {wanted:d}")
+        cursor.execute(
+            "SHOW STATUS WHERE Variable_name IN ('wsrep_local_index', 'wsrep_cluster_size')"
+        )
+        status = {str(name).lower(): str(value) for name, value in cursor.fetchall()}
+        index, size = status.get("wsrep_local_index"), status.get("wsrep_cluster_size")
+        if index and size and index.isdigit() and size.isdigit() and int(index) < int(size):
+            record.info[_GALERA_SHARE] = (int(index), int(size))
+    finally:
+        cursor.close()
 
 
 def _tune_keepalives(dbapi_connection: Any, _record: Any) -> None:
