@@ -3,6 +3,7 @@ both servers carries on against the new primary, and no acknowledged write is lo
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from helpers.clusters import StandbyPair, wait_until
+from helpers.clusters import PAIR_BASE_PORT, StandbyPair, wait_until
 from helpers.failover_workers import (
     Fleet,
     Spec,
@@ -33,14 +34,46 @@ pytestmark = pytest.mark.failover
 RECOVERY_SECONDS = 30
 
 
+#: The same two servers in both forms of multi-host URL, through both drivers: SQLAlchemy's
+#: (``?host=a:p&host=b:p``) and libpq's own (``@a:p,b:p/db``, rewritten by ``parse_url``).
+URL_FORMS = {
+    "psycopg2-query": StandbyPair.url(),
+    "psycopg-libpq": (
+        f"postgresql+psycopg://postgres@127.0.0.1:{PAIR_BASE_PORT},127.0.0.1:{PAIR_BASE_PORT + 1}"
+        "/test?target_session_attrs=read-write"
+    ),
+}
+
+
+@pytest.fixture(params=sorted(URL_FORMS))
+def pair_url(request: pytest.FixtureRequest) -> str:
+    return URL_FORMS[request.param]
+
+
 @pytest.fixture
-def backend(standby_pair: StandbyPair) -> Iterator[SqlBackend]:
-    migrate(standby_pair.url())
-    store = SqlBackend(standby_pair.url())
+def backend(standby_pair: StandbyPair, pair_url: str) -> Iterator[SqlBackend]:
+    migrate(pair_url)
+    store = SqlBackend(pair_url)
     try:
         yield store
     finally:
         store.close()
+
+
+def _write_accepted(backend: SqlBackend, instance_id: str) -> float:
+    """Start a workflow, repeating while the backend is unavailable; when it succeeded.
+
+    Raises:
+        AssertionError: not within RECOVERY_SECONDS.
+    """
+    deadline = time.monotonic() + RECOVERY_SECONDS
+    while True:
+        try:
+            backend.start_workflow(WorkflowSnapshot.new(instance_id, "h", first_task="t1"))
+            return time.monotonic()
+        except BackendUnavailableError:
+            assert time.monotonic() < deadline, "no write accepted after the promotion"
+            time.sleep(0.1)
 
 
 def test_a_backend_carries_on_after_the_standby_is_promoted(
@@ -65,6 +98,32 @@ def test_a_backend_carries_on_after_the_standby_is_promoted(
             time.sleep(0.2)
 
     assert sorted(backend.list_snapshots()) == sorted([*acknowledged, "after"])
+
+
+def test_idle_workers_listen_again_on_the_new_primary(
+    standby_pair: StandbyPair, backend: SqlBackend, pair_url: str
+) -> None:
+    """The work waiter's LISTEN connection dies with the primary; it connects again through
+    the host list, to the promoted standby, and announcements wake it again (not only
+    polling)."""
+    backend.start_workflow(WorkflowSnapshot.new("before", "h", first_task="t1"))
+    waiter = backend.work_waiter()
+    announcer = SqlBackend(pair_url)
+    try:
+        assert not waiter.wait(0.1)  # listening now, nothing announced since
+        standby_pair.kill_primary()
+        standby_pair.promote()
+        _write_accepted(announcer, "after-0")
+        deadline = time.monotonic() + RECOVERY_SECONDS
+        for number in itertools.count(1):
+            # Each start announces work; the waiter reconnects at one of its waits.
+            announcer.start_workflow(WorkflowSnapshot.new(f"after-{number}", "h", first_task="t1"))
+            if waiter.wait(1.0):
+                break
+            assert time.monotonic() < deadline, "the waiter was not woken after the failover"
+    finally:
+        waiter.close()
+        announcer.close()
 
 
 # --------------------------------------------------------------------------------------------
