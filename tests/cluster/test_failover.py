@@ -4,9 +4,13 @@ both servers carries on against the new primary, and no acknowledged write is lo
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,14 @@ from helpers.failover_workers import (
     run_workers_across_failover,
     start_single_tasks,
 )
-from sayiir_persistence import BackendUnavailableError, WorkflowSnapshot, migrate
+from sayiir_persistence import (
+    BackendUnavailableError,
+    CompletionOutcome,
+    CompletionResult,
+    TaskCompletion,
+    WorkflowSnapshot,
+    migrate,
+)
 from sayiir_persistence.sql.backend import SqlBackend
 
 pytestmark = pytest.mark.failover
@@ -124,6 +135,79 @@ def test_idle_workers_listen_again_on_the_new_primary(
     finally:
         waiter.close()
         announcer.close()
+
+
+def _replication_pid(pair: StandbyPair, server: str, process: str) -> int:
+    """The pid of ``process`` (``walsender`` or ``walreceiver``), a child of ``server``'s
+    postmaster (``primary`` or ``standby``)."""
+    postmaster = (pair.directory / server / "postmaster.pid").read_text().split()[0]
+    found = subprocess.run(
+        ["pgrep", "-P", postmaster, "-f", process], capture_output=True, text=True, check=False
+    )
+    pids = found.stdout.split()
+    assert len(pids) == 1, f"{process} of the {server}: {found.stdout!r}"
+    return int(pids[0])
+
+
+@pytest.mark.parametrize(
+    "stopped",
+    ["walsender", "walreceiver"],
+    ids=["standby-lacks-the-commit", "standby-has-the-commit"],
+)
+def test_a_completion_whose_commit_is_unanswered_is_repeated_safely(
+    standby_pair: StandbyPair, backend: SqlBackend, stopped: str
+) -> None:
+    """The primary dies while a ``complete_tasks`` COMMIT waits for the synchronous standby:
+    the call raises ``BackendUnavailableError`` (outcome unknown; the backend does not run it
+    again). Both outcomes, after the promotion, then the caller's repeat of the same
+    completion (same token), as the Worker does:
+
+    - the primary's WAL sender was stopped: the standby never got the commit; the repeat
+      records the result (the claim, whose own commit the standby acknowledged, is held);
+    - the standby's WAL receiver was stopped: the commit was on its way (in the socket), and
+      the standby has it once it runs again; the repeat finds ``CLAIM_LOST`` and writes
+      nothing.
+
+    Either way: one result, recorded once; a further repeat writes nothing."""
+    backend.start_workflow(WorkflowSnapshot.new("wf", "h", first_task="t1"))
+    [claimed] = backend.claim_available_tasks("w", 1, timedelta(minutes=5))
+    completion = TaskCompletion("wf", "t1", "w", claimed.claim.token, output=b"done")
+    server = "primary" if stopped == "walsender" else "standby"
+    replication = _replication_pid(standby_pair, server, stopped)
+    os.kill(replication, signal.SIGSTOP)
+    outcome: list[BaseException | list[CompletionResult]] = []
+
+    def complete() -> None:
+        try:
+            outcome.append(backend.complete_tasks([completion], ttl=None))
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=complete)
+    try:
+        thread.start()
+        time.sleep(1.0)
+        assert not outcome, "the COMMIT did not wait for the synchronous standby"
+        standby_pair.kill_primary()
+        thread.join(RECOVERY_SECONDS)
+        if stopped == "walsender":
+            standby_pair.promote()  # the WAL sender stays stopped: nothing more reaches it
+    finally:
+        os.kill(replication, signal.SIGCONT)
+    assert len(outcome) == 1 and isinstance(outcome[0], BackendUnavailableError), outcome
+    if stopped == "walreceiver":
+        time.sleep(0.5)  # the receiver writes out what it had received, then finds EOF
+        standby_pair.promote()
+    _write_accepted(backend, "after")
+    if stopped == "walsender":
+        assert backend.load_snapshot("wf").completed_tasks == {}
+        [result] = backend.complete_tasks([completion], ttl=None)
+        assert result.outcome is CompletionOutcome.RECORDED
+    else:
+        assert backend.load_snapshot("wf").completed_tasks == {"t1": b"done"}
+    [again] = backend.complete_tasks([completion], ttl=None)
+    assert again.outcome is CompletionOutcome.CLAIM_LOST
+    assert backend.load_snapshot("wf").completed_tasks == {"t1": b"done"}
 
 
 # --------------------------------------------------------------------------------------------
