@@ -85,6 +85,8 @@ _POLL_SPEEDUP = 16
 _LISTEN_SECONDS = 0.25
 # Attempts of a completion batch whose outcome was unknown (the store unreachable): safe to
 # repeat, since recorded completions released their claims (docs/contract.md#complete_tasks).
+# At least this many; more while the worker's lease on one of the batch's claims holds (a
+# database failover of several seconds then re-runs no finished task).
 _COMPLETION_ATTEMPTS = 4
 # The lease on a claim ends this share of the TTL before the claim can expire at the earliest
 # (see Worker.lease_margin).
@@ -753,7 +755,9 @@ class Worker:
             for f in batch
         ]
         backoff = _MIN_BACKOFF_SECONDS
-        for attempt in range(1, _COMPLETION_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             sent_at = time.monotonic()
             try:
                 results = self.backend.complete_tasks(
@@ -770,21 +774,23 @@ class Worker:
                 logger.exception("worker %s: a completion batch was refused", self.worker_id)
                 return [self._complete_alone(c) for c in completions], sent_at
             except PersistenceError as error:
+                holds = _lease_holds(batch, time.monotonic() + backoff)
                 logger.warning(
-                    "worker %s could not record %d result(s) (%s); attempt %d of %d",
+                    "worker %s could not record %d result(s) (%s); attempt %d%s",
                     self.worker_id,
                     len(batch),
                     error,
                     attempt,
-                    _COMPLETION_ATTEMPTS,
+                    ", repeated while a lease holds" if holds else "",
                 )
+                if attempt >= _COMPLETION_ATTEMPTS and not holds:
+                    return None
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
             except Exception:
                 # A bug (ours or the store's): give the tasks back rather than lose them.
                 logger.exception("worker %s: unexpected error while recording", self.worker_id)
                 return None
-        return None
 
     def _complete_alone(self, completion: TaskCompletion) -> CompletionResult:
         try:
@@ -1017,6 +1023,15 @@ class Worker:
 
 # Outcomes of a completion that wrote what the execution left (a result, a failure, a retry).
 _WRITTEN = frozenset({CompletionOutcome.RECORDED, CompletionOutcome.RETRY_SCHEDULED})
+
+
+def _lease_holds(batch: list[_Finished], at: float) -> bool:
+    """Whether the worker's lease on one of the batch's claims still holds at ``at`` (a
+    claim that never expires counts as not: repeating for ever would hang ``stop()``)."""
+    return any(
+        math.isfinite(lease.held_until) and not lease.ran_out(at)
+        for lease in (finished.running.context._current_lease for finished in batch)
+    )
 
 
 def _outcome(finished: _Finished, result: CompletionResult) -> TaskOutcome:
