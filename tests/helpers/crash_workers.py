@@ -247,7 +247,7 @@ def process_main(spec: ProcessSpec) -> None:
     logging.basicConfig(
         level=logging.ERROR, format=f"{spec.worker_id} %(levelname)s %(name)s: %(message)s"
     )
-    _exit_with_parent()
+    exit_with_parent()
     directory = Path(spec.directory)
     journal = Journal(directory / f"{spec.worker_id}.jsonl")
     logging.getLogger().addHandler(_JournalHandler(journal))
@@ -278,7 +278,7 @@ class _JournalHandler(logging.Handler):
         self._journal.write("log-error", logger=record.name, message=self.format(record))
 
 
-def _exit_with_parent() -> None:
+def exit_with_parent() -> None:
     """Die when the test process dies (or after MAX_LIFETIME_SECONDS), whatever happens."""
     parent = multiprocessing.parent_process()
 

@@ -41,7 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from helpers.clusters import StandbyPair, wait_until
-from helpers.crash_workers import STOP_FILE, Journal, digest, read_journals
+from helpers.crash_workers import STOP_FILE, Journal, digest, exit_with_parent, read_journals
 from sayiir_persistence import (
     BackendUnavailableError,
     ClaimedTask,
@@ -64,8 +64,6 @@ PIPELINE: Final = Pipeline("s1", ("s2a", "s2b"), "s3")
 DEFINITION: Final = "failover-v1"
 TASKS: Final = ("s1", "s2a", "s2b", "s3")
 
-#: A process outliving this (the test hung or died) exits by itself.
-MAX_LIFETIME_SECONDS: Final = 300.0
 #: The workers' call timeout: a call never waits longer for a server that went silent.
 CALL_TIMEOUT: Final = timedelta(seconds=10)
 
@@ -87,7 +85,7 @@ class Spec:
 def process_main(spec: Spec) -> None:
     """Entry point of every process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    exit_with_parent()
     directory = Path(spec.directory)
     journal = Journal(directory / f"{spec.worker_id}.jsonl")
     backend = JournallingBackend(spec.url, journal, call_timeout=CALL_TIMEOUT)
@@ -103,19 +101,6 @@ def process_main(spec: Spec) -> None:
         journal.write("exit")
     finally:
         backend.close()
-
-
-def _exit_with_parent() -> None:
-    parent = multiprocessing.parent_process()
-
-    def watch() -> None:
-        if parent is not None:
-            multiprocessing.connection.wait([parent.sentinel], MAX_LIFETIME_SECONDS)
-        else:
-            time.sleep(MAX_LIFETIME_SECONDS)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _stopped(spec: Spec) -> bool:
