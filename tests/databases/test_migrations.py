@@ -13,8 +13,10 @@ import ast
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -511,6 +513,28 @@ def test_concurrent_migrations_wait_for_each_other(db_url: str, tmp_path: Path) 
         assert _revision(engine) == head_revision()
     finally:
         engine.dispose()
+
+
+@pytest.mark.sqlite
+def test_a_sqlite_migration_outwaits_the_drivers_busy_timeout(sqlite_url: str) -> None:
+    """Processes started together queue for the file lock, each behind every earlier one's
+    migration: longer than pysqlite's 5 s default, which ended the last of them."""
+    migrate(sqlite_url)
+    path = make_url(sqlite_url).database
+    assert path is not None
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        timer = threading.Timer(6.0, holder.execute, ("COMMIT",))
+        timer.start()
+        try:
+            result = upgrade(sqlite_url)  # waits for the write lock, then finds head
+        finally:
+            timer.join()
+    finally:
+        holder.close()
+    assert not result.changed
+    assert result.to_revision == head_revision()
 
 
 # --------------------------------------------------------------------------------------------
