@@ -132,6 +132,12 @@ T = TypeVar("T")
 # before they can be locked (see SqlBackend._claim_available_tasks).
 _LOCK_ATTEMPTS = 3
 
+# The pause before a transaction runs again after a lost conflict (deadlock, serialization or
+# Galera certification failure) is drawn from a window of this many seconds, doubled at each
+# attempt up to the cap (see SqlBackend._conflict_pause).
+CONFLICT_PAUSE_BASE = 0.01
+CONFLICT_PAUSE_CAP = 0.5
+
 
 class _RestartTransaction(Exception):
     """Two first saves of one instance raced; run the transaction again (it now updates)."""
@@ -213,7 +219,9 @@ class SqlBackend(PersistentBackend):
             head revision of the migrations (``False``: connect lazily, on first use).
         sqlite_busy_timeout: how long a SQLite write waits for the file lock before
             ``BackendUnavailableError``.
-        max_retries: attempts of a transaction that hit a deadlock or serialization failure.
+        max_retries: attempts of a transaction that hit a deadlock, serialization or
+            certification failure; between them a random pause from a window that doubles
+            from 10 ms up to 0.5 s, all within the call timeout.
         connect_timeout: how long opening a connection may take (PostgreSQL and MySQL;
             default 10 s: milliseconds on a LAN, well under a second across regions, room
             for a server busy authenticating a burst of connections). libpq counts it for
@@ -255,7 +263,7 @@ class SqlBackend(PersistentBackend):
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         check_schema: bool = True,
         sqlite_busy_timeout: timedelta = timedelta(seconds=30),
-        max_retries: int = 5,
+        max_retries: int = 10,
         connect_timeout: timedelta = DEFAULT_CONNECT_TIMEOUT,
         call_timeout: timedelta | None = DEFAULT_CALL_TIMEOUT,
         **engine_options: Any,
@@ -377,7 +385,7 @@ class SqlBackend(PersistentBackend):
                         f"gave up after {attempt} attempts on {self._where}: {conflict}"
                     ) from conflict
                 logger.info("retrying transaction after %s (attempt %d)", conflict, attempt)
-                time.sleep(random.uniform(0, 0.01 * attempt))
+                time.sleep(self._conflict_pause(attempt, deadline))
             except BackendUnavailableError as error:
                 if self._overdue(deadline):
                     # The watchdog (or the driver's own read timeout, or the server's
@@ -396,6 +404,18 @@ class SqlBackend(PersistentBackend):
                     raise
                 reconnected = True
                 logger.info("connection to %s lost before COMMIT; running again", self._where)
+
+    @staticmethod
+    def _conflict_pause(attempt: int, deadline: float | None) -> float:
+        """Seconds to wait before running a transaction again after its ``attempt``-th lost
+        conflict: a random share of a window that doubles with each attempt (full jitter),
+        so that the transactions that collided spread out instead of colliding again in
+        step; never past the call's deadline."""
+        window = min(CONFLICT_PAUSE_CAP, CONFLICT_PAUSE_BASE * 2 ** (attempt - 1))
+        pause = random.uniform(0, window)
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - time.monotonic()))
+        return pause
 
     def _deadline(self) -> float | None:
         """When a call starting now must have ended (``time.monotonic()``), if bounded
@@ -916,10 +936,13 @@ class SqlBackend(PersistentBackend):
         parameters = self._held_claim_parameters(instance_id, task_id, worker_id, token)
 
         def work(conn: Connection) -> None:
+            # The ready row first, then the claim row: the order every call locks in (the
+            # hint's clearing is undone with the rest if the claim is not ours).
+            runnable = conn.execute(self._sql.clear_claimed, parameters).rowcount
             result = conn.execute(self._sql.release.for_token(token), parameters)
             if result.rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
-            if conn.execute(self._sql.clear_claimed, parameters).rowcount:
+            if runnable:
                 self._announce(conn)  # still a task of its workflow's position: runnable
 
         self._transaction(work)
@@ -937,6 +960,9 @@ class SqlBackend(PersistentBackend):
             parameters["p_ttl"] = self._dialect.ttl_parameter(ttl)
 
         def work(conn: Connection) -> TaskClaim:
+            if ttl is not None:
+                # Undone with the rest if the claim turns out not to be ours.
+                conn.execute(self._sql.lower_claimed_until, parameters)
             extend = self._sql.extend_forever if ttl is None else self._sql.extend_until
             if conn.execute(extend.for_token(token), parameters).rowcount != 1:
                 self._raise_claim_error(conn, instance_id, task_id, worker_id, token)
@@ -945,10 +971,6 @@ class SqlBackend(PersistentBackend):
             if claim.deadline is not None and (expires_at is None or expires_at > claim.deadline):
                 expires_at = claim.deadline
                 conn.execute(self._sql.set_expiry, {**parameters, "p_until": expires_at})
-            if expires_at is not None:
-                # A claim renewed for less than before: its ready row's hint must not outlive
-                # it, or the task would stay hidden once the claim expired.
-                conn.execute(self._sql.lower_claimed_until, {**parameters, "p_until": expires_at})
             pending = conn.scalars(self._sql.pending_signals, parameters)
             return TaskClaim(
                 instance_id,

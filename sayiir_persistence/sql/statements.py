@@ -247,10 +247,16 @@ class Statements:
         # The claim hint of ready rows: set by a claim, cleared by a release.
         self.mark_claimed = mark_claimed()
         self.clear_claimed = update(ready_tasks).where(_ready_key()).values(claimed_until=None)
+        # A renewal for less than before (``p_ttl`` from now): the hint must not outlive the
+        # claim, or the task would stay hidden once the claim expired. Run before the renewal
+        # (ready row, then claim row: the order every call locks in); its own clock reading
+        # is the earlier, so the hint ends at most when the renewed claim does. A claim's
+        # deadline needs no lowering: its first expiry and hint were already at most that.
+        renewed_until = dialect.now_plus_ttl()
         self.lower_claimed_until = (
             update(ready_tasks)
-            .where(_ready_key(), ready_tasks.c.claimed_until > bindparam("p_until"))
-            .values(claimed_until=bindparam("p_until"))
+            .where(_ready_key(), ready_tasks.c.claimed_until > renewed_until)
+            .values(claimed_until=renewed_until)
         )
         self.clear_ready_tasks = delete(ready_tasks).where(
             ready_tasks.c.instance_id == bindparam("p_instance_id")

@@ -25,7 +25,7 @@ from sayiir_persistence.provisioning import migrate
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.sql.dialects import ClaimRow, ClaimTerms, MySqlDialect
 from sayiir_persistence.sql.errors import RetryableConflict
-from sayiir_persistence.sql.schema import metadata, task_claims, workflows
+from sayiir_persistence.sql.schema import metadata, ready_tasks, task_claims, workflows
 from sayiir_persistence.validation import DEFAULT_MAX_PAYLOAD_BYTES
 
 UNICODE_IDS = ["ünïcødé-✓", "日本語のワークフロー", "emoji-😀-🚀", "😀" * 255, "quote'\";%_\\"]
@@ -226,6 +226,49 @@ def test_a_released_claim_row_locked_for_a_moment_is_waited_for_then_taken_over(
         engine.dispose()
     assert (claimed.claim.worker_id, claimed.claim.token) == ("w2", first.token + 1)
     assert not [record for record in caplog.records if "retrying" in record.message]
+
+
+@pytest.mark.parametrize("call", ["extend", "release"])
+def test_a_renewal_or_release_locks_the_ready_row_before_the_claim_row(
+    sql_url: str, call: str
+) -> None:
+    """A claimer locks a task's ready row, then its claim row (the order of every call). A
+    renewal for less (which lowers the ready row's hint) or a release (which clears it) that
+    locked the claim row first would deadlock with it: the database would refuse one of them."""
+    migrate(sql_url)
+    backend = SqlBackend(sql_url, max_retries=1)  # a deadlock would surface, not be retried
+    engine = create_engine(sql_url)
+    try:
+        with backend.engine.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(delete(table))
+        backend.save_snapshot(WorkflowSnapshot.new("wf", "h", first_task="t"))
+        claim = backend.claim_task("wf", "t", "w1", timedelta(hours=1))
+        assert claim is not None
+        outcome: list[object] = []
+
+        def renew_or_release() -> None:
+            try:
+                if call == "extend":
+                    outcome.append(backend.extend_task_claim("wf", "t", "w1", timedelta(minutes=1)))
+                else:
+                    outcome.append(backend.release_task_claim("wf", "t", "w1"))
+            except Exception as error:
+                outcome.append(error)
+
+        key = {"instance_id": "wf", "task_id": "t"}
+        with engine.begin() as conn:
+            conn.execute(select(ready_tasks).filter_by(**key).with_for_update()).all()
+            other = threading.Thread(target=renew_or_release)
+            other.start()
+            time.sleep(0.5)  # the call now waits for a row this transaction holds
+            conn.execute(select(task_claims).filter_by(**key).with_for_update()).all()
+        other.join(timeout=30)
+        assert not other.is_alive()
+        assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+    finally:
+        backend.close()
+        engine.dispose()
 
 
 @pytest.mark.mysql
