@@ -367,8 +367,10 @@ def test_a_killed_node_loses_no_acknowledged_completion_and_records_none_twice(
             60,
             "a quarter of the backlog done",
         )
-        galera_cluster.kill(3)
+        # Set first: node 3's workers see their connections die as soon as the process does,
+        # maybe before this thread runs again.
         killed.set()
+        galera_cluster.kill(3)
 
     workers = THREADS_PER_NODE * len(node_backends)
     try:

@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
-from helpers.clusters import GaleraCluster, backend_options
+from helpers.clusters import GaleraCluster, again_after_giving_up, backend_options
 from helpers.databases import GALERA, sql_params
 from sayiir_persistence import (
     AtFork,
@@ -355,6 +355,7 @@ def _in_threads(work: Callable[[int], Any]) -> list[Any]:
 def _drain_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, Any]:
     """Loop claim_available_tasks until nothing is left; complete and release each task."""
     backend = SqlBackend(url, **backend_options(url))
+    patiently = partial(again_after_giving_up, url)
 
     def thread(number: int) -> tuple[list[tuple[str, str, str, int]], list[str]]:
         worker_id = f"drain-p{index}-t{number}"
@@ -366,9 +367,8 @@ def _drain_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, A
             barrier.wait(BARRIER_TIMEOUT_SECONDS)
             empty = 0
             while True:
-                batch = backend.claim_available_tasks(
-                    worker_id, rng.randint(1, MAX_BATCH), WORK_TTL
-                )
+                size = rng.randint(1, MAX_BATCH)
+                batch = patiently(backend.claim_available_tasks, worker_id, size, WORK_TTL)
                 if not batch:
                     empty += 1
                     if empty >= EMPTY_ROUNDS and not backend.find_available_tasks(
@@ -384,8 +384,8 @@ def _drain_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, A
                     received.append((*key, worker_id, claim.token))
                     if (claim.instance_id, claim.task_id, claim.worker_id) != (*key, worker_id):
                         errors.append(f"claim {claim} does not match task {task}")
-                    backend.save_task_result(*key, _output(key))
-                    backend.release_task_claim(*key, worker_id, token=claim.token)
+                    patiently(backend.save_task_result, *key, _output(key))
+                    patiently(backend.release_task_claim, *key, worker_id, token=claim.token)
         except Exception:
             errors.append(f"{worker_id}: {traceback.format_exc()}")
         return received, errors
@@ -425,6 +425,7 @@ def _complete_process(
     ``flaky``: :func:`_fails_first` tasks fail their first attempt, retried after RETRY_AFTER
     (so nothing is left only once no workflow is in progress)."""
     backend = SqlBackend(url, **backend_options(url))
+    patiently = partial(again_after_giving_up, url)
 
     def finished(worker_id: str) -> bool:
         if backend.find_available_tasks(worker_id, MAX_BATCH):
@@ -443,9 +444,8 @@ def _complete_process(
             empty = 0
             while True:
                 if not held:
-                    held = backend.claim_available_tasks(
-                        worker_id, rng.randint(1, MAX_BATCH), WORK_TTL
-                    )
+                    size = rng.randint(1, MAX_BATCH)
+                    held = patiently(backend.claim_available_tasks, worker_id, size, WORK_TTL)
                 if not held:
                     empty += 1
                     if empty >= EMPTY_ROUNDS and finished(worker_id):
@@ -477,8 +477,9 @@ def _complete_process(
                             advance=_chain_advance,
                         )
                     )
-                results = backend.complete_tasks(
-                    completions, ttl=WORK_TTL, claim_next=rng.randint(0, MAX_BATCH)
+                claim_next = rng.randint(0, MAX_BATCH)
+                results = patiently(
+                    backend.complete_tasks, completions, ttl=WORK_TTL, claim_next=claim_next
                 )
                 held = []
                 for completion, result in zip(completions, results, strict=True):

@@ -13,18 +13,22 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pymysql
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
+from sayiir_persistence import BackendUnavailableError
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 GALERA_SCRIPT = SCRIPTS / "galera-cluster"
 PAIR_SCRIPT = SCRIPTS / "pg-standby-pair"
+
+T = TypeVar("T")
 
 GALERA_NODES = 3
 GALERA_SQL_BASE_PORT = 3310  # node N answers on 3310 + N (the script's default)
@@ -210,14 +214,32 @@ def _outside_connection(node: int) -> Iterator[Any]:
         connection.close()
 
 
+def on_galera(url: str) -> bool:
+    """``url`` names a node of the tests' Galera cluster."""
+    parsed = sa.make_url(url)
+    galera_ports = range(GALERA_SQL_BASE_PORT + 1, GALERA_SQL_BASE_PORT + GALERA_NODES + 1)
+    return parsed.get_backend_name() == "mysql" and parsed.port in galera_ports
+
+
 def backend_options(url: str) -> dict[str, Any]:
     """The ``SqlBackend`` options a test's workers use on ``url``: on a node of the tests'
     Galera cluster, the retries the README advises (``GALERA_MAX_RETRIES``)."""
-    parsed = sa.make_url(url)
-    galera_ports = range(GALERA_SQL_BASE_PORT + 1, GALERA_SQL_BASE_PORT + GALERA_NODES + 1)
-    if parsed.get_backend_name() == "mysql" and parsed.port in galera_ports:
-        return {"max_retries": GALERA_MAX_RETRIES}
-    return {}
+    return {"max_retries": GALERA_MAX_RETRIES} if on_galera(url) else {}
+
+
+def again_after_giving_up(url: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, called again while it gives up after its certification
+    conflicts on a Galera node, as the ``Worker`` calls again (each attempt was rolled back:
+    nothing of it was applied). Under the tests' contention on a loaded machine a claimer can
+    lose every one of its attempts. Anywhere else, giving up is raised: a single server's
+    locks order the calls, and a deadlock storm there is a bug."""
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except BackendUnavailableError as error:
+            if not on_galera(url) or not str(error).startswith("gave up after"):
+                raise
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
