@@ -237,8 +237,9 @@ def _engine(engine_or_url: Engine | str | URL) -> Iterator[Engine]:
     url = parse_url(engine_or_url)
     try:
         # NullPool: the engine lives for one migration; no connection should outlive it.
-        engine = create_engine(url, poolclass=NullPool)
-    except (ArgumentError, ImportError) as exc:
+        options = dialect_class(url.get_backend_name()).migration_engine_options()
+        engine = create_engine(url, poolclass=NullPool, **options)
+    except (ArgumentError, ImportError, ValueError) as exc:
         raise InvalidInputError(f"cannot use database URL {mask_url(url)}: {exc}") from exc
     try:
         yield engine

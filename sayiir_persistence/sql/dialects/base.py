@@ -433,6 +433,11 @@ class SqlDialect(ABC):
         """Tell other processes' idle workers, at commit, that a task became runnable
         (where the database can; in-process waiters are woken by the backend)."""
 
+    @classmethod
+    def migration_engine_options(cls) -> dict[str, object]:
+        """``create_engine`` options of the engine a migration opens for a URL."""
+        return {}
+
     @classmethod  # noqa: B027 - optional hook
     def after_migration(cls, connection: Connection) -> None:
         """Settings stored in the database that every backend will want (outside the

@@ -41,9 +41,8 @@ from .base import (
 
 # Connection info key: the busy timeout (ms) currently set on a SQLite connection.
 _BUSY_TIMEOUT_KEY = "sayiir_busy_timeout_ms"
-# How long a migration waits for another one to finish (MySQL's named lock waits as long):
-# processes started together queue for the write lock, each behind every earlier migration.
-_MIGRATION_BUSY_TIMEOUT_MS = 600_000
+# How long a migration waits for another one to finish (MySQL's named lock waits as long).
+_MIGRATION_BUSY_TIMEOUT_SECONDS = 600
 
 
 class SqliteDialect(SqlDialect):
@@ -96,22 +95,25 @@ class SqliteDialect(SqlDialect):
         # without this, a concurrent migration would find the tables half created. Skipped
         # when a transaction is already open (an engine that begins IMMEDIATE itself, or a
         # re-entrant call).
-        if getattr(connection.connection.dbapi_connection, "in_transaction", False):
-            yield
-            return
-        with _migration_busy_timeout(connection):
+        if not getattr(connection.connection.dbapi_connection, "in_transaction", False):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-            yield  # COMMIT too may wait (for readers of a file not yet in WAL mode)
+        yield
+
+    @classmethod
+    def migration_engine_options(cls) -> dict[str, object]:
+        # The busy timeout of the engine a migration opens for a URL (an engine given is used
+        # as it is): processes started together queue for the write lock, each behind every
+        # earlier one's migration, longer than the driver's 5 s.
+        return {"connect_args": {"timeout": _MIGRATION_BUSY_TIMEOUT_SECONDS}}
 
     @classmethod
     def after_migration(cls, connection: Connection) -> None:
         # WAL is stored in the file: set it now, before workers open the file together (each
-        # would otherwise try to switch, and a switch needs the file to itself, so it may wait
-        # as long as a migration). Through SQLAlchemy, so that its errors are translated.
-        with _migration_busy_timeout(connection):
-            mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
-            if str(mode).lower() != "wal":
-                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        # would otherwise try to switch, and a switch needs the file to itself). Through
+        # SQLAlchemy, so that its errors are translated.
+        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
+        if str(mode).lower() != "wal":
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
 
     @classmethod
     def classify(cls, error: BaseException) -> ErrorKind | None:
@@ -200,18 +202,6 @@ class SqliteDialect(SqlDialect):
         # exactly what is available, and nobody else can claim them before we commit. The
         # claim statement reads the token floors itself (and returns its tokens).
         return dict.fromkeys(keys[:limit], ClaimRow.UNKNOWN), {}
-
-
-@contextmanager
-def _migration_busy_timeout(connection: Connection) -> Iterator[None]:
-    """Wait for the file lock as long as a migration may take, then restore the connection's
-    own busy timeout (it may be a pooled connection of the caller's engine)."""
-    own = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
-    connection.exec_driver_sql(f"PRAGMA busy_timeout={_MIGRATION_BUSY_TIMEOUT_MS:d}")
-    try:
-        yield
-    finally:
-        connection.exec_driver_sql(f"PRAGMA busy_timeout={int(own or 0):d}")
 
 
 def _use_wal(dbapi_connection: Any) -> None:
