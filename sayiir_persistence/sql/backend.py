@@ -380,6 +380,8 @@ class SqlBackend(PersistentBackend):
                     self._announce_work()  # committed: wake this process's idle workers
                 return result
             except (RetryableConflict, _RestartTransaction) as conflict:
+                if isinstance(conflict, RetryableConflict):
+                    self._dialect.lost_conflict()
                 if attempt >= self._max_retries or self._overdue(deadline):
                     raise BackendUnavailableError(
                         f"gave up after {attempt} attempts on {self._where}: {conflict}"

@@ -448,6 +448,11 @@ class SqlDialect(ABC):
         """What a driver error means for the caller (``None``: nothing specific)."""
         return None
 
+    def lost_conflict(self) -> None:  # noqa: B027 - a hook: most dialects need nothing
+        """A transaction of the calling thread lost a conflict (deadlock, serialization or
+        certification failure) and was rolled back; a dialect may claim differently for a
+        while. Nothing by default."""
+
     # -- claims ----------------------------------------------------------------------------
 
     @abstractmethod

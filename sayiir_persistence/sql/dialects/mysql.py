@@ -87,11 +87,11 @@ _GALERA_SYNC_WAIT = 3
 
 # Claims on Galera, under contention. SKIP LOCKED skips the rows locked on the caller's node
 # only: claimers on different nodes all go for the same best candidates, and all but one lose
-# at certification (1213), run again, and collide again. A thread whose transaction lost such
-# a conflict claims for the next _CONTENDED_SECONDS as if the candidates of the other nodes'
-# shares (a hash of the task's key modulo the cluster size; its node's share is its
-# ``wsrep_local_index``) were being claimed by others: its own share's first, in order, then
-# the rest. A lone claimer never conflicts, and keeps the exact order.
+# at certification (1213), run again, and collide again. A thread whose transaction lost a
+# conflict (SqlBackend calls lost_conflict) claims for the next _CONTENDED_SECONDS as if the
+# candidates of the other nodes' shares (a hash of the task's key modulo the cluster size; its
+# node's share is its ``wsrep_local_index``) were being claimed by others: its own share's
+# first, in order, then the rest. A lone claimer never conflicts, and keeps the exact order.
 _CONTENDED_SECONDS = 1.0
 _contention = threading.local()
 # The (wsrep_local_index, wsrep_cluster_size) of a connection's Galera node, in its info.
@@ -212,13 +212,15 @@ class MySqlDialect(SqlDialect):
         finally:
             connection.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": _MIGRATION_LOCK_NAME})
 
+    def lost_conflict(self) -> None:
+        # Only read on a Galera node (see _contended_order): one server's locks order its claimers.
+        _contention.until = time.monotonic() + _CONTENDED_SECONDS
+
     @classmethod
     def classify(cls, error: BaseException) -> ErrorKind | None:
         args = getattr(error, "args", ())
         code = args[0] if args and isinstance(args[0], int) else None
         if code in _RETRYABLE:
-            if code == 1213:
-                _contention.until = time.monotonic() + _CONTENDED_SECONDS
             return ErrorKind.RETRYABLE
         if code in _UNDEFINED:
             return ErrorKind.NOT_PROVISIONED
