@@ -6,8 +6,10 @@ Concurrency rules every method follows (see also ``dialects.py``):
 - A write that changes a workflow's status, position or results first locks its row in
   ``sayiir_workflows``; writers of the same instance therefore run one after another.
 - Locks are always taken in the order workflow row -> ready-task rows -> claim rows, so
-  two calls never wait on each other in a cycle. Remaining deadlocks or serialization
-  failures reported by the database are retried a few times.
+  two calls never wait on each other in a cycle (renewals and releases too: they touch the
+  ready row's claim hint before the claim row). Remaining deadlocks, serialization or
+  certification failures are retried up to ``max_retries`` attempts, with a random pause
+  that doubles at each one.
 - A claim is only ever taken by a write whose own ``WHERE`` proves the old claim is
   released or expired (judged by the database clock), never on the strength of an
   earlier read.
