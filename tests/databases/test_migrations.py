@@ -46,6 +46,7 @@ from sayiir_persistence.provisioning import (
     migrate,
     upgrade,
 )
+from sayiir_persistence.sql.dialects import SqliteDialect
 from sayiir_persistence.sql.schema import metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -535,6 +536,35 @@ def test_a_sqlite_migration_outwaits_the_drivers_busy_timeout(sqlite_url: str) -
         holder.close()
     assert not result.changed
     assert result.to_revision == head_revision()
+
+
+@pytest.mark.sqlite
+def test_the_switch_to_wal_waits_for_another_migration(tmp_path: Path) -> None:
+    """The switch to WAL after a migration needs the file alone; while another process's
+    migration holds the write lock SQLite refuses it at once (it does not wait, that could
+    deadlock), and the switch must wait for that migration rather than fail."""
+    path = tmp_path / "store.sqlite3"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    engine = sa.create_engine(f"sqlite:///{path}", poolclass=NullPool)
+    try:
+        holder.execute("CREATE TABLE t (x)")  # in rollback-journal mode, as a new file is
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("INSERT INTO t VALUES (1)")
+        timer = threading.Timer(1.0, holder.execute, ("COMMIT",))
+        timer.start()
+        try:
+            with engine.connect() as connection:
+                SqliteDialect.after_migration(connection)
+        finally:
+            timer.join()
+    finally:
+        holder.close()
+        engine.dispose()
+    reader = sqlite3.connect(path)
+    try:
+        assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        reader.close()
 
 
 # --------------------------------------------------------------------------------------------

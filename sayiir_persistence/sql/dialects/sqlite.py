@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from typing import Any, Self
@@ -22,6 +22,7 @@ from sqlalchemy import (
     type_coerce,
 )
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import OperationalError
 
 from ...errors import BackendUnavailableError
 from ..errors import ErrorKind
@@ -43,6 +44,8 @@ from .base import (
 _BUSY_TIMEOUT_KEY = "sayiir_busy_timeout_ms"
 # How long a migration waits for another one to finish (MySQL's named lock waits as long).
 _MIGRATION_BUSY_TIMEOUT_SECONDS = 600
+# Between two tries of the switch to WAL while another process migrates (see after_migration).
+_WAL_SWITCH_PAUSE_SECONDS = 0.05
 
 
 class SqliteDialect(SqlDialect):
@@ -110,10 +113,27 @@ class SqliteDialect(SqlDialect):
     def after_migration(cls, connection: Connection) -> None:
         # WAL is stored in the file: set it now, before workers open the file together (each
         # would otherwise try to switch, and a switch needs the file to itself). Through
-        # SQLAlchemy, so that its errors are translated.
-        mode = connection.exec_driver_sql("PRAGMA journal_mode").scalar()
-        if str(mode).lower() != "wal":
-            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+        # SQLAlchemy, so that its errors are translated. The switch reads the file (a shared
+        # lock) and then needs it alone: while another process's migration holds the write
+        # lock, SQLite refuses at once instead of waiting (waiting could deadlock), with
+        # "database is locked" or by keeping the mode. So it is tried again until that
+        # migration is over, as long as the migration lock waits.
+        deadline = time.monotonic() + _MIGRATION_BUSY_TIMEOUT_SECONDS
+        while True:
+            try:
+                if _use_wal(lambda statement: connection.exec_driver_sql(statement).scalar()):
+                    return
+                refusal: Exception = BackendUnavailableError(
+                    "the SQLite database stayed locked: it could not be switched to WAL mode"
+                )
+            except OperationalError as error:
+                if cls.classify(error) is not ErrorKind.BUSY:
+                    raise
+                refusal = error
+            if time.monotonic() > deadline:
+                raise refusal
+            connection.rollback()
+            time.sleep(_WAL_SWITCH_PAUSE_SECONDS)
 
     @classmethod
     def classify(cls, error: BaseException) -> ErrorKind | None:
@@ -166,8 +186,8 @@ class SqliteDialect(SqlDialect):
             # The busy timeout first: the pragmas below may meet another process's lock.
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            _use_wal(lambda statement: cursor.execute(statement).fetchone()[0])
             cursor.close()
-            _use_wal(dbapi_connection)
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
@@ -204,12 +224,11 @@ class SqliteDialect(SqlDialect):
         return dict.fromkeys(keys[:limit], ClaimRow.UNKNOWN), {}
 
 
-def _use_wal(dbapi_connection: Any) -> None:
+def _use_wal(first_value: Callable[[str], object]) -> bool:
     """Put the file in WAL mode unless it is already (WAL is stored in the file; a switch
-    needs the file to itself, which processes opening it together would fight over)."""
-    cursor = dbapi_connection.cursor()
-    try:
-        if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
-            cursor.execute("PRAGMA journal_mode=WAL")
-    finally:
-        cursor.close()
+    needs the file to itself, which processes opening it together would fight over); whether
+    it is in WAL mode now (a switch SQLite cannot make answers the mode it kept).
+    ``first_value`` runs a statement and returns the first value it answers."""
+    if str(first_value("PRAGMA journal_mode")).lower() == "wal":
+        return True
+    return str(first_value("PRAGMA journal_mode=WAL")).lower() == "wal"
