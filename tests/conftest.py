@@ -36,6 +36,8 @@ from helpers.databases import (
     selected_kinds,
     sql_params,
 )
+from helpers.isolated_db import isolated_database
+from sayiir_persistence import migrate
 
 # The conformance suite lives in the package: let pytest explain its failed asserts too.
 pytest.register_assert_rewrite("sayiir_persistence.testing")
@@ -145,6 +147,14 @@ def sql_url(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     url: str = request.getfixturevalue(f"{kind}_url")
     return url
+
+
+@pytest.fixture
+def store_url(sql_url: str) -> Iterator[str]:
+    """A provisioned, empty database of this test's own on each selected SQL database."""
+    with isolated_database(sql_url) as url:
+        migrate(url)
+        yield url
 
 
 @pytest.fixture(scope="session")

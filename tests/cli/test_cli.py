@@ -102,14 +102,6 @@ def one_error_line(stderr: str) -> str:
 
 
 @pytest.fixture
-def store_url(sql_url: str) -> Iterator[str]:
-    """A provisioned, empty database of this test's own on each selected SQL database."""
-    with isolated_database(sql_url) as url:
-        migrate(url)
-        yield url
-
-
-@pytest.fixture
 def backend(store_url: str) -> Iterator[SqlBackend]:
     with SqlBackend(store_url) as backend:
         yield backend

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers.isolated_db import isolated_database
 from sayiir_persistence import (
     AtFork,
     CompletionOutcome,
@@ -32,7 +30,6 @@ from sayiir_persistence import (
     TaskCompletion,
     WorkflowSnapshot,
     WorkflowStatus,
-    migrate,
 )
 from sayiir_persistence.provisioning import URL_ENV_VAR
 from sayiir_persistence.testing.builders import save_with_status
@@ -66,13 +63,6 @@ def ok(*args: str) -> str:
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert completed.stderr == ""
     return completed.stdout
-
-
-@pytest.fixture
-def store_url(sql_url: str) -> Iterator[str]:
-    with isolated_database(sql_url) as url:
-        migrate(url)
-        yield url
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from sqlalchemy.pool import NullPool
 
 from helpers.clusters import GaleraCluster, wait_until
 from sayiir_persistence import (
-    AtTask,
     BackendUnavailableError,
     ClaimedTask,
     CompletionOutcome,
@@ -31,6 +30,7 @@ from sayiir_persistence import (
 )
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.sql.schema import task_claims, task_results
+from sayiir_persistence.testing.contract.completions import chain
 
 pytestmark = pytest.mark.galera
 
@@ -91,17 +91,6 @@ CHAIN = ("s1", "s2", "s3")
 CHAINS = 40
 
 
-def _advance(snapshot: WorkflowSnapshot) -> None:
-    """CHAIN in order, then complete with the last output."""
-    position = snapshot.position
-    assert isinstance(position, AtTask)
-    index = CHAIN.index(position.task_id)
-    if index + 1 < len(CHAIN):
-        snapshot.move_to(AtTask(CHAIN[index + 1]))
-    else:
-        snapshot.mark_completed(snapshot.completed_tasks[position.task_id])
-
-
 def _rows(url: str, table: sa.Table) -> list[sa.Row[Any]]:
     """Every row of ``table``, read directly; the server's wsrep_sync_wait (set by
     scripts/galera-cluster) makes the read wait for what the other nodes committed."""
@@ -148,7 +137,7 @@ def test_claims_and_completions_with_next_claims_race_across_nodes(
                         worker_id,
                         claimed.claim.token,
                         output="/".join(key).encode(),
-                        advance=_advance,
+                        advance=chain(*CHAIN),
                     )
                 )
             results = backend.complete_tasks(

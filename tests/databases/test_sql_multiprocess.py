@@ -53,6 +53,7 @@ from sayiir_persistence import (
 )
 from sayiir_persistence.sql.backend import SqlBackend
 from sayiir_persistence.sql.schema import metadata, ready_tasks, task_claims, task_results
+from sayiir_persistence.testing.contract.completions import chain
 
 # The drain test takes most of the module's time: about 30 s (SQLite) to 100 s (PostgreSQL,
 # MariaDB) on two busy cores. The timeout leaves room for a slow machine; a hang still fails.
@@ -400,15 +401,8 @@ def _drain_process(index: int, barrier: Any, url: str, seed: int) -> dict[str, A
     }
 
 
-def _chain_advance(snapshot: WorkflowSnapshot) -> None:
-    """CHAIN_STEPS in order, then complete with the last output (runs inside the store)."""
-    position = snapshot.position
-    assert isinstance(position, AtTask)
-    index = CHAIN_STEPS.index(position.task_id)
-    if index + 1 < len(CHAIN_STEPS):
-        snapshot.move_to(AtTask(CHAIN_STEPS[index + 1]))
-    else:
-        snapshot.mark_completed(snapshot.completed_tasks[position.task_id])
+#: CHAIN_STEPS in order, then complete with the last output (runs inside the store).
+_chain_advance = chain(*CHAIN_STEPS)
 
 
 def _fails_first(key: Key) -> bool:

@@ -165,8 +165,8 @@ def _p50_find_ms(backend: SqlBackend) -> float:
     return statistics.median(durations)
 
 
-def _candidate_statements(backend: SqlBackend, call: Any) -> list[tuple[str, Any]]:
-    """The statements ``call()`` sends that read sayiir_ready_tasks, with their parameters."""
+def _sent_statements(backend: SqlBackend, call: Any) -> list[tuple[str, Any]]:
+    """The statements ``call()`` sends, with their parameters."""
     captured: list[tuple[str, Any]] = []
 
     def capture(
@@ -179,6 +179,12 @@ def _candidate_statements(backend: SqlBackend, call: Any) -> list[tuple[str, Any
         call()
     finally:
         sa.event.remove(backend.engine, "before_cursor_execute", capture)
+    return captured
+
+
+def _candidate_statements(backend: SqlBackend, call: Any) -> list[tuple[str, Any]]:
+    """The statements ``call()`` sends that read sayiir_ready_tasks, with their parameters."""
+    captured = _sent_statements(backend, call)
     # The candidate query is the one that merges one ordered scan per priority (the locks
     # claim_available_tasks takes afterwards also name the table but look up given keys).
     return [
@@ -354,18 +360,7 @@ def _seed_history(url: str, start: int, stop: int) -> None:
 
 def _stats_statements(backend: SqlBackend) -> list[tuple[str, Any]]:
     """The statements ``store_stats`` sends that read a table, with their parameters."""
-    captured: list[tuple[str, Any]] = []
-
-    def capture(
-        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-    ) -> None:
-        captured.append((statement, parameters))
-
-    sa.event.listen(backend.engine, "before_cursor_execute", capture)
-    try:
-        backend.store_stats()
-    finally:
-        sa.event.remove(backend.engine, "before_cursor_execute", capture)
+    captured = _sent_statements(backend, backend.store_stats)
     return [
         (statement, parameters) for statement, parameters in captured if STATS_MARK in statement
     ]
