@@ -121,7 +121,10 @@ class SqliteDialect(SqlDialect):
         deadline = time.monotonic() + _MIGRATION_BUSY_TIMEOUT_SECONDS
         while True:
             try:
-                if _use_wal(lambda statement: connection.exec_driver_sql(statement).scalar()):
+                if _use_wal(
+                    lambda: connection.exec_driver_sql("PRAGMA journal_mode").scalar(),
+                    lambda: connection.exec_driver_sql("PRAGMA journal_mode=WAL").scalar(),
+                ):
                     return
                 refusal: Exception = BackendUnavailableError(
                     "the SQLite database stayed locked: it could not be switched to WAL mode"
@@ -186,7 +189,10 @@ class SqliteDialect(SqlDialect):
             # The busy timeout first: the pragmas below may meet another process's lock.
             cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms:d}")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            _use_wal(lambda statement: cursor.execute(statement).fetchone()[0])
+            _use_wal(
+                lambda: cursor.execute("PRAGMA journal_mode").fetchone()[0],
+                lambda: cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0],
+            )
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -224,11 +230,9 @@ class SqliteDialect(SqlDialect):
         return dict.fromkeys(keys[:limit], ClaimRow.UNKNOWN), {}
 
 
-def _use_wal(first_value: Callable[[str], object]) -> bool:
+def _use_wal(read_mode: Callable[[], object], switch_to_wal: Callable[[], object]) -> bool:
     """Put the file in WAL mode unless it is already (WAL is stored in the file; a switch
     needs the file to itself, which processes opening it together would fight over); whether
-    it is in WAL mode now (a switch SQLite cannot make answers the mode it kept).
-    ``first_value`` runs a statement and returns the first value it answers."""
-    if str(first_value("PRAGMA journal_mode")).lower() == "wal":
-        return True
-    return str(first_value("PRAGMA journal_mode=WAL")).lower() == "wal"
+    it is in WAL mode now. Each function runs its ``PRAGMA journal_mode`` and returns the mode
+    answered (a switch SQLite cannot make answers the mode it kept)."""
+    return str(read_mode()).lower() == "wal" or str(switch_to_wal()).lower() == "wal"
